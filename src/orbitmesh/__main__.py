@@ -1,0 +1,5 @@
+"""``python -m orbitmesh``."""
+
+from .cli import main
+
+raise SystemExit(main())

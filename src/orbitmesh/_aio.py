@@ -1,0 +1,132 @@
+"""A pyzmq socket driven by an asyncio loop, draining messages in batches.
+
+zmq.asyncio wraps every recv in a future; on the client and agent hot paths we
+instead watch the socket's FD and, when it is readable, pull every waiting
+message with NOBLOCK and hand each to a plain callback. ZMQ_FD is
+edge-triggered, so after every send (which may consume the edge) a drain is
+scheduled once per loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+
+_BATCH = 512
+Frames = Sequence[Any]
+
+
+class AsyncSocket:
+    """Wrap ``sock`` (a non-asyncio pyzmq socket) for use on ``loop``.
+
+    ``on_message(frames)`` is called for every received multipart message,
+    synchronously, from the loop. ``send`` never blocks: if the socket's
+    high-water mark is reached the message waits in an unbounded local queue
+    until the socket is writable again (callers bound what they send).
+    """
+
+    def __init__(
+        self,
+        sock: zmq.Socket[Any],
+        on_message: Callable[[list[Any]], None],
+        loop: asyncio.AbstractEventLoop,
+        *,
+        copy: bool = True,
+    ) -> None:
+        self.sock = sock
+        self._on_message = on_message
+        self._loop = loop
+        self._copy = copy
+        self._fd = sock.getsockopt(zmq.FD)
+        self._scheduled = False
+        self._outbox: deque[tuple[Frames, bool]] = deque()
+        self._closed = False
+        loop.add_reader(self._fd, self._drain)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._closed:
+            self._scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        if self._closed:
+            return
+        sock = self.sock
+        recv = sock.recv_multipart
+        on_message = self._on_message
+        copy = self._copy
+        if self._outbox:
+            self._flush()
+        for _ in range(_BATCH):
+            try:
+                frames = recv(zmq.NOBLOCK, copy=copy)
+            except zmq.Again:
+                break
+            except zmq.ZMQError:
+                if self._closed:
+                    return
+                raise
+            on_message(frames)
+            if self._closed:
+                return
+        else:
+            # More may be waiting: yield to the loop, then continue.
+            self._schedule()
+            return
+        if self._outbox:
+            self._schedule_flush()
+        elif sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._schedule()
+
+    def _schedule_flush(self) -> None:
+        # A full pipe drains when the peer reads; poll for it at a short interval.
+        self._loop.call_later(0.001, self._drain)
+
+    def _flush(self) -> None:
+        out = self._outbox
+        send = self.sock.send_multipart
+        while out:
+            frames, copy = out[0]
+            try:
+                send(frames, zmq.NOBLOCK, copy=copy)
+            except zmq.Again:
+                return
+            out.popleft()
+
+    def send(self, frames: Frames, copy: bool = True) -> None:
+        """Queue one multipart message; it goes out now if the socket can take it.
+
+        ``copy=False`` sends buffers (bytes, memoryview, numpy arrays) without
+        copying them; the caller must not modify them until they are sent.
+        """
+        if self._closed:
+            raise zmq.ZMQError(zmq.ENOTSOCK, "socket is closed")
+        if not self._outbox:
+            try:
+                self.sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+            except zmq.Again:
+                self._outbox.append((frames, copy))
+                self._schedule_flush()
+        else:
+            self._outbox.append((frames, copy))
+        self._schedule()
+
+    @property
+    def pending_sends(self) -> int:
+        """Messages waiting locally for the socket to become writable."""
+        return len(self._outbox)
+
+    def close(self, linger: int = 0) -> None:
+        """Stop watching the socket and close it."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._fd)
+        self._outbox.clear()
+        self.sock.close(linger=linger)

@@ -1,0 +1,661 @@
+"""Broker data plane, pure-Python reference. ``_dataplane_c.pyx`` must behave identically.
+
+The data plane owns the broker's ROUTER socket on one thread. It validates each
+message's header, forwards requests to agents and replies back to clients,
+keeps the routing table, the agents' credits, the in-flight table, the queue of
+requests waiting for credit, and the heartbeats. It never decodes a payload.
+Everything else (HELLO, queries, tracked jobs, label selection) goes up to the
+control plane over an inproc PAIR socket, and comes back as ``OP_*`` commands.
+
+Control protocol (first frame: one op byte):
+
+control -> data plane
+    OP_SEND     [op, rid, frames...]          send frames to a peer
+    OP_REG      [op, rid, meta, name, caps, groups, commands]
+                meta = <BIi: role, capacity, reserved>; lists are NUL-joined
+    OP_UNREG    [op, rid]                     forget a peer; its in-flight fail AGENT_LOST
+    OP_INJECT   [op, rid, hdr, route, ...]    route a request as if ``rid`` sent it
+    OP_STOP     [op]
+
+data plane -> control
+    EV_MSG      [ev, rid, hdr, frames...]     a message for the control plane
+    EV_LOST     [ev, rid]                     a peer went silent (or said BYE)
+    EV_JOB      [ev, agent_rid, hdr, ...]     copy of a tracked job's progress / result
+    EV_DISPATCHED [ev, agent_rid, hdr]        a tracked job went to an agent
+    EV_STATE    [ev, rid, state]              an agent's liveness state changed
+    EV_LOAD     [ev, (rid_len u8, rid, inflight u32, capacity u32)*, counters]  every heartbeat
+    EV_STOPPED  [ev, counters]                the loop ended; counters as <Q*N>
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import time
+from collections import deque
+from typing import Any
+
+import zmq
+
+from ..errors import ErrorCode
+from ..protocol import HEADER_SIZE, MAX_FRAMES, TOKEN_SIZE, Flag, Kind, Role, Route, Strategy
+from ._frame_py import check_header, header_error_message
+
+public_api = ["COUNTERS", "DataPlane", "EV", "OP", "STATE_ALIVE", "STATE_LOST", "STATE_SUSPECT", "pack_reg_meta"]
+
+OP_SEND, OP_REG, OP_UNREG, OP_INJECT, OP_STOP = (bytes([i]) for i in range(1, 6))
+OP = {"SEND": OP_SEND, "REG": OP_REG, "UNREG": OP_UNREG, "INJECT": OP_INJECT, "STOP": OP_STOP}
+EV_MSG, EV_LOST, EV_JOB, EV_DISPATCHED, EV_STATE, EV_LOAD, EV_STOPPED = (bytes([i]) for i in range(1, 8))
+EV = {
+    "MSG": EV_MSG,
+    "LOST": EV_LOST,
+    "JOB": EV_JOB,
+    "DISPATCHED": EV_DISPATCHED,
+    "STATE": EV_STATE,
+    "LOAD": EV_LOAD,
+    "STOPPED": EV_STOPPED,
+}
+STATE_ALIVE, STATE_SUSPECT, STATE_LOST = 0, 1, 2
+
+# Counter slots, reported in EV_STOPPED and by stats(); same order in the C twin.
+COUNTERS = (
+    "received",
+    "forwarded_requests",
+    "forwarded_replies",
+    "to_control",
+    "malformed",
+    "errors_sent",
+    "queued",
+    "queue_expired",
+    "stale_replies",
+    "unroutable",
+    "agents_lost",
+)
+
+_META = struct.Struct("<BIi")
+_HDR_ERR = struct.Struct("<2sBBHHIIQQQ")
+_LOAD = struct.Struct("<II")
+_Q = struct.Struct("<Q")
+_TOKEN = struct.Struct("<II")
+_CONTROL_KINDS = frozenset((Kind.HELLO, Kind.QUERY, Kind.EVENT))
+_AGENT_REPLY_KINDS = frozenset((Kind.RUNNING, Kind.REPLY, Kind.STREAM_ITEM, Kind.STREAM_END, Kind.ERROR))
+_TERMINAL = frozenset((Kind.REPLY, Kind.STREAM_END, Kind.ERROR))
+_BATCH = 256
+
+
+def pack_reg_meta(role: int, capacity: int) -> bytes:
+    """The ``meta`` frame of OP_REG."""
+    return _META.pack(role, capacity, 0)
+
+
+def _now_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _error_frames(code: int, corr: int, job: int, route: bytes, message: str) -> list[bytes]:
+    hdr = _HDR_ERR.pack(b"OM", 1, Kind.ERROR, 0, code, 0, 0, corr, job, 0)
+    return [hdr, route, message.encode()]
+
+
+class _Peer:
+    __slots__ = (
+        "caps",
+        "capacity",
+        "commands",
+        "draining",
+        "groups",
+        "inflight",
+        "last_seen",
+        "name",
+        "rid",
+        "role",
+        "state",
+    )
+
+    def __init__(self, rid: bytes, role: int, capacity: int, name: bytes, now: int) -> None:
+        self.rid = rid
+        self.role = role
+        self.capacity = capacity
+        self.name = name
+        self.inflight = 0
+        self.last_seen = now
+        self.state = STATE_ALIVE
+        self.draining = False
+        self.caps: list[bytes] = []
+        self.groups: list[bytes] = []
+        self.commands: list[bytes] = []
+
+    def has_credit(self) -> bool:
+        return self.state == STATE_ALIVE and not self.draining and self.inflight < self.capacity
+
+
+class _Entry:
+    __slots__ = ("agent", "client", "corr", "job", "tracked")
+
+    def __init__(self, client: bytes, corr: int, agent: bytes, job: int, tracked: bool) -> None:
+        self.client = client
+        self.corr = corr
+        self.agent = agent
+        self.job = job
+        self.tracked = tracked
+
+
+class _Queued:
+    __slots__ = ("client", "deadline", "frames", "key", "seq", "tracked")
+
+    def __init__(
+        self, client: bytes, frames: list[bytes], deadline: int, tracked: bool, key: tuple[int, bytes], seq: int
+    ) -> None:
+        self.client = client
+        self.frames = frames
+        self.deadline = deadline
+        self.tracked = tracked
+        self.key = key
+        self.seq = seq
+
+
+class DataPlane:
+    """The broker's forwarding loop over one ROUTER socket.
+
+    ``router`` and ``control`` are pyzmq sockets made by the caller; after
+    :meth:`run` starts they belong to the thread that runs it, until it returns.
+    Times are in milliseconds. ``queue_limit`` bounds the requests waiting for
+    credit; ``default_queue_ms`` is how long one without a deadline may wait.
+    """
+
+    def __init__(
+        self,
+        router: zmq.Socket[Any],
+        control: zmq.Socket[Any],
+        *,
+        heartbeat_ms: int = 1000,
+        liveness: int = 5,
+        max_frame_bytes: int = 64 * 1024 * 1024,
+        queue_limit: int = 10_000,
+        default_queue_ms: int = 30_000,
+        seed: int | None = None,
+    ) -> None:
+        if heartbeat_ms <= 0 or liveness < 2:
+            raise ValueError("heartbeat_ms must be > 0 and liveness >= 2")
+        self._router = router
+        self._control = control
+        self._hb = heartbeat_ms
+        self._liveness = liveness
+        self._max_frame = max_frame_bytes
+        self._queue_limit = queue_limit
+        self._default_queue_ms = default_queue_ms
+        self._rng = random.Random(seed)
+        self._peers: dict[bytes, _Peer] = {}
+        self._by_name: dict[bytes, _Peer] = {}
+        self._index: dict[tuple[int, bytes], list[_Peer]] = {}
+        self._rr: dict[tuple[int, bytes], int] = {}
+        self._entries: list[_Entry | None] = []
+        self._gens: list[int] = []
+        self._free: list[int] = []
+        # Requests waiting for credit, one FIFO per route key: (route type, key).
+        self._queues: dict[tuple[int, bytes], deque[_Queued]] = {}
+        self._queued = 0
+        self._seq = 0
+        self._counters = [0] * len(COUNTERS)
+        self._running = False
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        """Serve until OP_STOP arrives on the control socket; then send EV_STOPPED."""
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._control, zmq.POLLIN)
+        self._running = True
+        next_tick = _now_ms() + self._hb
+        while self._running:
+            now = _now_ms()
+            timeout = max(0, min(next_tick - now, 50 if self._queued else self._hb))
+            events = dict(poller.poll(timeout))
+            if self._control in events:
+                for _ in range(_BATCH):
+                    try:
+                        frames = self._control.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_control(frames)
+                    if not self._running:
+                        break
+            if self._running and self._router in events:
+                for _ in range(_BATCH):
+                    try:
+                        frames = self._router.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_router(frames)
+            now = _now_ms()
+            if self._queued:
+                self._expire_queue(_wall_ms())
+            if now >= next_tick:
+                self._tick(now)
+                next_tick = now + self._hb
+        self._control.send_multipart([EV_STOPPED, b"".join(_Q.pack(c) for c in self._counters)])
+
+    # --------------------------------------------------------------- sending
+
+    def _send(self, rid: bytes, frames: list[bytes]) -> int:
+        """Send without blocking; 0, or the errno (EHOSTUNREACH: peer gone, EAGAIN: its pipe is full)."""
+        try:
+            self._router.send_multipart([rid, *frames], zmq.NOBLOCK)
+            return 0
+        except zmq.ZMQError as exc:
+            if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                self._counters[9] += 1
+                return exc.errno
+            raise
+
+    def _send_error(self, rid: bytes, code: int, corr: int, job: int, route: bytes, message: str) -> None:
+        self._counters[5] += 1
+        self._send(rid, _error_frames(code, corr, job, route, message))
+
+    def _up(self, frames: list[bytes]) -> None:
+        self._counters[3] += 1
+        self._control.send_multipart(frames)
+
+    # -------------------------------------------------------------- control
+
+    def _on_control(self, frames: list[bytes]) -> None:
+        op = frames[0]
+        if op == OP_SEND:
+            self._send(frames[1], frames[2:])
+        elif op == OP_REG:
+            self._register(frames)
+        elif op == OP_UNREG:
+            self._unregister(frames[1], lost=False)
+        elif op == OP_INJECT:
+            self._route_request(frames[1], frames[2:], injected=True)
+        elif op == OP_STOP:
+            self._running = False
+
+    def _register(self, frames: list[bytes]) -> None:
+        rid = frames[1]
+        role, capacity, _ = _META.unpack(frames[2])
+        old = self._peers.get(rid)
+        if old is not None:
+            self._unindex(old)
+        peer = _Peer(rid, role, capacity, frames[3], _now_ms())
+        if old is not None:
+            peer.inflight = old.inflight
+        self._peers[rid] = peer
+        if role == Role.AGENT:
+            peer.caps = [c for c in frames[4].split(b"\0") if c]
+            peer.groups = [g for g in frames[5].split(b"\0") if g]
+            peer.commands = [c for c in frames[6].split(b"\0") if c]
+            self._by_name[peer.name] = peer
+            for rtype, keys in (
+                (Route.CAPABILITY, peer.caps),
+                (Route.GROUP, peer.groups),
+                (Route.COMMAND, peer.commands),
+            ):
+                for key in keys:
+                    self._index.setdefault((rtype, key), []).append(peer)
+            self._drain_for(peer)
+
+    def _unindex(self, peer: _Peer) -> None:
+        if peer.role != Role.AGENT:
+            return
+        if self._by_name.get(peer.name) is peer:
+            del self._by_name[peer.name]
+            self._fail_queue((Route.NAME, peer.name), ErrorCode.AGENT_LOST, "agent left before it could serve")
+        for rtype, keys in ((Route.CAPABILITY, peer.caps), (Route.GROUP, peer.groups), (Route.COMMAND, peer.commands)):
+            for key in keys:
+                lst = self._index.get((rtype, key))
+                if lst is not None and peer in lst:
+                    lst.remove(peer)
+                    if not lst:
+                        del self._index[(rtype, key)]
+                        self._fail_queue((rtype, key), ErrorCode.NO_AGENT_AVAILABLE, "no agent left for the selector")
+
+    @staticmethod
+    def _agent_keys(peer: _Peer) -> list[tuple[int, bytes]]:
+        keys = [(int(Route.NAME), peer.name)]
+        keys += [(int(Route.CAPABILITY), k) for k in peer.caps]
+        keys += [(int(Route.GROUP), k) for k in peer.groups]
+        keys += [(int(Route.COMMAND), k) for k in peer.commands]
+        return keys
+
+    def _unregister(self, rid: bytes, *, lost: bool) -> None:
+        peer = self._peers.pop(rid, None)
+        if peer is None:
+            return
+        self._unindex(peer)
+        if peer.role == Role.AGENT:
+            if lost:
+                self._counters[10] += 1
+            name = peer.name.decode(errors="replace")
+            for index, entry in enumerate(self._entries):
+                if entry is not None and entry.agent == rid:
+                    self._fail_entry(index, entry, ErrorCode.AGENT_LOST, f"agent {name} was lost")
+        if lost:
+            self._up([EV_LOST, rid])
+
+    def _fail_entry(self, index: int, entry: _Entry, code: int, message: str) -> None:
+        token = _TOKEN.pack(index, self._gens[index])
+        err = _error_frames(code, entry.corr, entry.job, token, message)
+        self._counters[5] += 1
+        self._send(entry.client, err)
+        if entry.tracked:
+            self._up([EV_JOB, entry.agent, *err])
+        self._free_entry(index)
+
+    # --------------------------------------------------------------- router
+
+    def _on_router(self, frames: list[bytes]) -> None:
+        self._counters[0] += 1
+        rid = frames[0]
+        n = len(frames)
+        if n < 2:
+            self._malformed(rid, ErrorCode.BAD_FRAMES, 0, "message has no header frame")
+            return
+        hdr = frames[1]
+        code = check_header(hdr)
+        if code:
+            corr = _Q.unpack_from(hdr, 16)[0] if len(hdr) == HEADER_SIZE else 0
+            self._malformed(rid, code, corr, header_error_message(code, hdr))
+            return
+        kind = hdr[3]
+        corr = _Q.unpack_from(hdr, 16)[0]
+        if n > MAX_FRAMES:
+            self._malformed(rid, ErrorCode.BAD_FRAMES, corr, f"message has {n - 1} frames, at most {MAX_FRAMES - 1}")
+            return
+        for f in frames:
+            if len(f) > self._max_frame:
+                self._malformed(
+                    rid, ErrorCode.FRAME_TOO_LARGE, corr, f"frame of {len(f)} bytes, at most {self._max_frame}"
+                )
+                return
+        peer = self._peers.get(rid)
+        if peer is None:
+            if kind == Kind.HELLO:
+                self._up([EV_MSG, *frames])
+            else:
+                self._send_error(rid, ErrorCode.NOT_REGISTERED, corr, 0, b"", "say HELLO first")
+            return
+        peer.last_seen = _now_ms()
+        if peer.state == STATE_SUSPECT:
+            peer.state = STATE_ALIVE
+            self._up([EV_STATE, rid, bytes([STATE_ALIVE])])
+        if kind == Kind.HEARTBEAT:
+            return
+        if kind == Kind.REQUEST or kind == Kind.RAW:
+            if n < (4 if kind == Kind.REQUEST else 3):
+                self._malformed(rid, ErrorCode.BAD_FRAMES, corr, "request needs route and command frames")
+                return
+            route = frames[2]
+            if hdr[4] & Flag.TRACKED or (len(route) >= 1 and route[0] == Route.LABELS):
+                self._up([EV_MSG, *frames])
+            else:
+                self._route_request(rid, frames[1:], injected=False)
+            return
+        if kind in _AGENT_REPLY_KINDS:
+            if n < 3:
+                self._malformed(rid, ErrorCode.BAD_FRAMES, corr, "reply needs a route (token) frame")
+                return
+            self._on_agent_reply(peer, kind, frames)
+            return
+        if kind == Kind.CANCEL or kind == Kind.CREDIT:
+            if n < 3:
+                self._malformed(rid, ErrorCode.BAD_FRAMES, corr, "cancel / credit needs a route frame")
+                return
+            self._on_client_signal(rid, kind, corr, frames)
+            return
+        if kind == Kind.BYE:
+            if hdr[4] & Flag.DRAIN:
+                peer.draining = True
+            else:
+                self._unregister(rid, lost=False)
+            self._up([EV_MSG, *frames])
+            return
+        if kind in _CONTROL_KINDS:
+            self._up([EV_MSG, *frames])
+            return
+        self._malformed(rid, ErrorCode.UNEXPECTED_KIND, corr, f"a peer may not send {Kind(kind).name}")
+
+    def _malformed(self, rid: bytes, code: int, corr: int, message: str) -> None:
+        self._counters[4] += 1
+        self._send_error(rid, code, corr, 0, b"", message)
+
+    # -------------------------------------------------------------- routing
+
+    def _route_request(self, rid: bytes, frames: list[bytes], *, injected: bool) -> None:
+        """``frames`` = [hdr, route, (command,) body...] from client ``rid``."""
+        hdr = frames[0]
+        corr, job, deadline = struct.unpack_from("<QQQ", hdr, 16)
+        tracked = bool(hdr[4] & Flag.TRACKED)
+        route = frames[1]
+        target = self._select(route, frames)
+        if isinstance(target, tuple):
+            code, message = target
+            self._send_error(rid, code, corr, job, b"", message)
+            if tracked:
+                self._up([EV_JOB, b"", *_error_frames(code, corr, job, b"", message)])
+            return
+        if target is not None:
+            self._dispatch(target, rid, frames, corr, job, tracked)
+            return
+        if self._queued >= self._queue_limit:
+            self._send_error(rid, ErrorCode.QUEUE_FULL, corr, job, b"", f"broker queue is full ({self._queue_limit})")
+            if tracked:
+                self._up([EV_JOB, b"", *_error_frames(ErrorCode.QUEUE_FULL, corr, job, b"", "broker queue is full")])
+            return
+        wall = _wall_ms()
+        if deadline == 0:
+            deadline = wall + self._default_queue_ms
+        if deadline <= wall:
+            self._send_error(rid, ErrorCode.DEADLINE_EXCEEDED, corr, job, b"", "deadline passed before dispatch")
+            return
+        self._counters[6] += 1
+        self._seq += 1
+        key = (route[0], frames[2] if route[0] == Route.COMMAND else route[2:])
+        self._queues.setdefault(key, deque()).append(_Queued(rid, frames, deadline, tracked, key, self._seq))
+        self._queued += 1
+
+    def _select(self, route: bytes, frames: list[bytes]) -> _Peer | None | tuple[int, str]:
+        """Pick an agent with credit: a peer, None (matching agents exist but all are busy),
+        or (code, message) when nothing can ever match."""
+        if len(route) < 2 or route[0] < Route.NAME or route[0] > Route.COMMAND or route[1] > Strategy.RANDOM:
+            return (ErrorCode.BAD_ROUTE, "bad route frame")
+        rtype, strategy = route[0], route[1]
+        if rtype == Route.NAME:
+            peer = self._by_name.get(route[2:])
+            if peer is None:
+                return (ErrorCode.NO_SUCH_AGENT, f"no agent named {route[2:].decode(errors='replace')!r}")
+            return peer if peer.has_credit() else None
+        key = frames[2] if rtype == Route.COMMAND else route[2:]
+        if rtype != Route.COMMAND and not key:
+            return (ErrorCode.BAD_ROUTE, "route key is empty")
+        candidates = self._index.get((rtype, key))
+        if not candidates:
+            what = {Route.CAPABILITY: "capability", Route.GROUP: "group", Route.COMMAND: "command"}[Route(rtype)]
+            return (ErrorCode.NO_AGENT_AVAILABLE, f"no agent has {what} {key.decode(errors='replace')!r}")
+        n = len(candidates)
+        if strategy == Strategy.LEAST_LOADED:
+            best: _Peer | None = None
+            best_load = 2.0
+            start = self._rr.get((rtype, key), 0)
+            for i in range(n):
+                p = candidates[(start + i) % n]
+                if p.has_credit():
+                    load = p.inflight / p.capacity
+                    if load < best_load:
+                        best, best_load = p, load
+            self._rr[(rtype, key)] = (start + 1) % n
+            return best
+        if strategy == Strategy.ROUND_ROBIN:
+            start = self._rr.get((rtype, key), 0)
+            for i in range(n):
+                p = candidates[(start + i) % n]
+                if p.has_credit():
+                    self._rr[(rtype, key)] = (start + i + 1) % n
+                    return p
+            return None
+        ready = [p for p in candidates if p.has_credit()]
+        return self._rng.choice(ready) if ready else None
+
+    def _dispatch(self, agent: _Peer, client: bytes, frames: list[bytes], corr: int, job: int, tracked: bool) -> None:
+        if self._free:
+            index = self._free.pop()
+            self._entries[index] = _Entry(client, corr, agent.rid, job, tracked)
+        else:
+            index = len(self._entries)
+            self._entries.append(_Entry(client, corr, agent.rid, job, tracked))
+            self._gens.append(1)
+        token = _TOKEN.pack(index, self._gens[index])
+        err = self._send(agent.rid, [frames[0], token, *frames[2:]])
+        if err:
+            self._entries[index] = None
+            self._free_entry(index)
+            if err == zmq.EHOSTUNREACH:
+                self._unregister(agent.rid, lost=True)
+                self._send_error(client, ErrorCode.AGENT_LOST, corr, job, b"", "agent is gone")
+            else:
+                self._send_error(client, ErrorCode.AGENT_BUSY, corr, job, b"", "agent's pipe is full")
+            return
+        agent.inflight += 1
+        self._counters[1] += 1
+        if tracked:
+            self._up([EV_DISPATCHED, agent.rid, frames[0]])
+
+    def _free_entry(self, index: int) -> None:
+        entry = self._entries[index]
+        self._entries[index] = None
+        self._gens[index] = (self._gens[index] + 1) & 0xFFFFFFFF or 1
+        self._free.append(index)
+        if entry is not None:
+            agent = self._peers.get(entry.agent)
+            if agent is not None and agent.inflight > 0:
+                agent.inflight -= 1
+
+    def _lookup(self, token: bytes) -> tuple[int, _Entry] | None:
+        if len(token) != TOKEN_SIZE:
+            return None
+        index, gen = _TOKEN.unpack(token)
+        if index >= len(self._entries) or self._gens[index] != gen:
+            return None
+        entry = self._entries[index]
+        return None if entry is None else (index, entry)
+
+    def _on_agent_reply(self, peer: _Peer, kind: int, frames: list[bytes]) -> None:
+        found = self._lookup(frames[2])
+        if found is None or found[1].agent != peer.rid:
+            self._counters[8] += 1
+            return
+        index, entry = found
+        self._counters[2] += 1
+        self._send(entry.client, frames[1:])
+        if entry.tracked:
+            self._up([EV_JOB, peer.rid, *frames[1:]])
+        if kind in _TERMINAL:
+            self._free_entry(index)
+            if self._queued:
+                self._drain_for(peer)
+
+    def _on_client_signal(self, rid: bytes, kind: int, corr: int, frames: list[bytes]) -> None:
+        route = frames[2]
+        found: tuple[int, _Entry] | None = None
+        if len(route) == TOKEN_SIZE:
+            found = self._lookup(route)
+        elif not route:
+            for index, entry in enumerate(self._entries):
+                if entry is not None and entry.client == rid and entry.corr == corr:
+                    found = (index, entry)
+                    break
+        if found is None or found[1].client != rid:
+            if kind == Kind.CANCEL:
+                for dq in self._queues.values():
+                    for q in dq:
+                        if q.client == rid and _Q.unpack_from(q.frames[0], 16)[0] == corr:
+                            dq.remove(q)
+                            self._queued -= 1
+                            if not dq:
+                                del self._queues[q.key]
+                            self._reject(q, ErrorCode.CANCELLED, "cancelled while queued")
+                            return
+            self._counters[8] += 1
+            return
+        index, entry = found
+        token = _TOKEN.pack(index, self._gens[index])
+        self._send(entry.agent, [frames[1], token, *frames[3:]])
+
+    # ---------------------------------------------------------------- queue
+
+    def _reject(self, item: _Queued, code: int, message: str) -> None:
+        corr, job = struct.unpack_from("<QQ", item.frames[0], 16)
+        self._send_error(item.client, code, corr, job, b"", message)
+        if item.tracked:
+            self._up([EV_JOB, b"", *_error_frames(code, corr, job, b"", message)])
+
+    def _drain_for(self, peer: _Peer) -> None:
+        """Dispatch queued requests ``peer`` could serve, oldest first, while an agent has credit."""
+        cands = [dq for dq in (self._queues.get(k) for k in self._agent_keys(peer)) if dq]
+        while cands:
+            dq = min(cands, key=lambda d: d[0].seq)
+            item = dq[0]
+            target = self._select(item.frames[1], item.frames)
+            if target is None:
+                cands.remove(dq)  # nobody has credit for this route now
+                continue
+            dq.popleft()
+            self._queued -= 1
+            if not dq:
+                del self._queues[item.key]
+                cands.remove(dq)
+            if isinstance(target, tuple):
+                self._reject(item, *target)
+            elif item.client in self._peers:  # else the client is gone; nobody waits
+                corr, job = struct.unpack_from("<QQ", item.frames[0], 16)
+                self._dispatch(target, item.client, item.frames, corr, job, item.tracked)
+
+    def _fail_queue(self, key: tuple[int, bytes], code: int, message: str) -> None:
+        dq = self._queues.pop(key, None)
+        if dq:
+            self._queued -= len(dq)
+            for item in dq:
+                self._reject(item, code, message)
+
+    def _expire_queue(self, wall: int) -> None:
+        for key in list(self._queues):
+            dq = self._queues[key]
+            if all(q.deadline > wall for q in dq):
+                continue
+            keep: deque[_Queued] = deque()
+            for q in dq:
+                if q.deadline <= wall:
+                    self._counters[7] += 1
+                    self._queued -= 1
+                    self._reject(q, ErrorCode.DEADLINE_EXCEEDED, "no agent had capacity before the deadline")
+                else:
+                    keep.append(q)
+            if keep:
+                self._queues[key] = keep
+            else:
+                del self._queues[key]
+
+    # ----------------------------------------------------------- heartbeats
+
+    def _tick(self, now: int) -> None:
+        hb = _HDR_ERR.pack(b"OM", 1, Kind.HEARTBEAT, 0, 0, 0, 0, 0, 0, 0)
+        suspect_after = 2 * self._hb
+        lost_after = self._liveness * self._hb
+        load = []
+        for rid, peer in list(self._peers.items()):
+            silent = now - peer.last_seen
+            if silent > lost_after:
+                self._unregister(rid, lost=True)
+                continue
+            if peer.role == Role.AGENT:
+                if silent > suspect_after and peer.state == STATE_ALIVE:
+                    peer.state = STATE_SUSPECT
+                    self._up([EV_STATE, rid, bytes([STATE_SUSPECT])])
+                load.append(bytes([len(rid)]) + rid + _LOAD.pack(peer.inflight, peer.capacity))
+            self._send(rid, [hb, b""])
+        self._up([EV_LOAD, b"".join(load), b"".join(_Q.pack(c) for c in self._counters)])

@@ -1,0 +1,18 @@
+"""Frame codec: the compiled module, or its pure-Python twin (see ``orbitmesh._core``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import load
+
+if TYPE_CHECKING:
+    from ._frame_py import *  # noqa: F403
+else:
+    _mod = load("_frame")
+    globals().update({name: getattr(_mod, name) for name in _mod.public_api})
+    IMPL = "py" if _mod.__name__.endswith("_py") else "c"
+
+from ._frame_py import public_api
+
+__all__ = list(public_api)

@@ -1,0 +1,652 @@
+"""The broker: a data-plane thread (compiled core) and a control plane on asyncio.
+
+The data plane owns the ROUTER socket and forwards requests and replies without
+decoding payloads (``orbitmesh._core.dataplane``). This module is the control
+plane: registration (HELLO / WELCOME), the agent registry, queries, event
+subscriptions, label selection and the table of tracked (``execute``) jobs.
+See docs/architecture.md for the path of one message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import os
+import random
+import struct
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import zmq
+
+from . import _core
+from ._aio import AsyncSocket
+from ._wire import HDR, error_message, header
+from .errors import ErrorCode, OrbitMeshError
+from .models import AgentInfo, JobState
+from .protocol import Flag, Kind, Role, Route, Strategy
+
+log = logging.getLogger("orbitmesh.broker")
+
+_META = struct.Struct("<BIi")
+_LOAD = struct.Struct("<II")
+_NAME_MAX = 200
+_LIST_MAX = 256
+_STATE_NAMES = {0: "alive", 1: "suspect"}
+_ERROR_STATES = {
+    ErrorCode.CANCELLED: JobState.CANCELLED,
+    ErrorCode.AGENT_LOST: JobState.LOST,
+    ErrorCode.DEADLINE_EXCEEDED: JobState.TIMED_OUT,
+    ErrorCode.TIMEOUT: JobState.TIMED_OUT,
+}
+
+
+@dataclass
+class _Agent:
+    rid: bytes
+    info: AgentInfo
+    state: str = "alive"
+    inflight: int = 0
+    joined: float = field(default_factory=time.time)
+
+    def public(self) -> dict[str, Any]:
+        d = self.info.to_dict()
+        d["state"] = self.state
+        d["inflight"] = self.inflight
+        return d
+
+
+@dataclass
+class _Job:
+    id: int
+    command: str
+    client: bytes
+    corr: int
+    state: JobState = JobState.PENDING
+    agent: str = ""
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    error_code: int = 0
+    error: str = ""
+    result: bytes | None = None
+    serializer: int = 0
+    waiters: list[tuple[bytes, int]] = field(default_factory=list)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "command": self.command,
+            "state": self.state.value,
+            "agent": self.agent,
+            "created": self.created,
+            "updated": self.updated,
+            "error_code": self.error_code,
+            "error": self.error,
+            "result": self.result,
+            "serializer": self.serializer,
+        }
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)) or len(value) > _LIST_MAX:
+        raise ValueError(f"{what} must be a list of at most {_LIST_MAX} strings")
+    out = []
+    for v in value:
+        if not isinstance(v, str) or not v or "\0" in v or len(v) > _NAME_MAX:
+            raise ValueError(f"{what} entries must be non-empty strings without NUL, at most {_NAME_MAX} chars")
+        out.append(v)
+    return out
+
+
+def _labels(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > _LIST_MAX:
+        raise ValueError("labels must be a map of strings")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError("labels must map strings to strings")
+    return dict(value)
+
+
+def labels_match(have: dict[str, str], want: dict[str, str]) -> bool:
+    """True if every wanted label is present; a wanted value may be a glob pattern."""
+    for key, pattern in want.items():
+        value = have.get(key)
+        if value is None or not (value == pattern or fnmatch.fnmatchcase(value, pattern)):
+            return False
+    return True
+
+
+class Broker:
+    """A broker bound to one or more endpoints (``tcp://``, ``ipc://``, ``inproc://``).
+
+    ``heartbeat_interval`` (s) and ``liveness`` (missed intervals before an
+    agent is lost) are handed to every peer in WELCOME. ``queue_limit`` bounds
+    requests waiting for an agent with capacity, ``queue_timeout`` (s) is how
+    long one without a deadline may wait. ``core`` picks "c" or "py" (default:
+    the live core). Use as ``async with Broker("tcp://127.0.0.1:5555") as b``.
+    """
+
+    def __init__(
+        self,
+        *endpoints: str,
+        heartbeat_interval: float = 1.0,
+        liveness: int = 5,
+        max_frame_bytes: int = 64 * 1024 * 1024,
+        queue_limit: int = 10_000,
+        queue_timeout: float = 30.0,
+        core: str | None = None,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("a broker needs at least one endpoint")
+        if heartbeat_interval <= 0 or liveness < 2:
+            raise ValueError("heartbeat_interval must be > 0 and liveness >= 2")
+        self._requested = list(endpoints)
+        self.endpoints: list[str] = []
+        self.heartbeat_ms = max(1, int(heartbeat_interval * 1000))
+        self.liveness = liveness
+        self.max_frame_bytes = max_frame_bytes
+        self.queue_limit = queue_limit
+        self.queue_ms = int(queue_timeout * 1000)
+        self.core = core or _core.core_impl()
+        self.id = uuid.uuid4().hex[:12]
+        self._ctx = context or zmq.Context.instance()
+        self._dp_mod = _core.load("_dataplane", self.core)
+        self._agents: dict[bytes, _Agent] = {}
+        self._by_name: dict[str, _Agent] = {}
+        self._clients: set[bytes] = set()
+        self._subscribers: dict[bytes, set[str]] = {}
+        self._jobs: dict[int, _Job] = {}
+        self._next_job = 1
+        self._session = 0
+        self._counters: dict[str, int] = {}
+        self._ctrl: AsyncSocket | None = None
+        self._thread: threading.Thread | None = None
+        self._sockets: list[zmq.Socket[Any]] = []
+        self._stopped: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timers: set[asyncio.TimerHandle] = set()
+        self.running = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Bind the endpoints and start the data-plane thread; raises ZMQError if a bind fails."""
+        if self.running:
+            return
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        router = self._ctx.socket(zmq.ROUTER)
+        self._sockets.append(router)
+        try:
+            router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            router.setsockopt(zmq.LINGER, 0)
+            router.setsockopt(zmq.SNDHWM, 100_000)
+            router.setsockopt(zmq.RCVHWM, 100_000)
+            router.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes + 1024)
+            for ep in self._requested:
+                router.bind(ep)
+                self.endpoints.append(router.getsockopt_string(zmq.LAST_ENDPOINT))
+        except zmq.ZMQError:
+            self._close_sockets()
+            raise
+        ctrl_ep = f"inproc://orbitmesh-ctrl-{self.id}-{os.getpid()}"
+        cp = self._ctx.socket(zmq.PAIR)
+        dp = self._ctx.socket(zmq.PAIR)
+        self._sockets += [cp, dp]
+        for s in (cp, dp):
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 0)
+            s.setsockopt(zmq.RCVHWM, 0)
+        cp.bind(ctrl_ep)
+        dp.connect(ctrl_ep)
+        plane = self._dp_mod.DataPlane(
+            router,
+            dp,
+            heartbeat_ms=self.heartbeat_ms,
+            liveness=self.liveness,
+            max_frame_bytes=self.max_frame_bytes,
+            queue_limit=self.queue_limit,
+            default_queue_ms=self.queue_ms,
+        )
+        self._stopped = loop.create_future()
+        self._ctrl = AsyncSocket(cp, self._on_event, loop)
+        self._thread = threading.Thread(target=plane.run, name=f"orbitmesh-dataplane-{self.id}", daemon=True)
+        self._thread.start()
+        self.running = True
+        log.info("broker %s (%s core) listening on %s", self.id, self.core, ", ".join(self.endpoints))
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop the data plane and close every socket; waits at most ``timeout`` seconds."""
+        if not self.running:
+            return
+        self.running = False
+        for t in self._timers:
+            t.cancel()
+        self._timers.clear()
+        assert self._ctrl is not None and self._stopped is not None and self._thread is not None
+        self._ctrl.send([self._dp_mod.OP["STOP"]])
+        try:
+            await asyncio.wait_for(asyncio.shield(self._stopped), timeout)
+        except TimeoutError:
+            log.error("data plane did not stop within %.1f s", timeout)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+        self._ctrl.close()
+        self._ctrl = None
+        if self._thread.is_alive():
+            # Never close sockets another thread may still be using.
+            log.error("data-plane thread still running; leaving its sockets open")
+            return
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        for s in self._sockets:
+            s.close(linger=0)
+        self._sockets.clear()
+
+    async def __aenter__(self) -> Broker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def serve_forever(self) -> None:
+        """Run until cancelled (or until :meth:`stop`)."""
+        assert self._stopped is not None
+        await asyncio.shield(self._stopped)
+
+    # --------------------------------------------------------------- views
+
+    def agents(self) -> list[AgentInfo]:
+        """The registered agents, as of the last heartbeat tick."""
+        return [AgentInfo.from_dict(a.public()) for a in self._agents.values()]
+
+    def stats(self) -> dict[str, int]:
+        """Data-plane counters (as of the last heartbeat tick) plus registry sizes."""
+        out = dict(self._counters)
+        out.update(agents=len(self._agents), clients=len(self._clients), jobs=len(self._jobs))
+        return out
+
+    # ------------------------------------------------------------ sending
+
+    def _send(self, rid: bytes, frames: list[bytes]) -> None:
+        if self._ctrl is not None:
+            self._ctrl.send([self._dp_mod.OP["SEND"], rid, *frames])
+
+    def _reply(self, rid: bytes, corr: int, body: Any) -> None:
+        self._send(rid, [header(Kind.REPLY, corr=corr), b"", msgpack.packb(body, use_bin_type=True)])
+
+    def _error(self, rid: bytes, code: int, corr: int, message: str, job: int = 0) -> None:
+        self._send(rid, error_message(code, corr, message, job=job))
+
+    def _publish(self, topic: str, data: dict[str, Any]) -> None:
+        if not self._subscribers:
+            return
+        body = msgpack.packb({"type": topic, "data": data, "time": time.time()}, use_bin_type=True)
+        group = topic.split("_", 1)[0]
+        hdr = header(Kind.EVENT)
+        for rid, topics in self._subscribers.items():
+            if group in topics or topic in topics or "*" in topics:
+                self._send(rid, [hdr, b"", body])
+
+    # ------------------------------------------------------------- events
+
+    def _on_event(self, frames: list[bytes]) -> None:
+        ev = frames[0][0]
+        try:
+            if ev == 1:
+                self._on_peer_message(frames[1], frames[2:])
+            elif ev == 2:
+                self._on_lost(frames[1])
+            elif ev == 3:
+                self._on_job_event(frames[1], frames[2:])
+            elif ev == 4:
+                self._on_dispatched(frames[1], frames[2])
+            elif ev == 5:
+                self._on_state(frames[1], frames[2][0])
+            elif ev == 6:
+                self._on_load(frames[1], frames[2] if len(frames) > 2 else b"")
+            elif ev == 7:
+                self._on_load(b"", frames[1])
+                if self._stopped is not None and not self._stopped.done():
+                    self._stopped.set_result(None)
+        except Exception:
+            # A bug here must not take the control plane down with it.
+            log.exception("control plane failed on event %d", ev)
+
+    def _on_load(self, blob: bytes, counters: bytes) -> None:
+        i, n = 0, len(blob)
+        while i < n:
+            ln = blob[i]
+            rid = blob[i + 1 : i + 1 + ln]
+            inflight, _ = _LOAD.unpack_from(blob, i + 1 + ln)
+            i += 1 + ln + _LOAD.size
+            agent = self._agents.get(rid)
+            if agent is not None:
+                agent.inflight = inflight
+        if counters:
+            values = struct.unpack(f"<{len(counters) // 8}Q", counters)
+            self._counters = dict(zip(self._dp_mod.COUNTERS, values, strict=False))
+
+    def _on_state(self, rid: bytes, state: int) -> None:
+        agent = self._agents.get(rid)
+        if agent is not None and agent.state != "draining":
+            agent.state = _STATE_NAMES.get(state, "alive")
+            self._publish("agent_state", agent.public())
+
+    def _on_lost(self, rid: bytes) -> None:
+        self._clients.discard(rid)
+        self._subscribers.pop(rid, None)
+        agent = self._agents.pop(rid, None)
+        if agent is not None:
+            if self._by_name.get(agent.info.name) is agent:
+                del self._by_name[agent.info.name]
+            log.warning("agent %s lost", agent.info.name)
+            self._publish("agent_lost", agent.public())
+
+    # ------------------------------------------------------ peer messages
+
+    def _on_peer_message(self, rid: bytes, frames: list[bytes]) -> None:
+        fields = HDR.unpack(frames[0])
+        kind, flags, corr = fields[2], fields[3], fields[7]
+        if kind == Kind.HELLO:
+            self._on_hello(rid, corr, frames)
+        elif kind == Kind.QUERY:
+            self._on_query(rid, corr, frames)
+        elif kind in (Kind.REQUEST, Kind.RAW):
+            self._on_request(rid, fields, frames)
+        elif kind == Kind.BYE:
+            self._on_bye(rid, bool(flags & Flag.DRAIN))
+        elif kind == Kind.EVENT:
+            self._on_agent_event(rid, frames)
+
+    def _on_hello(self, rid: bytes, corr: int, frames: list[bytes]) -> None:
+        try:
+            body = msgpack.unpackb(frames[2], raw=False) if len(frames) > 2 else None
+            if not isinstance(body, dict):
+                raise ValueError("HELLO body must be a msgpack map")
+            role = body.get("role")
+            if role == "agent":
+                self._register_agent(rid, corr, body)
+            elif role == "client":
+                self._clients.add(rid)
+                meta = _META.pack(Role.CLIENT, 0, 0)
+                self._send_reg(rid, meta, str(body.get("name", "")).encode()[:_NAME_MAX], [], [], [])
+                self._welcome(rid, corr)
+            else:
+                raise ValueError(f"role must be 'agent' or 'client', not {role!r}")
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            self._error(rid, ErrorCode.BAD_HELLO, corr, f"bad HELLO: {exc}")
+
+    def _register_agent(self, rid: bytes, corr: int, body: dict[str, Any]) -> None:
+        name = body.get("name")
+        if not isinstance(name, str) or not name or "\0" in name or len(name) > _NAME_MAX:
+            raise ValueError(f"agent name must be a non-empty string without NUL, at most {_NAME_MAX} chars")
+        capacity = body.get("capacity", 1)
+        if not isinstance(capacity, int) or not 1 <= capacity <= 1_000_000:
+            raise ValueError("capacity must be an integer from 1 to 1000000")
+        caps = _strings(body.get("capabilities"), "capabilities")
+        groups = _strings(body.get("groups"), "groups")
+        commands = _strings(body.get("commands"), "commands")
+        labels = _labels(body.get("labels"))
+        held = self._by_name.get(name)
+        if held is not None and held.rid != rid:
+            self._error(rid, ErrorCode.NAME_TAKEN, corr, f"agent name {name!r} is held by a live session")
+            return
+        self._session += 1
+        info = AgentInfo(name, tuple(caps), tuple(groups), labels, tuple(commands), capacity, 0, "alive", self._session)
+        agent = _Agent(rid, info)
+        self._agents[rid] = agent
+        self._by_name[name] = agent
+        self._send_reg(rid, _META.pack(Role.AGENT, capacity, 0), name.encode(), caps, groups, commands)
+        self._welcome(rid, corr)
+        log.info("agent %s joined (capacity %d, commands %s)", name, capacity, ", ".join(commands) or "-")
+        self._publish("agent_joined", agent.public())
+
+    def _send_reg(
+        self, rid: bytes, meta: bytes, name: bytes, caps: list[str], groups: list[str], commands: list[str]
+    ) -> None:
+        if self._ctrl is not None:
+            join = b"\0".join
+            self._ctrl.send(
+                [
+                    self._dp_mod.OP["REG"],
+                    rid,
+                    meta,
+                    name,
+                    join(c.encode() for c in caps),
+                    join(g.encode() for g in groups),
+                    join(c.encode() for c in commands),
+                ]
+            )
+
+    def _welcome(self, rid: bytes, corr: int) -> None:
+        body = {
+            "session": self._session,
+            "heartbeat_ms": self.heartbeat_ms,
+            "liveness": self.liveness,
+            "broker": self.id,
+        }
+        self._send(rid, [header(Kind.WELCOME, corr=corr), b"", msgpack.packb(body)])
+
+    def _on_bye(self, rid: bytes, drain: bool) -> None:
+        agent = self._agents.get(rid)
+        if agent is None:
+            self._clients.discard(rid)
+            self._subscribers.pop(rid, None)
+            return
+        if drain:
+            agent.state = "draining"
+            self._publish("agent_state", agent.public())
+            return
+        del self._agents[rid]
+        if self._by_name.get(agent.info.name) is agent:
+            del self._by_name[agent.info.name]
+        log.info("agent %s left", agent.info.name)
+        self._publish("agent_left", agent.public())
+
+    def _on_agent_event(self, rid: bytes, frames: list[bytes]) -> None:
+        agent = self._agents.get(rid)
+        if agent is None or len(frames) < 3:
+            return
+        try:
+            data = msgpack.unpackb(frames[2], raw=False)
+        except Exception:
+            return
+        self._publish("custom", {"agent": agent.info.name, "data": data})
+
+    # ------------------------------------------------------------ requests
+
+    def _on_request(self, rid: bytes, fields: tuple[Any, ...], frames: list[bytes]) -> None:
+        flags, corr, deadline = fields[3], fields[7], fields[9]
+        route = frames[1]
+        command = frames[2].decode(errors="replace") if fields[2] == Kind.REQUEST and len(frames) > 2 else "<raw>"
+        job_id = 0
+        if flags & Flag.TRACKED:
+            job_id = self._next_job
+            self._next_job += 1
+            self._jobs[job_id] = _Job(job_id, command, rid, corr)
+            self._send(rid, [header(Kind.ACCEPTED, corr=corr, job=job_id), b""])
+            self._publish("job_accepted", {"id": job_id, "command": command})
+        if route and route[0] == Route.LABELS:
+            resolved = self._resolve_labels(route)
+            if isinstance(resolved, OrbitMeshError):
+                self._error(rid, resolved.code, corr, resolved.message, job=job_id)
+                if job_id:
+                    self._finish(self._jobs[job_id], JobState.FAILED, resolved.code, resolved.message)
+                return
+            route = resolved
+        hdr = header(fields[2], flags, fields[4], fields[5], corr, job_id, deadline)
+        assert self._ctrl is not None
+        self._ctrl.send([self._dp_mod.OP["INJECT"], rid, hdr, route, *frames[2:]])
+
+    def _resolve_labels(self, route: bytes) -> bytes | OrbitMeshError:
+        try:
+            spec = msgpack.unpackb(route[2:], raw=False)
+            if not isinstance(spec, dict):
+                raise ValueError("selector must be a map")
+            want = _labels(spec.get("labels"))
+            cap, group = spec.get("capability"), spec.get("group")
+        except Exception as exc:
+            return OrbitMeshError(f"bad label selector: {exc}", code=ErrorCode.BAD_ROUTE)
+        matches = [
+            a
+            for a in self._agents.values()
+            if a.state != "draining"
+            and labels_match(a.info.labels, want)
+            and (cap is None or cap in a.info.capabilities)
+            and (group is None or group in a.info.groups)
+        ]
+        if not matches:
+            return OrbitMeshError(f"no agent matches labels {want}", code=ErrorCode.NO_AGENT_AVAILABLE)
+        strategy = route[1]
+        if strategy == Strategy.RANDOM:
+            chosen = random.choice(matches)
+        elif strategy == Strategy.ROUND_ROBIN:
+            self._session_rr = getattr(self, "_session_rr", -1) + 1
+            chosen = matches[self._session_rr % len(matches)]
+        else:
+            chosen = min(matches, key=lambda a: a.inflight / max(1, a.info.capacity))
+        # Count it now, so a burst spreads before the next load report.
+        chosen.inflight += 1
+        return bytes((Route.NAME, 0)) + chosen.info.name.encode()
+
+    # ---------------------------------------------------------------- jobs
+
+    def _on_dispatched(self, agent_rid: bytes, hdr: bytes) -> None:
+        job = self._jobs.get(HDR.unpack(hdr)[8])
+        if job is not None and not job.state.terminal:
+            agent = self._agents.get(agent_rid)
+            job.agent = agent.info.name if agent else ""
+            job.state = JobState.DISPATCHED
+            job.updated = time.time()
+
+    def _on_job_event(self, agent_rid: bytes, frames: list[bytes]) -> None:
+        fields = HDR.unpack(frames[0])
+        kind, flags, code, job_id = fields[2], fields[3], fields[4], fields[8]
+        job = self._jobs.get(job_id)
+        if job is None or job.state.terminal:
+            return
+        if kind == Kind.RUNNING:
+            job.state = JobState.RUNNING
+            job.updated = time.time()
+            self._publish("job_running", {"id": job.id, "agent": job.agent})
+        elif kind == Kind.REPLY:
+            job.result = frames[2] if len(frames) > 2 else b""
+            job.serializer = (flags >> 8) & 0xF
+            self._finish(job, JobState.SUCCEEDED)
+        elif kind == Kind.STREAM_END:
+            self._finish(job, JobState.SUCCEEDED)
+        elif kind == Kind.ERROR:
+            message = frames[2].decode(errors="replace") if len(frames) > 2 else ""
+            self._finish(job, _ERROR_STATES.get(code, JobState.FAILED), code, message)
+
+    def _finish(self, job: _Job, state: JobState, code: int = 0, message: str = "") -> None:
+        job.state = state
+        job.error_code = code
+        job.error = message
+        job.updated = time.time()
+        for rid, corr in job.waiters:
+            self._reply(rid, corr, job.public())
+        job.waiters.clear()
+        self._publish("job_finished", {"id": job.id, "state": state.value, "agent": job.agent})
+
+    # ------------------------------------------------------------- queries
+
+    def _on_query(self, rid: bytes, corr: int, frames: list[bytes]) -> None:
+        try:
+            q = msgpack.unpackb(frames[2], raw=False) if len(frames) > 2 else None
+            if not isinstance(q, dict) or not isinstance(q.get("op"), str):
+                raise ValueError("a query is a map with an 'op' string")
+            op = q["op"]
+            handler = getattr(self, f"_q_{op}", None)
+            if handler is None:
+                raise ValueError(f"unknown query op {op!r}")
+            result = handler(rid, corr, q)
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+            self._error(rid, ErrorCode.BAD_QUERY, corr, f"bad query: {exc}")
+            return
+        except OrbitMeshError as exc:
+            self._error(rid, exc.code, corr, exc.message)
+            return
+        if result is not _DEFERRED:
+            self._reply(rid, corr, result)
+
+    def _q_agents(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
+        cap, group = q.get("capability"), q.get("group")
+        want = _labels(q.get("labels"))
+        return [
+            a.public()
+            for a in self._agents.values()
+            if (cap is None or cap in a.info.capabilities)
+            and (group is None or group in a.info.groups)
+            and labels_match(a.info.labels, want)
+        ]
+
+    def _q_subscribe(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
+        topics = set(_strings(q.get("topics") or ["agent"], "topics"))
+        self._subscribers.setdefault(rid, set()).update(topics)
+        return {"topics": sorted(self._subscribers[rid])}
+
+    def _q_unsubscribe(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
+        self._subscribers.pop(rid, None)
+        return {"topics": []}
+
+    def _job(self, q: dict[str, Any]) -> _Job:
+        job_id = q.get("id")
+        if not isinstance(job_id, int):
+            raise ValueError("job id must be an integer")
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise OrbitMeshError(f"no job {job_id}", code=ErrorCode.NO_SUCH_JOB)
+        return job
+
+    def _q_job(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
+        return self._job(q).public()
+
+    def _q_jobs(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
+        state, agent, command = q.get("state"), q.get("agent"), q.get("command")
+        limit = int(q.get("limit", 100))
+        out = []
+        for job in reversed(self._jobs.values()):
+            if (state is None or job.state.value == state) and (agent is None or job.agent == agent):
+                if command is None or job.command == command:
+                    out.append({k: v for k, v in job.public().items() if k != "result"})
+                    if len(out) >= limit:
+                        break
+        return out
+
+    def _q_wait(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
+        job = self._job(q)
+        if job.state.terminal:
+            return job.public()
+        timeout_ms = int(q.get("timeout_ms", 30_000))
+        job.waiters.append((rid, corr))
+        assert self._loop is not None
+
+        def expire() -> None:
+            self._timers.discard(handle)
+            if (rid, corr) in job.waiters:
+                job.waiters.remove((rid, corr))
+                self._error(rid, ErrorCode.TIMEOUT, corr, f"job {job.id} still {job.state.value}")
+
+        handle = self._loop.call_later(timeout_ms / 1000, expire)
+        self._timers.add(handle)
+        return _DEFERRED
+
+    def _q_stats(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
+        return {"broker": self.id, "core": self.core, "endpoints": self.endpoints, **self.stats()}
+
+
+_DEFERRED = object()
+
+__all__ = ["Broker", "labels_match"]

@@ -1,0 +1,167 @@
+"""The ``orbitmesh`` command: broker, agent, agents, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .agent import Agent
+from .broker import Broker
+from .client import MeshClient
+from .errors import OrbitMeshError
+from .runtime import run
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="orbitmesh", description="OrbitMesh broker, agents and tools.")
+    p.add_argument("--version", action="version", version=f"orbitmesh {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("broker", help="run a broker")
+    b.add_argument("endpoints", nargs="*", default=["tcp://127.0.0.1:5555"], help="endpoints to bind")
+    b.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
+    b.add_argument("--liveness", type=int, default=5, help="missed heartbeats before a peer is lost")
+    b.add_argument("--queue-limit", type=int, default=10_000)
+    b.add_argument("--queue-timeout", type=float, default=30.0)
+
+    a = sub.add_parser("agent", help="run an agent serving handlers")
+    a.add_argument("--broker", default="tcp://127.0.0.1:5555")
+    a.add_argument("--name", required=True)
+    a.add_argument(
+        "--handlers",
+        action="append",
+        default=[],
+        metavar="MODULE:OBJ",
+        help="a function, or an object with @command methods, or a module-level list of them",
+    )
+    a.add_argument("--capability", action="append", default=[])
+    a.add_argument("--group", action="append", default=[])
+    a.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    a.add_argument("--capacity", type=int, default=64)
+
+    q = sub.add_parser("agents", help="list the agents registered with a broker")
+    q.add_argument("--broker", default="tcp://127.0.0.1:5555")
+    q.add_argument("--capability")
+    q.add_argument("--group")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--timeout", type=float, default=5.0)
+
+    d = sub.add_parser("demo", help="embedded broker, three agents and a client, with a summary")
+    d.add_argument("--tcp", action="store_true", help="use tcp on 127.0.0.1 instead of inproc")
+    d.add_argument("--requests", type=int, default=2000)
+
+    bench = sub.add_parser("bench", help="throughput and latency against a raw pyzmq baseline")
+    bench.add_argument("--quick", action="store_true", help="short runs (for smoke tests)")
+    bench.add_argument("--duration", type=float, default=3.0, help="seconds per workload")
+    bench.add_argument("--window", type=int, default=1000, help="requests in flight when pipelining")
+    bench.add_argument("--size", type=int, default=64, help="payload bytes")
+    bench.add_argument("--core", choices=["c", "py"], default=None)
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    return p
+
+
+def _load_handlers(agent: Agent, specs: Sequence[str]) -> None:
+    for spec in specs:
+        module_name, _, attr = spec.partition(":")
+        if not module_name or not attr:
+            raise SystemExit(f"--handlers wants MODULE:OBJ, got {spec!r}")
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        for item in obj if isinstance(obj, (list, tuple)) else [obj]:
+            agent.register(item)
+
+
+async def _serve(coro_start: Any, stop: Any) -> None:
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    await coro_start()
+    try:
+        await done.wait()
+    finally:
+        await stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.cmd == "broker":
+            broker = Broker(
+                *args.endpoints,
+                heartbeat_interval=args.heartbeat,
+                liveness=args.liveness,
+                queue_limit=args.queue_limit,
+                queue_timeout=args.queue_timeout,
+            )
+
+            async def start_broker() -> None:
+                await broker.start()
+                print(f"orbitmesh broker {broker.id} ({broker.core} core) on {', '.join(broker.endpoints)}", flush=True)
+
+            run(_serve(start_broker, broker.stop))
+        elif args.cmd == "agent":
+            labels = dict(kv.split("=", 1) for kv in args.label)
+            agent = Agent(
+                args.name,
+                args.broker,
+                capabilities=args.capability,
+                groups=args.group,
+                labels=labels,
+                capacity=args.capacity,
+            )
+            _load_handlers(agent, args.handlers)
+
+            async def start_agent() -> None:
+                await agent.start(timeout=30.0, name_wait=30.0)
+                print(f"orbitmesh agent {agent.name} serving {', '.join(agent.commands) or 'nothing'}", flush=True)
+
+            run(_serve(start_agent, agent.stop))
+        elif args.cmd == "agents":
+            return run(_agents(args))
+        elif args.cmd == "demo":
+            from .demo import run_demo
+
+            run(run_demo(sys.stdout, tcp=args.tcp, requests=args.requests))
+        elif args.cmd == "bench":
+            from .bench import main as bench_main
+
+            return bench_main(args)
+    except OrbitMeshError as exc:
+        print(f"orbitmesh: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def _agents(args: argparse.Namespace) -> int:
+    async with MeshClient(args.broker, timeout=args.timeout) as client:
+        rows = await client.agents(capability=args.capability, group=args.group)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        return 0
+    if not rows:
+        print("no agents")
+        return 0
+    print(f"{'NAME':20} {'STATE':9} {'LOAD':>9} CAPABILITIES / GROUPS / LABELS")
+    for r in rows:
+        labels = ",".join(f"{k}={v}" for k, v in r.labels.items())
+        print(
+            f"{r.name:20} {r.state:9} {r.inflight:>4}/{r.capacity:<4} "
+            f"{','.join(r.capabilities) or '-'} / {','.join(r.groups) or '-'} / {labels or '-'}"
+        )
+    return 0

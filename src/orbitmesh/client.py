@@ -1,0 +1,846 @@
+"""MeshClient: the application's handle on the mesh (asyncio; see ``orbitmesh.sync`` for blocking use)."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import dataclasses
+import heapq
+import logging
+import random
+import types
+import typing
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, Union  # Union: matched in coerce()
+
+import msgpack
+import zmq
+
+from ._core import frame
+from ._peer import PeerConnection
+from ._wire import EMPTY, header, parse_error, wall_ms
+from .errors import (
+    ErrorCode,
+    NotConnectedError,
+    OrbitMeshError,
+    ResultTypeError,
+    RoutingError,
+    TimeoutError,
+)
+from .middleware import Call, Middleware, build_chain
+from .models import AgentInfo, Event, JobInfo, JobState
+from .protocol import Flag, Kind, Role, Route, Strategy
+from .serializers import Serializer, SerializerSet
+
+log = logging.getLogger("orbitmesh.client")
+
+T = TypeVar("T")
+_STRATEGIES = {"least_loaded": Strategy.LEAST_LOADED, "round_robin": Strategy.ROUND_ROBIN, "random": Strategy.RANDOM}
+_END = object()
+
+
+@dataclass(frozen=True)
+class Select:
+    """Let the broker choose the agent: by ``capability``, ``group`` or ``labels``
+    (all must match), or with none given, any agent serving the command.
+    ``strategy``: "least_loaded" (default), "round_robin" or "random"."""
+
+    capability: str | None = None
+    group: str | None = None
+    labels: dict[str, str] | None = None
+    strategy: str = "least_loaded"
+
+    def route(self) -> bytes:
+        try:
+            strategy = _STRATEGIES[self.strategy]
+        except KeyError:
+            raise ValueError(f"strategy must be one of {sorted(_STRATEGIES)}, not {self.strategy!r}") from None
+        if self.labels or (self.capability and self.group):
+            spec = {"labels": self.labels or {}, "capability": self.capability, "group": self.group}
+            return frame.pack_route(Route.LABELS, strategy, msgpack.packb(spec))
+        if self.capability:
+            return frame.pack_route(Route.CAPABILITY, strategy, self.capability.encode())
+        if self.group:
+            return frame.pack_route(Route.GROUP, strategy, self.group.encode())
+        return frame.pack_route(Route.COMMAND, strategy)
+
+
+Target = str | AgentInfo | Select
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[T]):
+    """One agent's answer in ``execute_on_all``: ``value`` or ``error``."""
+
+    agent: str
+    value: T | None = None
+    error: OrbitMeshError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class _Pending:
+    __slots__ = ("accepted", "agent", "fut", "items", "kind", "serializer", "token", "waiter")
+
+    def __init__(self, fut: asyncio.Future[Any], serializer: Serializer, kind: int) -> None:
+        self.fut = fut
+        self.serializer = serializer
+        self.kind = kind
+        self.accepted: asyncio.Future[int] | None = None
+        self.items: deque[Any] | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.token = EMPTY
+        self.agent = ""
+
+
+def coerce(value: Any, tp: Any) -> Any:
+    """Fit a decoded result to type ``tp`` (dataclasses, primitives, list/dict/tuple/Optional
+    of those); raises ResultTypeError with the path of the first mismatch."""
+    return _coerce(value, tp, "result")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    if tp is Any or tp is object:
+        return value
+    origin = typing.get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, path)
+            except ResultTypeError:
+                continue
+        raise ResultTypeError(f"{path}: {value!r} fits none of {tp}")
+    if tp is None or tp is type(None):
+        if value is None:
+            return None
+        raise ResultTypeError(f"{path}: expected None, got {type(value).__name__}")
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ResultTypeError(f"{path}: expected a map for {tp.__name__}, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp) if f.init}
+        unknown = set(value) - names
+        if unknown:
+            raise ResultTypeError(f"{path}: unexpected fields {sorted(unknown)} for {tp.__name__}")
+        kwargs = {k: _coerce(v, hints.get(k, Any), f"{path}.{k}") for k, v in value.items()}
+        try:
+            return tp(**kwargs)
+        except TypeError as exc:
+            raise ResultTypeError(f"{path}: cannot build {tp.__name__}: {exc}") from None
+    if origin in (list, Sequence):
+        (arg,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ResultTypeError(f"{path}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, arg, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ResultTypeError(f"{path}: expected a tuple, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+        if args and len(args) != len(value):
+            raise ResultTypeError(f"{path}: expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(args, value, strict=True)))
+    if origin is dict:
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise ResultTypeError(f"{path}: expected a map, got {type(value).__name__}")
+        return {_coerce(k, kt, path): _coerce(v, vt, f"{path}[{k!r}]") for k, v in value.items()}
+    if isinstance(tp, type):
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if tp is bytes and isinstance(value, (bytearray, memoryview)):
+            return bytes(value)
+        if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+            return value
+        raise ResultTypeError(f"{path}: expected {tp.__name__}, got {type(value).__name__}")
+    return value
+
+
+class Job:
+    """A tracked job (from ``execute``): its ``id`` and a way to its result."""
+
+    def __init__(self, client: MeshClient, job_id: int, fut: asyncio.Future[Any], returns: Any) -> None:
+        self.client = client
+        self.id = job_id
+        self._fut = fut
+        self._returns = returns
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait for the job's result; raises its error, or TimeoutError."""
+        try:
+            value = await asyncio.wait_for(asyncio.shield(self._fut), timeout)
+        except builtins.TimeoutError:
+            raise TimeoutError(f"job {self.id} did not finish within {timeout} s") from None
+        except NotConnectedError:
+            # The connection dropped while we waited: ask the broker instead.
+            info = await self.client.wait_job(self.id, timeout=timeout)
+            value = self.client.job_result(info)
+        return coerce(value, self._returns) if self._returns is not None else value
+
+    async def info(self) -> JobInfo:
+        """The broker's record of this job."""
+        return await self.client.get_job(self.id)
+
+    def done(self) -> bool:
+        return self._fut.done()
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {'done' if self._fut.done() else 'pending'}>"
+
+
+class Stream(AsyncIterator[Any]):
+    """Items from a streaming handler, with credit-based back-pressure.
+
+    Iterate with ``async for``; leaving the loop early (or ``aclose()``)
+    cancels the handler on the agent.
+    """
+
+    def __init__(
+        self,
+        client: MeshClient,
+        target: Target,
+        command: str,
+        params: Any,
+        window: int,
+        timeout: float | None,
+        returns: Any,
+    ) -> None:
+        self._client = client
+        self._target = target
+        self._command = command
+        self._params = params
+        self._window = max(1, window)
+        self._timeout = timeout
+        self._returns = returns
+        self._p: _Pending | None = None
+        self._corr = 0
+        self._consumed = 0
+        self._done = False
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._done:
+            raise StopAsyncIteration
+        c = self._client
+        if self._p is None:
+            self._corr, self._p = c._start_stream(self._target, self._command, self._params, self._window)
+        p = self._p
+        assert p.items is not None
+        loop = asyncio.get_running_loop()
+        while not p.items:
+            if p.fut.done():
+                break
+            p.waiter = loop.create_future()
+            try:
+                await asyncio.wait_for(p.waiter, self._timeout)
+            except builtins.TimeoutError:
+                await self.aclose()
+                raise TimeoutError(f"stream {self._command!r}: no item within {self._timeout} s") from None
+            finally:
+                p.waiter = None
+        if p.items:
+            data = p.items.popleft()
+            self._consumed += 1
+            if self._consumed * 2 >= self._window and not p.fut.done():
+                c._send_credit(self._corr, p, self._consumed)
+                self._consumed = 0
+            value = p.serializer.loads(data)
+            return coerce(value, self._returns) if self._returns is not None else value
+        self._done = True
+        c._pending.pop(self._corr, None)
+        exc = p.fut.exception()
+        if exc is not None:
+            raise exc
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Stop the stream; the agent's handler is cancelled if it is still running."""
+        if self._done:
+            return
+        self._done = True
+        if self._p is not None:
+            if not self._p.fut.done():
+                self._client._send_cancel(self._corr, self._p)
+                self._p.fut.cancel()
+            self._client._pending.pop(self._corr, None)
+
+
+class MeshClient:
+    """A client of the broker at ``broker`` (an endpoint such as ``tcp://127.0.0.1:5555``).
+
+    ``timeout`` (s) is the default for every call; ``serializer`` names the
+    default payload serializer ("msgpack", "json", "raw" or a plugin);
+    ``middleware`` wraps invoke / execute / send_raw, first one outermost.
+    """
+
+    def __init__(
+        self,
+        broker: str,
+        *,
+        name: str = "",
+        timeout: float = 30.0,
+        serializer: str | Serializer = "msgpack",
+        serializers: Sequence[Serializer] = (),
+        middleware: Sequence[Middleware] = (),
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.broker = broker
+        self.name = name
+        self.timeout = timeout
+        self._serializers = SerializerSet(list(serializers))
+        self._serializer = self._serializers.get(serializer)
+        self._middleware = list(middleware)
+        self._context = context
+        self._conn: PeerConnection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._corr = 0
+        self._routes: dict[str, bytes] = {}
+        self._commands: dict[str, bytes] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._ready: asyncio.Event | None = None
+        self._subscriptions: list[tuple[set[str], asyncio.Queue[Event]]] = []
+
+    # ----------------------------------------------------------- lifecycle
+
+    async def connect(self, timeout: float = 10.0) -> MeshClient:
+        """Register with the broker; raises NotConnectedError if it does not answer in time."""
+        self._loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+        self._conn = PeerConnection(
+            self.broker,
+            {"role": "client", "name": self.name},
+            Role.CLIENT,
+            on_message=self._on_message,
+            on_lost=self._on_lost,
+            on_ready=self._on_ready,
+            load=lambda: len(self._pending),
+            context=self._context,
+        )
+        await self._conn.connect(timeout)
+        return self
+
+    async def close(self) -> None:
+        """Fail what is still pending with NotConnectedError and close the connection."""
+        if self._conn is None:
+            return
+        self._conn.bye()
+        await asyncio.sleep(0)
+        self._conn.close()
+        self._conn = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._fail_all(NotConnectedError("client closed"))
+
+    async def __aenter__(self) -> MeshClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and self._conn.ready
+
+    def _on_ready(self) -> None:
+        assert self._ready is not None
+        self._ready.set()
+        if self._subscriptions:
+            topics = sorted(set().union(*(t for t, _ in self._subscriptions)))
+            fut = self._send_query({"op": "subscribe", "topics": topics}, self.timeout)
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def _on_lost(self) -> None:
+        if self._ready is not None:
+            self._ready.clear()
+        self._fail_all(NotConnectedError(f"connection to broker at {self.broker} lost"))
+
+    def _fail_all(self, exc: OrbitMeshError) -> None:
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            self._settle_error(p, exc)
+
+    async def _wait_ready(self, timeout: float) -> PeerConnection:
+        conn = self._conn
+        if conn is None:
+            raise NotConnectedError("client is not connected: call connect() first")
+        if not conn.ready:
+            assert self._ready is not None
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except builtins.TimeoutError:
+                raise NotConnectedError(f"broker at {self.broker} unreachable for {timeout} s") from None
+        return conn
+
+    # ------------------------------------------------------------ timeouts
+
+    def _arm_timeout(self, corr: int, timeout: float) -> None:
+        assert self._loop is not None
+        at = self._loop.time() + timeout
+        heapq.heappush(self._deadlines, (at, corr))
+        if self._timer is None or at < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = at
+            self._timer = self._loop.call_at(at, self._expire)
+
+    def _expire(self) -> None:
+        assert self._loop is not None
+        self._timer = None
+        now = self._loop.time()
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, corr = heapq.heappop(heap)
+            p = self._pending.pop(corr, None)
+            if p is not None:
+                self._send_cancel(corr, p)
+                self._settle_error(p, TimeoutError(f"no reply within the call's timeout (corr {corr})"))
+        # Drop entries whose calls already finished, so the heap stays small.
+        if len(heap) > 64 and len(heap) > 4 * len(self._pending):
+            self._deadlines = heap = [e for e in heap if e[1] in self._pending]
+            heapq.heapify(heap)
+        if heap:
+            self._timer_at = heap[0][0]
+            self._timer = self._loop.call_at(self._timer_at, self._expire)
+
+    # ------------------------------------------------------------- sending
+
+    def _route(self, target: Target) -> bytes:
+        if isinstance(target, str):
+            route = self._routes.get(target)
+            if route is None:
+                if not target or "\0" in target:
+                    raise ValueError("agent name must be a non-empty string without NUL")
+                route = frame.pack_route(Route.NAME, 0, target.encode())
+                if len(self._routes) < 4096:
+                    self._routes[target] = route
+            return route
+        if isinstance(target, AgentInfo):
+            return self._route(target.name)
+        if isinstance(target, Select):
+            return target.route()
+        raise TypeError(f"target must be an agent name, AgentInfo or Select, not {type(target).__name__}")
+
+    def _command(self, command: str) -> bytes:
+        cmd = self._commands.get(command)
+        if cmd is None:
+            if not command or "\0" in command:
+                raise ValueError("command must be a non-empty string without NUL")
+            cmd = command.encode()
+            if len(self._commands) < 4096:
+                self._commands[command] = cmd
+        return cmd
+
+    def submit(
+        self,
+        agent: Target,
+        command: str,
+        params: Any = None,
+        *,
+        timeout: float | None = None,
+        serializer: str | Serializer | None = None,
+        _flags: int = 0,
+        _aux: int = 0,
+    ) -> asyncio.Future[Any]:
+        """Send an invoke now and return a future for its (decoded) result.
+
+        The pipelining primitive: no task per call. Raises NotConnectedError
+        at once if not connected; the future fails with the call's error.
+        """
+        conn = self._conn
+        if conn is None or not conn.ready:
+            raise NotConnectedError(f"not connected to broker at {self.broker}")
+        s = self._serializer if serializer is None else self._serializers.get(serializer)
+        body = EMPTY if params is None else s.dumps(params)
+        to = self.timeout if timeout is None else timeout
+        self._corr += 1
+        corr = self._corr
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        p = _Pending(fut, s, Kind.REQUEST)
+        hdr = header(Kind.REQUEST, (s.id << 8) | _flags, 0, _aux, corr, 0, wall_ms() + int(to * 1000))
+        conn.send([hdr, self._route(agent), self._command(command), body])
+        self._pending[corr] = p
+        self._arm_timeout(corr, to)
+        if _flags & Flag.TRACKED:
+            p.accepted = self._loop.create_future()
+        return fut
+
+    async def invoke(
+        self,
+        agent: Target,
+        command: str,
+        params: Any = None,
+        *,
+        timeout: float | None = None,
+        returns: type[T] | Any = None,
+        serializer: str | Serializer | None = None,
+    ) -> Any:
+        """Call ``command`` on ``agent`` and return its result (fitted to ``returns`` if given).
+
+        ``agent`` is a name, an AgentInfo or a ``Select``. Raises RemoteError
+        (the handler raised), RoutingError / AgentLostError, TimeoutError,
+        ResultTypeError.
+        """
+        to = self.timeout if timeout is None else timeout
+        if self._middleware:
+            call = Call("client", "invoke", command, params, _target_name(agent))
+
+            async def endpoint(c: Call) -> Any:
+                await self._wait_ready(to)
+                return await self.submit(agent, c.command, c.params, timeout=to, serializer=serializer)
+
+            value = await build_chain(self._middleware, endpoint)(call)
+        else:
+            conn = self._conn
+            if conn is None or not conn.ready:
+                await self._wait_ready(to)
+            value = await self.submit(agent, command, params, timeout=to, serializer=serializer)
+        return coerce(value, returns) if returns is not None else value
+
+    async def execute(
+        self,
+        agent: Target,
+        command: str,
+        params: Any = None,
+        *,
+        timeout: float | None = None,
+        returns: Any = None,
+        serializer: str | Serializer | None = None,
+    ) -> Job:
+        """Submit a tracked job; returns once the broker has accepted it (a ``Job``)."""
+        to = self.timeout if timeout is None else timeout
+
+        async def endpoint(c: Call) -> Job:
+            await self._wait_ready(to)
+            fut = self.submit(agent, c.command, c.params, timeout=to, serializer=serializer, _flags=Flag.TRACKED)
+            p = self._pending[self._corr]
+            assert p.accepted is not None
+            accepted = p.accepted
+            done, _ = await asyncio.wait((accepted, fut), timeout=to, return_when=asyncio.FIRST_COMPLETED)
+            if accepted in done:
+                return Job(self, accepted.result(), fut, returns)
+            if fut in done:
+                fut.result()  # raises the error that came before ACCEPTED
+            raise TimeoutError(f"job not accepted within {to} s")
+
+        call = Call("client", "execute", command, params, _target_name(agent))
+        if self._middleware:
+            job: Job = await build_chain(self._middleware, endpoint)(call)
+            return job
+        return await endpoint(call)
+
+    def stream(
+        self,
+        agent: Target,
+        command: str,
+        params: Any = None,
+        *,
+        window: int = 64,
+        timeout: float | None = None,
+        returns: Any = None,
+    ) -> Stream:
+        """Iterate a streaming handler's items. ``window``: items the agent may send ahead;
+        ``timeout``: the longest wait for any one item."""
+        return Stream(self, agent, command, params, window, self.timeout if timeout is None else timeout, returns)
+
+    def _start_stream(self, target: Target, command: str, params: Any, window: int) -> tuple[int, _Pending]:
+        # No call timeout: a stream lives as long as its consumer; each item has its own.
+        self.submit(target, command, params, timeout=10 * 365 * 86400.0, _flags=Flag.STREAM, _aux=window)
+        p = self._pending[self._corr]
+        p.items = deque()
+        return self._corr, p
+
+    def _send_credit(self, corr: int, p: _Pending, n: int) -> None:
+        if self._conn is not None and self._conn.ready and p.token:
+            self._conn.send([header(Kind.CREDIT, aux=n, corr=corr), p.token])
+
+    def _send_cancel(self, corr: int, p: _Pending) -> None:
+        if self._conn is not None and self._conn.ready:
+            self._conn.send([header(Kind.CANCEL, corr=corr), p.token])
+
+    async def send_raw(self, agent: Target, data: Any, *, timeout: float | None = None) -> bytes:
+        """Send bytes-like ``data`` (bytes, memoryview, numpy array, or a list of them as
+        frames) to the agent's raw handler, without copying; returns its reply's bytes."""
+        parts = await self.send_raw_parts(agent, data, timeout=timeout)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def send_raw_parts(self, agent: Target, data: Any, *, timeout: float | None = None) -> list[bytes]:
+        """Like ``send_raw``, returning the reply's frames as a list."""
+        to = self.timeout if timeout is None else timeout
+        parts = list(data) if isinstance(data, (list, tuple)) else [data]
+        size = 0
+        for i, part in enumerate(parts):
+            if not isinstance(part, bytes):
+                try:
+                    view = memoryview(part)
+                except TypeError:
+                    raise TypeError(f"raw frame {i} is not bytes-like: {type(part).__name__}") from None
+                if not view.c_contiguous:
+                    raise ValueError(f"raw frame {i} is not C-contiguous")
+                parts[i] = part = view
+                size += view.nbytes
+            else:
+                size += len(part)
+        conn = await self._wait_ready(to)
+        self._corr += 1
+        corr = self._corr
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        p = _Pending(fut, self._serializer, Kind.RAW)
+        conn.send(
+            [header(Kind.RAW, corr=corr, deadline=wall_ms() + int(to * 1000)), self._route(agent), *parts],
+            copy=size < 65536,
+        )
+        self._pending[corr] = p
+        self._arm_timeout(corr, to)
+        result: list[bytes] = await fut
+        return result
+
+    async def execute_on_all(
+        self,
+        command: str,
+        params: Any = None,
+        *,
+        capability: str | None = None,
+        group: str | None = None,
+        labels: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Outcome[Any]]:
+        """Invoke ``command`` on every matching agent that serves it, concurrently;
+        returns each agent's Outcome (value or error) by agent name."""
+        to = self.timeout if timeout is None else timeout
+        agents = [
+            a for a in await self.agents(capability=capability, group=group, labels=labels) if command in a.commands
+        ]
+        futs = {a.name: self.submit(a.name, command, params, timeout=to) for a in agents if a.state != "draining"}
+        out: dict[str, Outcome[Any]] = {}
+        for name, fut in futs.items():
+            try:
+                out[name] = Outcome(name, value=await fut)
+            except OrbitMeshError as exc:
+                out[name] = Outcome(name, error=exc)
+        return out
+
+    # ------------------------------------------------------------- queries
+
+    def _send_query(self, q: dict[str, Any], timeout: float) -> asyncio.Future[Any]:
+        conn = self._conn
+        if conn is None or not conn.ready:
+            raise NotConnectedError(f"not connected to broker at {self.broker}")
+        self._corr += 1
+        corr = self._corr
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        self._pending[corr] = _Pending(fut, self._serializers.get("msgpack"), Kind.QUERY)
+        conn.send([header(Kind.QUERY, corr=corr), EMPTY, msgpack.packb(q, use_bin_type=True)])
+        self._arm_timeout(corr, timeout)
+        return fut
+
+    async def _query(self, q: dict[str, Any], timeout: float | None = None) -> Any:
+        to = self.timeout if timeout is None else timeout
+        await self._wait_ready(to)
+        return await self._send_query(q, to)
+
+    async def agents(
+        self, *, capability: str | None = None, group: str | None = None, labels: dict[str, str] | None = None
+    ) -> list[AgentInfo]:
+        """The registered agents matching all the filters given (label values may be globs)."""
+        rows = await self._query({"op": "agents", "capability": capability, "group": group, "labels": labels})
+        return [AgentInfo.from_dict(r) for r in rows]
+
+    async def select_agent(
+        self,
+        *,
+        capability: str | None = None,
+        group: str | None = None,
+        labels: dict[str, str] | None = None,
+        selector: Callable[[AgentInfo], bool] | None = None,
+        strategy: str = "least_loaded",
+    ) -> AgentInfo:
+        """Choose one live agent that matches; raises RoutingError(NO_AGENT_AVAILABLE) if none does."""
+        found = [
+            a
+            for a in await self.agents(capability=capability, group=group, labels=labels)
+            if a.state == "alive" and (selector is None or selector(a))
+        ]
+        if not found:
+            raise RoutingError("no agent matches the selection", code=ErrorCode.NO_AGENT_AVAILABLE)
+        if strategy == "random":
+            return random.choice(found)
+        if strategy == "round_robin":
+            self._rr = getattr(self, "_rr", -1) + 1
+            return sorted(found, key=lambda a: a.name)[self._rr % len(found)]
+        if strategy != "least_loaded":
+            raise ValueError(f"strategy must be one of {sorted(_STRATEGIES)}, not {strategy!r}")
+        return min(found, key=lambda a: (a.load, a.inflight))
+
+    async def get_job(self, job_id: int) -> JobInfo:
+        """The broker's record of a tracked job; raises RoutingError(NO_SUCH_JOB)."""
+        return JobInfo.from_dict(await self._query({"op": "job", "id": job_id}))
+
+    async def list_jobs(
+        self,
+        *,
+        state: JobState | str | None = None,
+        agent: str | None = None,
+        command: str | None = None,
+        limit: int = 100,
+    ) -> list[JobInfo]:
+        """Tracked jobs, newest first, matching the filters."""
+        st = state.value if isinstance(state, JobState) else state
+        rows = await self._query({"op": "jobs", "state": st, "agent": agent, "command": command, "limit": limit})
+        return [JobInfo.from_dict(r) for r in rows]
+
+    async def wait_job(self, job_id: int, timeout: float | None = None) -> JobInfo:
+        """Wait until a tracked job is terminal and return its record."""
+        to = self.timeout if timeout is None else timeout
+        q = {"op": "wait", "id": job_id, "timeout_ms": int(to * 1000)}
+        return JobInfo.from_dict(await self._query(q, timeout=to + 1.0))
+
+    def job_result(self, info: JobInfo) -> Any:
+        """Decode a finished job's result, or raise its error."""
+        if info.state == JobState.SUCCEEDED:
+            return None if not info.result else self._serializers.get(info.serializer).loads(info.result)
+        if not info.state.terminal:
+            raise OrbitMeshError(f"job {info.id} is still {info.state.value}", code=ErrorCode.TIMEOUT)
+        from .errors import error_for_code
+
+        raise error_for_code(info.error_code or ErrorCode.HANDLER_ERROR, info.error)
+
+    async def stats(self) -> dict[str, Any]:
+        """The broker's counters and registry sizes."""
+        result: dict[str, Any] = await self._query({"op": "stats"})
+        return result
+
+    async def subscribe(self, topics: Sequence[str] = ("agent",), maxsize: int = 10_000) -> AsyncIterator[Event]:
+        """Events from the broker: topics "agent" (joined/left/lost/state), "job", or "*".
+
+        Returns an async iterator; events past ``maxsize`` unread are dropped
+        (oldest kept) and logged.
+        """
+        queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
+        entry = (set(topics), queue)
+        self._subscriptions.append(entry)
+        await self._query({"op": "subscribe", "topics": list(topics)})
+        return _EventIter(self, entry)
+
+    # ------------------------------------------------------------- inbound
+
+    def _on_message(self, frames: list[Any], fields: tuple[Any, ...]) -> None:
+        kind = fields[2]
+        corr = fields[7]
+        p = self._pending.get(corr)
+        if p is None:
+            if kind == Kind.EVENT:
+                self._on_event(frames)
+            return
+        if kind == Kind.REPLY:
+            del self._pending[corr]
+            fut = p.fut
+            if fut.done():
+                return
+            if p.kind == Kind.QUERY:
+                fut.set_result(msgpack.unpackb(frames[2], raw=False) if len(frames) > 2 else None)
+            elif p.kind == Kind.RAW or fields[3] & Flag.RAW_REPLY:
+                fut.set_result(frames[2:])
+            else:
+                try:
+                    s = (
+                        p.serializer
+                        if (fields[3] >> 8) & 0xF == p.serializer.id
+                        else self._serializers.from_flags(fields[3])
+                    )
+                    fut.set_result(s.loads(frames[2]) if len(frames) > 2 and frames[2] else None)
+                except OrbitMeshError as exc:
+                    fut.set_exception(exc)
+        elif kind == Kind.ERROR:
+            del self._pending[corr]
+            self._settle_error(p, parse_error(fields[4], frames))
+        elif kind == Kind.STREAM_ITEM:
+            if p.items is not None:
+                p.token = frames[1]
+                p.items.append(frames[2] if len(frames) > 2 else b"")
+                if p.waiter is not None and not p.waiter.done():
+                    p.waiter.set_result(None)
+        elif kind == Kind.STREAM_END:
+            if not p.fut.done():
+                p.fut.set_result(None)
+            if p.waiter is not None and not p.waiter.done():
+                p.waiter.set_result(None)
+        elif kind == Kind.ACCEPTED:
+            if p.accepted is not None and not p.accepted.done():
+                p.accepted.set_result(fields[8])
+        elif kind == Kind.RUNNING:
+            p.token = frames[1]
+
+    def _settle_error(self, p: _Pending, exc: OrbitMeshError) -> None:
+        if not p.fut.done():
+            p.fut.set_exception(exc)
+            if p.items is not None:
+                p.fut.exception()  # the stream reads it; don't warn if it never does
+        if p.waiter is not None and not p.waiter.done():
+            p.waiter.set_result(None)
+        if p.accepted is not None and not p.accepted.done():
+            p.accepted.cancel()
+
+    def _on_event(self, frames: list[Any]) -> None:
+        try:
+            body = msgpack.unpackb(frames[2], raw=False)
+            event = Event(str(body["type"]), dict(body.get("data") or {}), float(body.get("time", 0.0)))
+        except Exception:
+            log.warning("dropping a malformed event from the broker")
+            return
+        group = event.type.split("_", 1)[0]
+        for topics, queue in self._subscriptions:
+            if group in topics or event.type in topics or "*" in topics:
+                if queue.full():
+                    log.warning("event queue full: dropping %s", event.type)
+                    continue
+                queue.put_nowait(event)
+
+
+class _EventIter(AsyncIterator[Event]):
+    def __init__(self, client: MeshClient, entry: tuple[set[str], asyncio.Queue[Event]]) -> None:
+        self._client = client
+        self._entry = entry
+
+    def __aiter__(self) -> _EventIter:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self._entry[1].get()
+
+    async def get(self, timeout: float) -> Event:
+        """The next event, or TimeoutError after ``timeout`` seconds."""
+        try:
+            return await asyncio.wait_for(self._entry[1].get(), timeout)
+        except builtins.TimeoutError:
+            raise TimeoutError(f"no event within {timeout} s") from None
+
+    async def aclose(self) -> None:
+        if self._entry in self._client._subscriptions:
+            self._client._subscriptions.remove(self._entry)
+
+
+def _target_name(target: Target) -> str:
+    if isinstance(target, str):
+        return target
+    if isinstance(target, AgentInfo):
+        return target.name
+    return ""
+
+
+__all__ = ["Job", "MeshClient", "Outcome", "Select", "Stream", "coerce"]

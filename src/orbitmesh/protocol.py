@@ -1,0 +1,111 @@
+"""Wire protocol v1 constants: header layout, message kinds, flags, route types.
+
+The authoritative description, with byte offsets, is ``docs/protocol.md``.
+Everything here is plain data shared by the compiled core, its pure-Python
+twin and the Python layers above them.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, IntFlag
+from typing import NamedTuple
+
+MAGIC = b"OM"
+MAGIC_U16 = 0x4D4F  # b"OM" read as little-endian u16
+VERSION = 1
+HEADER_SIZE = 40
+TOKEN_SIZE = 8
+
+# Limits the broker enforces before anything else reads a message.
+MAX_FRAMES = 64
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+class Kind(IntEnum):
+    """Message kinds (header byte 3)."""
+
+    HELLO = 1
+    WELCOME = 2
+    HEARTBEAT = 3
+    REQUEST = 4
+    ACCEPTED = 5
+    RUNNING = 6
+    REPLY = 7
+    STREAM_ITEM = 8
+    STREAM_END = 9
+    ERROR = 10
+    CANCEL = 11
+    RAW = 12
+    EVENT = 13
+    BYE = 14
+    CREDIT = 15
+    QUERY = 16
+
+
+KIND_MAX = max(Kind)
+
+
+class Flag(IntFlag):
+    """Header flag bits (header bytes 4-5)."""
+
+    NONE = 0
+    TRACKED = 0x0001  # execute: a job the broker tracks
+    STREAM = 0x0002  # the request expects a stream of items
+    DRAIN = 0x0004  # BYE: stop routing new work, the peer is draining
+    RAW_REPLY = 0x0008  # REPLY payload is raw bytes, not serialised
+
+
+class Route(IntEnum):
+    """Route frame type byte for REQUEST / RAW sent by a client."""
+
+    NAME = 1  # key: agent name (utf-8)
+    CAPABILITY = 2  # key: capability
+    GROUP = 3  # key: group
+    COMMAND = 4  # any agent serving the request's command (no key)
+    LABELS = 5  # key: msgpack map of label -> value (resolved by the control plane)
+
+
+class Strategy(IntEnum):
+    """Selection strategy byte in the route frame."""
+
+    LEAST_LOADED = 0
+    ROUND_ROBIN = 1
+    RANDOM = 2
+
+
+class Header(NamedTuple):
+    """A decoded 40-byte frame header."""
+
+    version: int
+    kind: int
+    flags: int
+    code: int
+    aux: int
+    corr: int
+    job: int
+    deadline: int
+
+
+class Role(IntEnum):
+    """What a peer says it is in HELLO (header aux)."""
+
+    CLIENT = 1
+    AGENT = 2
+
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_BYTES",
+    "HEADER_SIZE",
+    "KIND_MAX",
+    "MAGIC",
+    "MAGIC_U16",
+    "MAX_FRAMES",
+    "TOKEN_SIZE",
+    "VERSION",
+    "Flag",
+    "Header",
+    "Kind",
+    "Role",
+    "Route",
+    "Strategy",
+]

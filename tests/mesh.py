@@ -1,0 +1,82 @@
+"""A small embedded mesh for the integration tests: one broker, some agents, one client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import zmq
+
+import orbitmesh as om
+
+FAST = {"heartbeat_interval": 0.1, "liveness": 4}
+
+
+def standard_handlers(agent: om.Agent) -> None:
+    """Handlers most tests use: echo, add, sleep, boom, count, reverse (raw)."""
+
+    @agent.handler
+    async def echo(value: Any = None) -> Any:
+        return value
+
+    @agent.handler
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @agent.handler
+    async def whoami() -> str:
+        return agent.name
+
+    @agent.handler
+    async def sleep(seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return agent.name
+
+    @agent.handler
+    async def boom(message: str = "boom") -> None:
+        raise ValueError(message)
+
+    @agent.handler
+    async def count(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    @agent.raw_handler
+    def reverse(frames: list[bytes]) -> bytes:
+        return b"".join(bytes(f) for f in frames)[::-1]
+
+
+@contextlib.asynccontextmanager
+async def mesh(
+    ctx: zmq.Context[Any],
+    core: str,
+    endpoint: str,
+    agents: int | list[dict[str, Any]] = 1,
+    *,
+    setup: Callable[[om.Agent], None] = standard_handlers,
+    broker_kw: dict[str, Any] | None = None,
+    client_kw: dict[str, Any] | None = None,
+) -> AsyncIterator[tuple[om.Broker, list[om.Agent], om.MeshClient]]:
+    """Start a broker on ``endpoint``, the agents (a count, or one kwargs dict each) and a client."""
+    broker = om.Broker(endpoint, core=core, context=ctx, **{**FAST, **(broker_kw or {})})
+    await broker.start()
+    specs = [{} for _ in range(agents)] if isinstance(agents, int) else agents
+    started: list[om.Agent] = []
+    client = om.MeshClient(broker.endpoints[0], context=ctx, timeout=10.0, **(client_kw or {}))
+    try:
+        for i, spec in enumerate(specs):
+            spec = dict(spec)
+            name = spec.pop("name", f"agent-{i}")
+            agent = om.Agent(name, broker.endpoints[0], context=ctx, **spec)
+            setup(agent)
+            await agent.start()
+            started.append(agent)
+        await client.connect()
+        yield broker, started, client
+    finally:
+        await client.close()
+        for agent in started:
+            await agent.stop(drain_timeout=1.0)
+        await broker.stop()

@@ -1,0 +1,299 @@
+"""Every client call, end to end over real sockets, on both cores and both loops."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import orbitmesh as om
+from orbitmesh import ErrorCode
+
+from .conftest import endpoint_for
+from .mesh import mesh
+
+
+@dataclass
+class Point:
+    x: int
+    y: float
+
+
+@pytest.mark.parametrize("transport", ["inproc", "ipc", "tcp"])
+def test_invoke_round_trip_on_every_transport(arun, ctx, core_impl, transport):
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for(transport)) as (_, _, client):
+            # Given an agent with echo/add, When invoked with kwargs, positional and no params
+            assert await client.invoke("agent-0", "echo", {"value": {"k": [1, 2.5, "x", b"\x00"]}}) == {
+                "k": [1, 2.5, "x", b"\x00"]
+            }
+            assert await client.invoke("agent-0", "add", [2, 3]) == 5
+            assert await client.invoke("agent-0", "echo") is None
+            # Expect sync handlers (thread pool) and async ones to answer alike
+            assert await client.invoke("agent-0", "add", {"a": 40, "b": 2}) == 42
+
+    arun(main())
+
+
+def test_typed_results(arun, ctx, core_impl):
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc")) as (_, _, client):
+            # Given a handler returning a map, When asked for a dataclass, Expect one back
+            p = await client.invoke("agent-0", "echo", {"value": {"x": 1, "y": 2}}, returns=Point)
+            assert p == Point(1, 2.0) and isinstance(p.y, float)
+            assert await client.invoke("agent-0", "echo", {"value": [1, 2]}, returns=list[int]) == [1, 2]
+            # Expect a result that does not fit to be a clear ResultTypeError naming the field
+            with pytest.raises(om.ResultTypeError, match=r"result\.x"):
+                await client.invoke("agent-0", "echo", {"value": {"x": "no", "y": 1}}, returns=Point)
+            with pytest.raises(om.ResultTypeError, match="unexpected fields"):
+                await client.invoke("agent-0", "echo", {"value": {"x": 1, "y": 1, "z": 0}}, returns=Point)
+
+    arun(main())
+
+
+def test_handler_error_comes_back_typed(arun, ctx, core_impl):
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc")) as (_, _, client):
+            # When a handler raises, Expect a RemoteError with type, message and traceback text
+            with pytest.raises(om.RemoteError) as info:
+                await client.invoke("agent-0", "boom", {"message": "bad input 7"})
+            err = info.value
+            assert err.code == ErrorCode.HANDLER_ERROR
+            assert err.remote_type == "builtins.ValueError"
+            assert err.message == "bad input 7"
+            assert "raise ValueError(message)" in err.traceback
+            assert err.agent == "agent-0"
+            # Expect an unknown command to be UNKNOWN_COMMAND, not a hang
+            with pytest.raises(om.RemoteError) as info:
+                await client.invoke("agent-0", "nope")
+            assert info.value.code == ErrorCode.UNKNOWN_COMMAND
+            # Expect bad params (wrong arguments) to come back as a handler error
+            with pytest.raises(om.RemoteError, match="TypeError"):
+                await client.invoke("agent-0", "add", {"a": 1})
+
+    arun(main())
+
+
+def test_routing_errors(arun, ctx, core_impl):
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc")) as (_, _, client):
+            with pytest.raises(om.RoutingError) as info:
+                await client.invoke("ghost", "echo")
+            assert info.value.code == ErrorCode.NO_SUCH_AGENT
+            with pytest.raises(om.RoutingError) as info:
+                await client.invoke(om.Select(capability="quantum"), "echo")
+            assert info.value.code == ErrorCode.NO_AGENT_AVAILABLE
+            with pytest.raises(om.RoutingError) as info:
+                await client.invoke(om.Select(labels={"zone": "mars"}), "echo")
+            assert info.value.code == ErrorCode.NO_AGENT_AVAILABLE
+            with pytest.raises(om.RoutingError) as info:
+                await client.invoke(om.Select(), "not-served-anywhere")
+            assert info.value.code == ErrorCode.NO_AGENT_AVAILABLE
+
+    arun(main())
+
+
+def test_timeout_cancels_the_handler(arun, ctx, core_impl):
+    cancelled = asyncio.Event()
+
+    def setup(agent):
+        @agent.handler
+        async def hang():
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        @agent.handler
+        async def echo(value=None):
+            return value
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), setup=setup) as (_, [agent], client):
+            # When a call outlives its timeout, Expect TimeoutError promptly
+            loop = asyncio.get_running_loop()
+            t = loop.time()
+            with pytest.raises(om.TimeoutError):
+                await client.invoke("agent-0", "hang", timeout=0.2)
+            assert loop.time() - t < 1.0
+            # Expect the cancel to reach the handler, and the agent to stay usable
+            await asyncio.wait_for(cancelled.wait(), 2.0)
+            assert await client.invoke("agent-0", "echo", {"value": 1}) == 1
+            for _ in range(50):
+                if agent.inflight == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert agent.inflight == 0
+
+    arun(main())
+
+
+def test_execute_tracks_the_job(arun, ctx, core_impl):
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc")) as (_, _, client):
+            # When a job is executed, Expect an id at once and the result later
+            job = await client.execute("agent-0", "add", [20, 22])
+            assert job.id > 0
+            assert await job.result(timeout=5) == 42
+            info = await client.get_job(job.id)
+            assert info.state == om.JobState.SUCCEEDED and info.agent == "agent-0"
+            assert client.job_result(info) == 42
+            # Expect a failing job to be FAILED with its error kept
+            bad = await client.execute(om.Select(), "boom", {"message": "kaput"})
+            with pytest.raises(om.RemoteError, match="kaput"):
+                await bad.result(timeout=5)
+            info = await client.wait_job(bad.id, timeout=5)
+            assert info.state == om.JobState.FAILED and "kaput" in info.error
+            states = {j.id: j.state for j in await client.list_jobs()}
+            assert states == {job.id: om.JobState.SUCCEEDED, bad.id: om.JobState.FAILED}
+            with pytest.raises(om.RoutingError) as exc:
+                await client.get_job(10_000)
+            assert exc.value.code == ErrorCode.NO_SUCH_JOB
+
+    arun(main())
+
+
+def test_stream_back_pressure_and_cancel(arun, ctx, core_impl):
+    produced = []
+    closed = asyncio.Event()
+
+    def setup(agent):
+        @agent.handler
+        async def numbers(n):
+            try:
+                for i in range(n):
+                    produced.append(i)
+                    yield i
+            finally:
+                closed.set()
+
+        @agent.handler
+        async def broken():
+            yield 1
+            raise RuntimeError("stream broke")
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("tcp"), setup=setup) as (_, _, client):
+            # Given a window of 4, When the consumer is slow, Expect the producer never far ahead
+            stream = client.stream("agent-0", "numbers", {"n": 1000}, window=4)
+            got = []
+            async for item in stream:
+                got.append(item)
+                await asyncio.sleep(0.005)
+                # sent - consumed <= window; the generator holds at most one more
+                assert len(produced) - len(got) <= 4 + 1
+                if len(got) == 20:
+                    break
+            await stream.aclose()
+            assert got == list(range(20))
+            # Expect leaving early to cancel the generator on the agent
+            await asyncio.wait_for(closed.wait(), 2.0)
+            assert len(produced) < 40
+            # Expect a whole stream to arrive in order, and an error mid-stream to raise
+            assert [i async for i in client.stream("agent-0", "numbers", [50], window=8)] == list(range(50))
+            items = []
+            with pytest.raises(om.RemoteError, match="stream broke"):
+                async for i in client.stream("agent-0", "broken"):
+                    items.append(i)
+            assert items == [1]
+
+    arun(main())
+
+
+def test_send_raw_buffers(arun, ctx, core_impl):
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("tcp")) as (_, _, client):
+            # bytes, memoryview, numpy array (zero-copy send), multi-frame, and 1 MiB
+            assert await client.send_raw("agent-0", b"abc") == b"cba"
+            assert await client.send_raw("agent-0", memoryview(b"xyz")) == b"zyx"
+            arr = np.arange(1000, dtype=np.int32)
+            assert await client.send_raw("agent-0", arr) == arr.tobytes()[::-1]
+            assert await client.send_raw("agent-0", [b"ab", b"cd"]) == b"dcba"
+            big = np.random.default_rng(1).integers(0, 255, 1 << 20, dtype=np.uint8)
+            assert await client.send_raw("agent-0", big) == big.tobytes()[::-1]
+            with pytest.raises(ValueError, match="contiguous"):
+                await client.send_raw("agent-0", np.arange(10)[::2])
+            with pytest.raises(TypeError, match="bytes-like"):
+                await client.send_raw("agent-0", 12)
+
+    arun(main())
+
+
+def test_send_raw_without_raw_handler(arun, ctx, core_impl):
+    def setup(agent):
+        @agent.handler
+        async def echo(value=None):
+            return value
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), setup=setup) as (_, _, client):
+            with pytest.raises(om.RemoteError) as info:
+                await client.send_raw("agent-0", b"x")
+            assert info.value.code == ErrorCode.NO_RAW_HANDLER
+
+    arun(main())
+
+
+def test_execute_on_all_reports_each_agent(arun, ctx, core_impl):
+    def setup(agent):
+        @agent.handler
+        async def name_or_fail():
+            if agent.name == "agent-1":
+                raise RuntimeError("agent-1 fails")
+            return agent.name
+
+    agents = [{"groups": ["g"]}, {"groups": ["g"]}, {"groups": ["g", "h"]}]
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), agents, setup=setup) as (_, _, client):
+            out = await client.execute_on_all("name_or_fail", group="g")
+            assert sorted(out) == ["agent-0", "agent-1", "agent-2"]
+            assert out["agent-0"].value == "agent-0" and out["agent-0"].ok
+            assert not out["agent-1"].ok and "agent-1 fails" in str(out["agent-1"].error)
+            only_h = await client.execute_on_all("name_or_fail", group="h")
+            assert list(only_h) == ["agent-2"]
+
+    arun(main())
+
+
+def test_selection(arun, ctx, core_impl):
+    agents = [
+        {"capabilities": ["gpu"], "groups": ["a"], "labels": {"zone": "eu-1", "tier": "x"}},
+        {"capabilities": ["gpu"], "groups": ["b"], "labels": {"zone": "eu-2"}},
+        {"capabilities": ["cpu"], "groups": ["b"], "labels": {"zone": "us-1"}},
+    ]
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), agents) as (_, _, client):
+            # Broker-side selection: capability and group, round robin spreads the calls
+            rr = om.Select(capability="gpu", strategy="round_robin")
+            names = [await client.invoke(rr, "whoami") for _ in range(4)]
+            assert sorted(set(names)) == ["agent-0", "agent-1"] and names[0] != names[1]
+            assert {await client.invoke(om.Select(group="b", strategy="random"), "whoami") for _ in range(30)} == {
+                "agent-1",
+                "agent-2",
+            }
+            # labels (glob values) and capability together go through the control plane
+            assert await client.invoke(om.Select(labels={"zone": "us-*"}), "whoami") == "agent-2"
+            assert await client.invoke(om.Select(capability="gpu", labels={"zone": "eu-*"}, group="b"), "whoami") == (
+                "agent-1"
+            )
+            # least-loaded picks the idle agent while another is busy
+            busy = client.submit("agent-0", "sleep", {"seconds": 0.5})
+            await asyncio.sleep(0.05)
+            assert await client.invoke(om.Select(capability="gpu"), "whoami") == "agent-1"
+            assert await busy == "agent-0"
+            # Client-side selection with a callable
+            chosen = await client.select_agent(selector=lambda a: a.labels.get("tier") == "x")
+            assert chosen.name == "agent-0"
+            assert (await client.select_agent(group="b", labels={"zone": "eu-*"})).name == "agent-1"
+            with pytest.raises(om.RoutingError):
+                await client.select_agent(capability="tpu")
+            listed = await client.agents(capability="gpu")
+            assert {a.name for a in listed} == {"agent-0", "agent-1"}
+            assert all(a.capacity == 64 and a.state == "alive" for a in listed)
+
+    arun(main())
