@@ -118,7 +118,7 @@ def pack_header(
 
 def pack_token(index: int, generation: int) -> bytes:
     """Encode an in-flight token (the route frame between broker and agent)."""
-    return _TOKEN.pack(_field("index", index, _U32_MAX), _field("generation", generation, _U32_MAX))
+    return _TOKEN.pack(_field("index", int(index), _U32_MAX), _field("generation", int(generation), _U32_MAX))
 
 
 def unpack_token(data: bytes) -> tuple[int, int]:

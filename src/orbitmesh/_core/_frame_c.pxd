@@ -1,0 +1,177 @@
+# C-level frame header helpers, inlined into every module that cimports them:
+#
+#     from orbitmesh._core._frame_c cimport om_check_header, om_write_header, om_hdr_kind, ...
+#
+# Layout (little-endian, 40 bytes; see docs/protocol.md and _frame_py.py):
+#   0 magic "OM" | 2 version u8 | 3 kind u8 | 4 flags u16 | 6 code u16 | 8 aux u32
+#   12 reserved u32 (0) | 16 corr u64 | 24 job u64 | 32 deadline u64
+# Loads and stores are spelled as byte shifts, so they are right on any host byte order;
+# gcc and clang turn each one into a single move on little-endian targets.
+# _frame_c.pyx checks at import that these constants match protocol.py and errors.py.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+cdef enum:
+    OM_HEADER_SIZE = 40
+    OM_TOKEN_SIZE = 8
+    OM_VERSION = 1
+    OM_KIND_MAX = 16
+    OM_MAGIC0 = 0x4F  # "O"
+    OM_MAGIC1 = 0x4D  # "M"
+    # check_header results (orbitmesh.errors.ErrorCode values)
+    OM_E_BAD_HEADER = 100
+    OM_E_BAD_MAGIC = 101
+    OM_E_UNSUPPORTED_VERSION = 102
+    OM_E_UNKNOWN_KIND = 103
+    OM_E_BAD_HEADER_FIELD = 108
+
+
+# --- little-endian loads / stores -------------------------------------------------------
+
+cdef inline uint16_t om_ld16(const unsigned char* p) noexcept nogil:
+    return <uint16_t>(<uint16_t>p[0] | (<uint16_t>p[1] << 8))
+
+
+cdef inline uint32_t om_ld32(const unsigned char* p) noexcept nogil:
+    return (<uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24))
+
+
+cdef inline uint64_t om_ld64(const unsigned char* p) noexcept nogil:
+    return <uint64_t>om_ld32(p) | (<uint64_t>om_ld32(p + 4) << 32)
+
+
+cdef inline void om_st16(unsigned char* p, uint16_t v) noexcept nogil:
+    p[0] = <unsigned char>(v & 0xFF)
+    p[1] = <unsigned char>(v >> 8)
+
+
+cdef inline void om_st32(unsigned char* p, uint32_t v) noexcept nogil:
+    p[0] = <unsigned char>(v & 0xFF)
+    p[1] = <unsigned char>((v >> 8) & 0xFF)
+    p[2] = <unsigned char>((v >> 16) & 0xFF)
+    p[3] = <unsigned char>(v >> 24)
+
+
+cdef inline void om_st64(unsigned char* p, uint64_t v) noexcept nogil:
+    om_st32(p, <uint32_t>(v & 0xFFFFFFFFU))
+    om_st32(p + 4, <uint32_t>(v >> 32))
+
+
+# --- validation -------------------------------------------------------------------------
+
+cdef inline int om_check_header(const unsigned char* p, size_t n) noexcept nogil:
+    """0 if p[0:n] is a valid v1 header, else the ErrorCode; same order of checks as _frame_py."""
+    if n != OM_HEADER_SIZE:
+        return OM_E_BAD_HEADER
+    if p[0] != OM_MAGIC0 or p[1] != OM_MAGIC1:
+        return OM_E_BAD_MAGIC
+    if p[2] != OM_VERSION:
+        return OM_E_UNSUPPORTED_VERSION
+    if p[3] == 0 or p[3] > OM_KIND_MAX:
+        return OM_E_UNKNOWN_KIND
+    if p[12] | p[13] | p[14] | p[15]:
+        return OM_E_BAD_HEADER_FIELD
+    return 0
+
+
+# --- field readers (p points at a checked 40-byte header) -------------------------------
+
+cdef inline uint8_t om_hdr_version(const unsigned char* p) noexcept nogil:
+    return p[2]
+
+
+cdef inline uint8_t om_hdr_kind(const unsigned char* p) noexcept nogil:
+    return p[3]
+
+
+cdef inline uint16_t om_hdr_flags(const unsigned char* p) noexcept nogil:
+    return om_ld16(p + 4)
+
+
+cdef inline uint16_t om_hdr_code(const unsigned char* p) noexcept nogil:
+    return om_ld16(p + 6)
+
+
+cdef inline uint32_t om_hdr_aux(const unsigned char* p) noexcept nogil:
+    return om_ld32(p + 8)
+
+
+cdef inline uint64_t om_hdr_corr(const unsigned char* p) noexcept nogil:
+    return om_ld64(p + 16)
+
+
+cdef inline uint64_t om_hdr_job(const unsigned char* p) noexcept nogil:
+    return om_ld64(p + 24)
+
+
+cdef inline uint64_t om_hdr_deadline(const unsigned char* p) noexcept nogil:
+    return om_ld64(p + 32)
+
+
+# --- field writers (in place, e.g. on a zmq_msg_data() buffer being forwarded) ----------
+
+cdef inline void om_hdr_set_kind(unsigned char* p, uint8_t v) noexcept nogil:
+    p[3] = v
+
+
+cdef inline void om_hdr_set_flags(unsigned char* p, uint16_t v) noexcept nogil:
+    om_st16(p + 4, v)
+
+
+cdef inline void om_hdr_set_code(unsigned char* p, uint16_t v) noexcept nogil:
+    om_st16(p + 6, v)
+
+
+cdef inline void om_hdr_set_aux(unsigned char* p, uint32_t v) noexcept nogil:
+    om_st32(p + 8, v)
+
+
+cdef inline void om_hdr_set_corr(unsigned char* p, uint64_t v) noexcept nogil:
+    om_st64(p + 16, v)
+
+
+cdef inline void om_hdr_set_job(unsigned char* p, uint64_t v) noexcept nogil:
+    om_st64(p + 24, v)
+
+
+cdef inline void om_hdr_set_deadline(unsigned char* p, uint64_t v) noexcept nogil:
+    om_st64(p + 32, v)
+
+
+cdef inline void om_write_header(
+    unsigned char* p,
+    uint8_t kind,
+    uint16_t flags,
+    uint16_t code,
+    uint32_t aux,
+    uint64_t corr,
+    uint64_t job,
+    uint64_t deadline,
+) noexcept nogil:
+    """Write a complete v1 header (magic, version, reserved = 0) into p[0:40]; no range checks."""
+    p[0] = OM_MAGIC0
+    p[1] = OM_MAGIC1
+    p[2] = OM_VERSION
+    p[3] = kind
+    om_st16(p + 4, flags)
+    om_st16(p + 6, code)
+    om_st32(p + 8, aux)
+    om_st32(p + 12, 0)
+    om_st64(p + 16, corr)
+    om_st64(p + 24, job)
+    om_st64(p + 32, deadline)
+
+
+# --- in-flight token (broker <-> agent route frame: index u32, generation u32) ----------
+
+cdef inline uint32_t om_token_index(const unsigned char* p) noexcept nogil:
+    return om_ld32(p)
+
+
+cdef inline uint32_t om_token_generation(const unsigned char* p) noexcept nogil:
+    return om_ld32(p + 4)
+
+
+cdef inline void om_write_token(unsigned char* p, uint32_t index, uint32_t generation) noexcept nogil:
+    om_st32(p, index)
+    om_st32(p + 4, generation)
