@@ -257,6 +257,14 @@ class DataPlane:
         self._counters[5] += 1
         self._send(rid, _error_frames(code, corr, job, route, message))
 
+    def _refuse(self, rid: bytes, hdr: bytes, code: int, message: str) -> None:
+        """Answer a request (header ``hdr``) from ``rid`` with an error; a tracked job's
+        control plane hears of it too."""
+        corr, job = struct.unpack_from("<QQ", hdr, 16)
+        self._send_error(rid, code, corr, job, b"", message)
+        if hdr[4] & Flag.TRACKED:
+            self._up([EV_JOB, b"", *_error_frames(code, corr, job, b"", message)])
+
     def _up(self, frames: list[bytes]) -> None:
         self._counters[3] += 1
         self._control.send_multipart(frames)
@@ -281,7 +289,7 @@ class DataPlane:
         role, capacity, _ = _META.unpack(frames[2])
         old = self._peers.get(rid)
         if old is not None:
-            self._unindex(old)
+            self._unindex(old, fail_queued=False)
         peer = _Peer(rid, role, capacity, frames[3], _now_ms())
         if old is not None:
             peer.inflight = old.inflight
@@ -300,12 +308,13 @@ class DataPlane:
                     self._index.setdefault((rtype, key), []).append(peer)
             self._drain_for(peer)
 
-    def _unindex(self, peer: _Peer) -> None:
+    def _unindex(self, peer: _Peer, *, fail_queued: bool = True) -> None:
         if peer.role != Role.AGENT:
             return
         if self._by_name.get(peer.name) is peer:
             del self._by_name[peer.name]
-            self._fail_queue((Route.NAME, peer.name), ErrorCode.AGENT_LOST, "agent left before it could serve")
+            if fail_queued:
+                self._fail_queue((Route.NAME, peer.name), ErrorCode.AGENT_LOST, "agent left before it could serve")
         for rtype, keys in ((Route.CAPABILITY, peer.caps), (Route.GROUP, peer.groups), (Route.COMMAND, peer.commands)):
             for key in keys:
                 lst = self._index.get((rtype, key))
@@ -313,7 +322,8 @@ class DataPlane:
                     lst.remove(peer)
                     if not lst:
                         del self._index[(rtype, key)]
-                        self._fail_queue((rtype, key), ErrorCode.NO_AGENT_AVAILABLE, "no agent left for the selector")
+                        if fail_queued:
+                            self._fail_queue((rtype, key), ErrorCode.NO_AGENT_AVAILABLE, "no agent left for the selector")
 
     @staticmethod
     def _agent_keys(peer: _Peer) -> list[tuple[int, bytes]]:
@@ -418,7 +428,7 @@ class DataPlane:
         if kind in _CONTROL_KINDS:
             self._up([EV_MSG, *frames])
             return
-        self._malformed(rid, ErrorCode.UNEXPECTED_KIND, corr, f"a peer may not send {Kind(kind).name}")
+        self._malformed(rid, ErrorCode.UNEXPECTED_KIND, corr, f"a peer may not send kind {kind}")
 
     def _malformed(self, rid: bytes, code: int, corr: int, message: str) -> None:
         self._counters[4] += 1
@@ -434,24 +444,19 @@ class DataPlane:
         route = frames[1]
         target = self._select(route, frames)
         if isinstance(target, tuple):
-            code, message = target
-            self._send_error(rid, code, corr, job, b"", message)
-            if tracked:
-                self._up([EV_JOB, b"", *_error_frames(code, corr, job, b"", message)])
+            self._refuse(rid, hdr, *target)
             return
         if target is not None:
             self._dispatch(target, rid, frames, corr, job, tracked)
             return
         if self._queued >= self._queue_limit:
-            self._send_error(rid, ErrorCode.QUEUE_FULL, corr, job, b"", f"broker queue is full ({self._queue_limit})")
-            if tracked:
-                self._up([EV_JOB, b"", *_error_frames(ErrorCode.QUEUE_FULL, corr, job, b"", "broker queue is full")])
+            self._refuse(rid, hdr, ErrorCode.QUEUE_FULL, "broker queue is full")
             return
         wall = _wall_ms()
         if deadline == 0:
             deadline = wall + self._default_queue_ms
         if deadline <= wall:
-            self._send_error(rid, ErrorCode.DEADLINE_EXCEEDED, corr, job, b"", "deadline passed before dispatch")
+            self._refuse(rid, hdr, ErrorCode.DEADLINE_EXCEEDED, "deadline passed before dispatch")
             return
         self._counters[6] += 1
         self._seq += 1
@@ -468,15 +473,17 @@ class DataPlane:
         if rtype == Route.NAME:
             peer = self._by_name.get(route[2:])
             if peer is None:
-                return (ErrorCode.NO_SUCH_AGENT, f"no agent named {route[2:].decode(errors='replace')!r}")
+                return (ErrorCode.NO_SUCH_AGENT, f"no agent named '{route[2:].decode(errors='replace')}'")
             return peer if peer.has_credit() else None
+        if rtype == Route.COMMAND and (len(frames) < 3 or frames[0][3] != Kind.REQUEST):
+            return (ErrorCode.BAD_ROUTE, "a raw request needs an agent, capability or group route")
         key = frames[2] if rtype == Route.COMMAND else route[2:]
         if rtype != Route.COMMAND and not key:
             return (ErrorCode.BAD_ROUTE, "route key is empty")
         candidates = self._index.get((rtype, key))
         if not candidates:
             what = {Route.CAPABILITY: "capability", Route.GROUP: "group", Route.COMMAND: "command"}[Route(rtype)]
-            return (ErrorCode.NO_AGENT_AVAILABLE, f"no agent has {what} {key.decode(errors='replace')!r}")
+            return (ErrorCode.NO_AGENT_AVAILABLE, f"no agent has {what} '{key.decode(errors='replace')}'")
         n = len(candidates)
         if strategy == Strategy.LEAST_LOADED:
             best: _Peer | None = None
@@ -516,9 +523,9 @@ class DataPlane:
             self._free_entry(index)
             if err == zmq.EHOSTUNREACH:
                 self._unregister(agent.rid, lost=True)
-                self._send_error(client, ErrorCode.AGENT_LOST, corr, job, b"", "agent is gone")
+                self._refuse(client, frames[0], ErrorCode.AGENT_LOST, "agent is gone")
             else:
-                self._send_error(client, ErrorCode.AGENT_BUSY, corr, job, b"", "agent's pipe is full")
+                self._refuse(client, frames[0], ErrorCode.AGENT_BUSY, "agent's pipe is full")
             return
         agent.inflight += 1
         self._counters[1] += 1
@@ -589,26 +596,28 @@ class DataPlane:
     # ---------------------------------------------------------------- queue
 
     def _reject(self, item: _Queued, code: int, message: str) -> None:
-        corr, job = struct.unpack_from("<QQ", item.frames[0], 16)
-        self._send_error(item.client, code, corr, job, b"", message)
-        if item.tracked:
-            self._up([EV_JOB, b"", *_error_frames(code, corr, job, b"", message)])
+        self._refuse(item.client, item.frames[0], code, message)
 
     def _drain_for(self, peer: _Peer) -> None:
         """Dispatch queued requests ``peer`` could serve, oldest first, while an agent has credit."""
-        cands = [dq for dq in (self._queues.get(k) for k in self._agent_keys(peer)) if dq]
+        cands = [k for k in self._agent_keys(peer) if k in self._queues]
         while cands:
-            dq = min(cands, key=lambda d: d[0].seq)
+            # A dispatch may have failed whole queues meanwhile: keep the keys still queued.
+            cands = [k for k in cands if k in self._queues]
+            if not cands:
+                break
+            key = min(cands, key=lambda k: self._queues[k][0].seq)
+            dq = self._queues[key]
             item = dq[0]
             target = self._select(item.frames[1], item.frames)
             if target is None:
-                cands.remove(dq)  # nobody has credit for this route now
+                cands.remove(key)  # nobody has credit for this route now
                 continue
             dq.popleft()
             self._queued -= 1
             if not dq:
-                del self._queues[item.key]
-                cands.remove(dq)
+                del self._queues[key]
+                cands.remove(key)
             if isinstance(target, tuple):
                 self._reject(item, *target)
             elif item.client in self._peers:  # else the client is gone; nobody waits
