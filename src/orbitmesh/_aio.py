@@ -41,7 +41,7 @@ class AsyncSocket:
         self._on_message = on_message
         self._loop = loop
         self._copy = copy
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd = int(sock.getsockopt(zmq.FD))
         self._scheduled = False
         self._outbox: deque[tuple[Frames, bool]] = deque()
         self._closed = False
@@ -81,7 +81,7 @@ class AsyncSocket:
             return
         if self._outbox:
             self._schedule_flush()
-        elif sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        elif int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self._schedule()
 
     def _schedule_flush(self) -> None:

@@ -173,7 +173,7 @@ class PeerConnection:
         if self.ready:
             if now - self._last_rx > hb * self.liveness:
                 assert self._sock is not None
-                if self._sock.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                if int(self._sock.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     # Our own loop was busy, not the broker silent: read first.
                     self._sock._drain()
                     self._arm(0.001)

@@ -399,7 +399,11 @@ class Agent:
         task = self._loop.create_task(coro)
         key = bytes(token)
         self._running[key] = task
-        task.add_done_callback(lambda _t, k=key: self._running.pop(k, None))
+        task.add_done_callback(functools.partial(self._forget, key))
+
+    def _forget(self, key: bytes, task: asyncio.Task[Any]) -> None:
+        if self._running.get(key) is task:
+            del self._running[key]
 
     async def _finish(
         self, aw: Awaitable[Any], token: bytes, corr: int, job: int, sflags: int, serializer: Serializer

@@ -50,7 +50,8 @@ class MsgpackSerializer:
 
     def dumps(self, obj: Any) -> bytes:
         try:
-            return self._packer.pack(obj)
+            data: bytes = self._packer.pack(obj)
+            return data
         except (TypeError, ValueError, OverflowError) as exc:
             self._packer.reset()
             raise SerializationError(f"msgpack cannot encode: {exc}") from exc

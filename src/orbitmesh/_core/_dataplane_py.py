@@ -323,7 +323,9 @@ class DataPlane:
                     if not lst:
                         del self._index[(rtype, key)]
                         if fail_queued:
-                            self._fail_queue((rtype, key), ErrorCode.NO_AGENT_AVAILABLE, "no agent left for the selector")
+                            self._fail_queue(
+                                (rtype, key), ErrorCode.NO_AGENT_AVAILABLE, "no agent left for the selector"
+                            )
 
     @staticmethod
     def _agent_keys(peer: _Peer) -> list[tuple[int, bytes]]:
