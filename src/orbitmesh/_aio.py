@@ -16,6 +16,8 @@ from typing import Any
 
 import zmq
 
+from ._core import io
+
 _BATCH = 512
 Frames = Sequence[Any]
 
@@ -34,16 +36,15 @@ class AsyncSocket:
         sock: zmq.Socket[Any],
         on_message: Callable[[list[Any]], None],
         loop: asyncio.AbstractEventLoop,
-        *,
-        copy: bool = True,
     ) -> None:
         self.sock = sock
         self._on_message = on_message
         self._loop = loop
-        self._copy = copy
         self._fd = int(sock.getsockopt(zmq.FD))
         self._scheduled = False
         self._outbox: deque[tuple[Frames, bool]] = deque()
+        self._recv_batch = io.recv_batch
+        self._send_parts = io.send_parts
         self._closed = False
         loop.add_reader(self._fd, self._drain)
         self._schedule()
@@ -58,24 +59,15 @@ class AsyncSocket:
         if self._closed:
             return
         sock = self.sock
-        recv = sock.recv_multipart
         on_message = self._on_message
-        copy = self._copy
         if self._outbox:
             self._flush()
-        for _ in range(_BATCH):
-            try:
-                frames = recv(zmq.NOBLOCK, copy=copy)
-            except zmq.Again:
-                break
-            except zmq.ZMQError:
-                if self._closed:
-                    return
-                raise
+        batch = self._recv_batch(sock, _BATCH)
+        for frames in batch:
             on_message(frames)
             if self._closed:
                 return
-        else:
+        if len(batch) == _BATCH:
             # More may be waiting: yield to the loop, then continue.
             self._schedule()
             return
@@ -93,10 +85,14 @@ class AsyncSocket:
         send = self.sock.send_multipart
         while out:
             frames, copy = out[0]
-            try:
-                send(frames, zmq.NOBLOCK, copy=copy)
-            except zmq.Again:
-                return
+            if copy:
+                if not self._send_parts(self.sock, frames):
+                    return
+            else:
+                try:
+                    send(frames, zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    return
             out.popleft()
 
     def send(self, frames: Frames, copy: bool = True) -> None:
@@ -108,9 +104,15 @@ class AsyncSocket:
         if self._closed:
             raise zmq.ZMQError(zmq.ENOTSOCK, "socket is closed")
         if not self._outbox:
-            try:
-                self.sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
-            except zmq.Again:
+            if copy:
+                sent = self._send_parts(self.sock, frames)
+            else:
+                try:
+                    self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                    sent = True
+                except zmq.Again:
+                    sent = False
+            if not sent:
                 self._outbox.append((frames, copy))
                 self._schedule_flush()
         else:

@@ -20,7 +20,7 @@ from ._aio import AsyncSocket
 from ._core import frame
 from ._wire import HDR, header, parse_error
 from .errors import ErrorCode, NotConnectedError, OrbitMeshError, ProtocolError
-from .protocol import Flag, Kind
+from .protocol import F_DRAIN, Kind
 
 log = logging.getLogger("orbitmesh.peer")
 
@@ -154,7 +154,7 @@ class PeerConnection:
     def bye(self, drain: bool = False) -> None:
         """Tell the broker we are leaving (``drain``: stop sending us work, we finish what we have)."""
         if self._sock is not None and self.ready:
-            self._sock.send([header(Kind.BYE, flags=Flag.DRAIN if drain else 0), b""])
+            self._sock.send([header(Kind.BYE, flags=F_DRAIN if drain else 0), b""])
 
     # ---------------------------------------------------------- heartbeats
 

@@ -55,6 +55,13 @@ class Flag(IntFlag):
     RAW_REPLY = 0x0008  # REPLY payload is raw bytes, not serialised
 
 
+# The same bits as plain ints, for hot paths: IntFlag arithmetic builds enum members (~1 us).
+F_TRACKED = int(Flag.TRACKED)
+F_STREAM = int(Flag.STREAM)
+F_DRAIN = int(Flag.DRAIN)
+F_RAW_REPLY = int(Flag.RAW_REPLY)
+
+
 class Route(IntEnum):
     """Route frame type byte for REQUEST / RAW sent by a client."""
 
@@ -95,6 +102,10 @@ class Role(IntEnum):
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
+    "F_DRAIN",
+    "F_RAW_REPLY",
+    "F_STREAM",
+    "F_TRACKED",
     "HEADER_SIZE",
     "KIND_MAX",
     "MAGIC",

@@ -13,7 +13,7 @@ import os
 import platform
 from types import ModuleType
 
-MODULES = ("_frame", "_dataplane")
+MODULES = ("_frame", "_dataplane", "_io")
 
 
 def _wants_pure() -> bool:
