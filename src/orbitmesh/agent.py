@@ -25,8 +25,8 @@ from ._peer import PeerConnection
 from ._wire import error_message, header
 from .errors import CancelledError, ErrorCode, OrbitMeshError, SerializationError
 from .middleware import Call, Middleware, build_chain
-from .protocol import Flag, Kind, Role
-from .serializers import SERIALIZER_MASK, Serializer, SerializerSet
+from .protocol import F_RAW_REPLY, F_STREAM, F_TRACKED, Kind, Role
+from .serializers import SERIALIZER_MASK, RawSerializer, Serializer, SerializerSet
 
 log = logging.getLogger("orbitmesh.agent")
 
@@ -348,13 +348,15 @@ class Agent:
             return
         try:
             serializer = self._serializers.from_flags(flags)
-            params = serializer.loads(frames[3]) if len(frames) > 3 and len(frames[3]) else None
+            body = frames[3] if len(frames) > 3 else b""
+            # An empty body means "no params", except to the raw serializer: empty bytes.
+            params = serializer.loads(body) if body or serializer.id == RawSerializer.id else None
         except SerializationError as exc:
             self._fail(token, corr, job, ErrorCode.BAD_PAYLOAD, exc.message, None)
             return
-        if flags & Flag.TRACKED:
+        if flags & F_TRACKED:
             self._send([header(Kind.RUNNING, corr=corr, job=job), token])
-        if handler.kind == "stream" or flags & Flag.STREAM:
+        if handler.kind == "stream" or flags & F_STREAM:
             self._start_task(token, self._run_stream(handler, params, token, corr, job, fields[5], serializer))
             return
         self._begin()
@@ -364,6 +366,14 @@ class Agent:
         else:
             coro = self._invoke(handler, params)
         self._run_eagerly(coro, token, corr, job, flags & SERIALIZER_MASK, serializer)
+
+    @staticmethod
+    def _stream_endpoint(handler: _Handler) -> Callable[[Call], Awaitable[Any]]:
+        async def start(call: Call) -> Any:
+            args, kwargs = _call_args(call.params)
+            return handler.fn(*args, **kwargs)
+
+        return start
 
     async def _endpoint(self, handler: _Handler, call: Call) -> Any:
         return await self._invoke(handler, call.params)
@@ -456,8 +466,13 @@ class Agent:
         try:
             if handler.kind != "stream":
                 raise TypeError(f"command {handler.name!r} is not a streaming handler")
-            args, kwargs = _call_args(params)
-            gen: AsyncIterator[Any] = handler.fn(*args, **kwargs)
+            if self._middleware:
+                # Middleware sees the call; what call_next returns is the item iterator.
+                call = Call("agent", "stream", handler.name, params, self.name, job)
+                gen: AsyncIterator[Any] = await build_chain(self._middleware, self._stream_endpoint(handler))(call)
+            else:
+                args, kwargs = _call_args(params)
+                gen = handler.fn(*args, **kwargs)
             try:
                 async for item in gen:
                     while stream.credit <= 0:
@@ -493,13 +508,23 @@ class Agent:
             self._fail(token, corr, job, ErrorCode.NO_RAW_HANDLER, f"agent {self.name} has no raw handler", None)
             return
         self._begin()
-        fn = self._raw
         parts = frames[2:]
-        if inspect.iscoroutinefunction(fn):
-            coro = fn(parts)
+        if self._middleware:
+            call = Call("agent", "raw", "", parts, self.name, job)
+            coro = build_chain(self._middleware, self._raw_endpoint)(call)
         else:
-            coro = _ready(fn, (parts,), {})
+            coro = self._call_raw(parts)
         self._run_raw(coro, token, corr, job)
+
+    def _call_raw(self, parts: list[Any]) -> Awaitable[Any]:
+        fn = self._raw
+        assert fn is not None
+        if inspect.iscoroutinefunction(fn):
+            return fn(parts)  # type: ignore[no-any-return]
+        return _ready(fn, (parts,), {})
+
+    async def _raw_endpoint(self, call: Call) -> Any:
+        return await self._call_raw(call.params)
 
     def _run_raw(self, coro: Any, token: bytes, corr: int, job: int) -> None:
         async def finish() -> None:
@@ -526,7 +551,7 @@ class Agent:
             self._fail(token, corr, job, ErrorCode.HANDLER_ERROR, f"raw handler must return bytes-like: {exc}", exc)
             return
         size = sum(len(v) if isinstance(v, bytes) else getattr(v, "nbytes", 0) for v in views)
-        self._send([header(Kind.REPLY, flags=Flag.RAW_REPLY, corr=corr, job=job), token, *views], copy=size < 65536)
+        self._send([header(Kind.REPLY, flags=F_RAW_REPLY, corr=corr, job=job), token, *views], copy=size < 65536)
 
 
 async def _ready(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -29,7 +29,7 @@ from ._aio import AsyncSocket
 from ._wire import HDR, error_message, header
 from .errors import ErrorCode, OrbitMeshError
 from .models import AgentInfo, JobState
-from .protocol import Flag, Kind, Role, Route, Strategy
+from .protocol import F_DRAIN, F_TRACKED, Kind, Role, Route, Strategy
 
 log = logging.getLogger("orbitmesh.broker")
 
@@ -365,7 +365,7 @@ class Broker:
         elif kind in (Kind.REQUEST, Kind.RAW):
             self._on_request(rid, fields, frames)
         elif kind == Kind.BYE:
-            self._on_bye(rid, bool(flags & Flag.DRAIN))
+            self._on_bye(rid, bool(flags & F_DRAIN))
         elif kind == Kind.EVENT:
             self._on_agent_event(rid, frames)
 
@@ -398,6 +398,9 @@ class Broker:
         groups = _strings(body.get("groups"), "groups")
         commands = _strings(body.get("commands"), "commands")
         labels = _labels(body.get("labels"))
+        prior = self._agents.get(rid)
+        if prior is not None and prior.info.name != name and self._by_name.get(prior.info.name) is prior:
+            del self._by_name[prior.info.name]  # the same session, registering under a new name
         held = self._by_name.get(name)
         if held is not None and held.rid != rid:
             self._error(rid, ErrorCode.NAME_TAKEN, corr, f"agent name {name!r} is held by a live session")
@@ -471,7 +474,7 @@ class Broker:
         route = frames[1]
         command = frames[2].decode(errors="replace") if fields[2] == Kind.REQUEST and len(frames) > 2 else "<raw>"
         job_id = 0
-        if flags & Flag.TRACKED:
+        if flags & F_TRACKED:
             job_id = self._next_job
             self._next_job += 1
             self._jobs[job_id] = _Job(job_id, command, rid, corr)
@@ -572,7 +575,7 @@ class Broker:
             if handler is None:
                 raise ValueError(f"unknown query op {op!r}")
             result = handler(rid, corr, q)
-        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+        except (ValueError, TypeError, KeyError, OverflowError, msgpack.UnpackException) as exc:
             self._error(rid, ErrorCode.BAD_QUERY, corr, f"bad query: {exc}")
             return
         except OrbitMeshError as exc:

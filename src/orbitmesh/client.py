@@ -31,8 +31,8 @@ from .errors import (
 )
 from .middleware import Call, Middleware, build_chain
 from .models import AgentInfo, Event, JobInfo, JobState
-from .protocol import Flag, Kind, Role, Route, Strategy
-from .serializers import Serializer, SerializerSet
+from .protocol import F_RAW_REPLY, F_STREAM, F_TRACKED, Kind, Role, Route, Strategy
+from .serializers import RawSerializer, Serializer, SerializerSet
 
 log = logging.getLogger("orbitmesh.client")
 
@@ -463,7 +463,7 @@ class MeshClient:
         if conn is None or not conn.ready:
             raise NotConnectedError(f"not connected to broker at {self.broker}")
         s = self._serializer if serializer is None else self._serializers.get(serializer)
-        body = EMPTY if params is None else s.dumps(params)
+        body = EMPTY if params is None else s.dumps(params)  # empty: no params
         to = self.timeout if timeout is None else timeout
         self._corr += 1
         corr = self._corr
@@ -474,7 +474,7 @@ class MeshClient:
         conn.send([hdr, self._route(agent), self._command(command), body])
         self._pending[corr] = p
         self._arm_timeout(corr, to)
-        if _flags & Flag.TRACKED:
+        if _flags & F_TRACKED:
             p.accepted = self._loop.create_future()
         return fut
 
@@ -525,7 +525,7 @@ class MeshClient:
 
         async def endpoint(c: Call) -> Job:
             await self._wait_ready(to)
-            fut = self.submit(agent, c.command, c.params, timeout=to, serializer=serializer, _flags=Flag.TRACKED)
+            fut = self.submit(agent, c.command, c.params, timeout=to, serializer=serializer, _flags=F_TRACKED)
             p = self._pending[self._corr]
             assert p.accepted is not None
             accepted = p.accepted
@@ -558,7 +558,7 @@ class MeshClient:
 
     def _start_stream(self, target: Target, command: str, params: Any, window: int) -> tuple[int, _Pending]:
         # No call timeout: a stream lives as long as its consumer; each item has its own.
-        self.submit(target, command, params, timeout=10 * 365 * 86400.0, _flags=Flag.STREAM, _aux=window)
+        self.submit(target, command, params, timeout=10 * 365 * 86400.0, _flags=F_STREAM, _aux=window)
         p = self._pending[self._corr]
         p.items = deque()
         return self._corr, p
@@ -594,20 +594,25 @@ class MeshClient:
                 size += view.nbytes
             else:
                 size += len(part)
-        conn = await self._wait_ready(to)
-        self._corr += 1
-        corr = self._corr
-        assert self._loop is not None
-        fut = self._loop.create_future()
-        p = _Pending(fut, self._serializer, Kind.RAW)
-        conn.send(
-            [header(Kind.RAW, corr=corr, deadline=wall_ms() + int(to * 1000)), self._route(agent), *parts],
-            copy=size < 65536,
-        )
-        self._pending[corr] = p
-        self._arm_timeout(corr, to)
-        result: list[bytes] = await fut
-        return result
+
+        async def endpoint(c: Call) -> list[bytes]:
+            conn = await self._wait_ready(to)
+            self._corr += 1
+            corr = self._corr
+            assert self._loop is not None
+            fut = self._loop.create_future()
+            hdr = header(Kind.RAW, corr=corr, deadline=wall_ms() + int(to * 1000))
+            conn.send([hdr, self._route(agent), *c.params], copy=size < 65536)
+            self._pending[corr] = _Pending(fut, self._serializer, Kind.RAW)
+            self._arm_timeout(corr, to)
+            result: list[bytes] = await fut
+            return result
+
+        call = Call("client", "raw", "", parts, _target_name(agent))
+        if self._middleware:
+            out: list[bytes] = await build_chain(self._middleware, endpoint)(call)
+            return out
+        return await endpoint(call)
 
     async def execute_on_all(
         self,
@@ -754,7 +759,7 @@ class MeshClient:
                 return
             if p.kind == Kind.QUERY:
                 fut.set_result(msgpack.unpackb(frames[2], raw=False) if len(frames) > 2 else None)
-            elif p.kind == Kind.RAW or fields[3] & Flag.RAW_REPLY:
+            elif p.kind == Kind.RAW or fields[3] & F_RAW_REPLY:
                 fut.set_result(frames[2:])
             else:
                 try:
@@ -763,7 +768,8 @@ class MeshClient:
                         if (fields[3] >> 8) & 0xF == p.serializer.id
                         else self._serializers.from_flags(fields[3])
                     )
-                    fut.set_result(s.loads(frames[2]) if len(frames) > 2 and frames[2] else None)
+                    body = frames[2] if len(frames) > 2 else EMPTY
+                    fut.set_result(s.loads(body) if body or s.id == RawSerializer.id else None)
                 except OrbitMeshError as exc:
                     fut.set_exception(exc)
         elif kind == Kind.ERROR:

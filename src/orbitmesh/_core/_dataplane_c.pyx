@@ -450,16 +450,18 @@ cdef class DataPlane:
             return
         self._send_bytes(self._router, text, strlen(text), 0)
 
-    cdef void _up_error(self, uint16_t code, uint64_t corr, uint64_t job, const char* text) noexcept nogil:
-        """EV_JOB to the control plane: a tracked job failed in the broker."""
+    cdef void _up_error(self, uint16_t code, uint64_t corr, uint64_t job, const char* text,
+                        const char* agent=NULL, size_t agent_n=0,
+                        const char* route=NULL, size_t route_n=0) noexcept nogil:
+        """EV_JOB to the control plane: a tracked job failed (in the broker, or its agent was lost)."""
         cdef unsigned char hdr[OM_HEADER_SIZE]
         cdef char ev = EV_JOB
         om_write_header(hdr, K_ERROR, 0, code, 0, corr, job, 0)
         self._counters[C_TO_CONTROL] += 1
         self._send_bytes(self._control, &ev, 1, 1)
-        self._send_bytes(self._control, NULL, 0, 1)
+        self._send_bytes(self._control, agent, agent_n, 1)
         self._send_bytes(self._control, <const char*>hdr, OM_HEADER_SIZE, 1)
-        self._send_bytes(self._control, NULL, 0, 1)
+        self._send_bytes(self._control, route, route_n, 1)
         self._send_bytes(self._control, text, strlen(text), 0)
 
     cdef void _refuse(self, const string& rid, const unsigned char* hdr, uint16_t code, const char* text) noexcept nogil:
@@ -594,19 +596,31 @@ cdef class DataPlane:
         cdef unordered_map[string, uint32_t].iterator it = self._by_rid.find(rid)
         cdef uint32_t slot, i
         cdef Peer* p
+        cdef Entry* e
+        cdef unsigned char cancel[OM_HEADER_SIZE]
+        cdef unsigned char token[OM_TOKEN_SIZE]
         if it == self._by_rid.end():
             return
         slot = deref(it).second
         self._by_rid.erase(it)
         self._unindex(slot, True)
         p = &self._peers[slot]
-        if p.role == ROLE_AGENT:
-            if lost:
-                self._counters[C_AGENTS_LOST] += 1
-            snprintf(self._text, sizeof(self._text), "agent %.*s was lost", <int>p.name.size(), p.name.data())
-            for i in range(self._entries.size()):
-                if self._entries[i].used and self._entries[i].agent == slot and self._entries[i].agent_gen == p.gen:
-                    self._fail_entry(i, E_AGENT_LOST, self._text)
+        if p.role == ROLE_AGENT and lost:
+            self._counters[C_AGENTS_LOST] += 1
+        snprintf(self._text, sizeof(self._text), "agent %.*s was lost", <int>p.name.size(), p.name.data())
+        for i in range(self._entries.size()):
+            e = &self._entries[i]
+            if not e.used:
+                continue
+            if e.agent == slot and e.agent_gen == p.gen:
+                self._fail_entry(i, E_AGENT_LOST, self._text)
+            elif not e.tracked and e.client == rid:
+                # Nobody waits for this answer any more: stop the work (a tracked job goes on).
+                om_write_header(cancel, K_CANCEL, 0, 0, 0, e.corr, e.job, 0)
+                om_write_token(token, i, e.gen)
+                if self._begin(self._peers[e.agent].rid, 1) == 0:
+                    self._send_bytes(self._router, <const char*>cancel, OM_HEADER_SIZE, 1)
+                    self._send_bytes(self._router, <const char*>token, OM_TOKEN_SIZE, 0)
         p.used = False
         p.keys.clear()
         p.gen += 1
@@ -620,7 +634,8 @@ cdef class DataPlane:
         om_write_token(token, index, e.gen)
         self._send_error(e.client, code, e.corr, e.job, <const char*>token, OM_TOKEN_SIZE, text)
         if e.tracked:
-            self._up_error(code, e.corr, e.job, text)
+            self._up_error(code, e.corr, e.job, text, self._peers[e.agent].rid.data(), self._peers[e.agent].rid.size(),
+                           <const char*>token, OM_TOKEN_SIZE)
         self._free_entry(index)
 
     # --------------------------------------------------------------- router

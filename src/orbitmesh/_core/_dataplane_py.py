@@ -340,13 +340,19 @@ class DataPlane:
         if peer is None:
             return
         self._unindex(peer)
-        if peer.role == Role.AGENT:
-            if lost:
-                self._counters[10] += 1
-            name = peer.name.decode(errors="replace")
-            for index, entry in enumerate(self._entries):
-                if entry is not None and entry.agent == rid:
-                    self._fail_entry(index, entry, ErrorCode.AGENT_LOST, f"agent {name} was lost")
+        if peer.role == Role.AGENT and lost:
+            self._counters[10] += 1
+        name = peer.name.decode(errors="replace")
+        cancel = _HDR_ERR.pack(b"OM", 1, Kind.CANCEL, 0, 0, 0, 0, 0, 0, 0)
+        for index, entry in enumerate(self._entries):
+            if entry is None:
+                continue
+            if entry.agent == rid:
+                self._fail_entry(index, entry, ErrorCode.AGENT_LOST, f"agent {name} was lost")
+            elif entry.client == rid and not entry.tracked:
+                # Nobody waits for this answer any more: stop the work (a tracked job goes on).
+                hdr = cancel[:16] + struct.pack("<QQ", entry.corr, entry.job) + cancel[32:]
+                self._send(entry.agent, [hdr, _TOKEN.pack(index, self._gens[index])])
         if lost:
             self._up([EV_LOST, rid])
 
