@@ -69,6 +69,16 @@ def arun(loop_kind: str) -> Callable[..., Any]:
     return run
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a child Python that must import the same orbitmesh as this test run
+    (the installed package in CI, ``src`` with in-place builds in development)."""
+    import orbitmesh
+
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(orbitmesh.__file__)))
+    env = dict(os.environ, PYTHONPATH=package_parent, **extra)
+    return env
+
+
 def endpoint_for(transport: str) -> str:
     """A fresh endpoint on ``transport`` (tcp on 127.0.0.1 with a free port chosen at bind)."""
     n = next(_ids)

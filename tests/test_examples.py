@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +28,7 @@ EXAMPLES = {
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_example_runs(core_impl, name):
     # Given the example as a user would run it, on the core under test
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env = subprocess_env()
     env.pop("ORBITMESH_NO_EXTENSIONS", None)
     if core_impl == "py":
         env["ORBITMESH_NO_EXTENSIONS"] = "1"

@@ -4,7 +4,6 @@ handlers, credit limits and draining agents. Real sockets, both cores, both loop
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import socket
@@ -23,7 +22,7 @@ import zmq
 import orbitmesh as om
 from orbitmesh import ErrorCode
 
-from .conftest import endpoint_for
+from .conftest import endpoint_for, subprocess_env
 from .mesh import FAST, mesh
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -544,7 +543,7 @@ def test_dead_client_does_not_pin_an_agent(arun, ctx, core_impl):
 
 
 def _spawn_agent(endpoint: str, name: str, log: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env = subprocess_env()
     with open(log, "wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "tests.agent_proc", endpoint, name],
