@@ -9,6 +9,7 @@ import itertools
 import os
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -16,6 +17,13 @@ import pytest
 import zmq
 
 from orbitmesh.runtime import new_event_loop
+
+try:  # a failing hypothesis example imports this; its libcst import warns, an error under filterwarnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import hypothesis.extra._patching  # noqa: F401
+except ImportError:
+    pass
 
 _ids = itertools.count()
 

@@ -155,7 +155,7 @@ cdef struct QItem:
     string client       # routing id of the client that sent it
     zmq_msg_t* frames   # hdr, route, command/body... (malloc'd, owned by the queue)
     int nframes
-    int64_t deadline    # wall-clock ms
+    uint64_t deadline   # wall-clock ms
     uint64_t seq        # arrival order across all queues
 
 
@@ -206,9 +206,11 @@ cdef class DataPlane:
     cdef vector[Entry] _entries
     cdef vector[uint32_t] _free_entries
     cdef unordered_map[string, deque[QItem]] _queues
+    cdef vector[string] _queue_order       # queue keys in creation order (the reference's dict order)
+    cdef vector[uint32_t] _peer_order      # peer slots in registration order
     cdef uint64_t _queued
     cdef uint64_t _seq
-    cdef char _text[512]
+    cdef string _text                    # the message of the last refusal _select decided
 
     def __cinit__(self):
         self._z = NULL
@@ -438,7 +440,7 @@ cdef class DataPlane:
         return err
 
     cdef void _send_error(self, const string& rid, uint16_t code, uint64_t corr, uint64_t job,
-                          const char* route, size_t route_n, const char* text) noexcept nogil:
+                          const char* route, size_t route_n, const string& text) noexcept nogil:
         cdef unsigned char hdr[OM_HEADER_SIZE]
         self._counters[C_ERRORS_SENT] += 1
         om_write_header(hdr, K_ERROR, 0, code, 0, corr, job, 0)
@@ -448,9 +450,9 @@ cdef class DataPlane:
             return
         if self._send_bytes(self._router, route, route_n, 1):
             return
-        self._send_bytes(self._router, text, strlen(text), 0)
+        self._send_bytes(self._router, text.data(), text.size(), 0)
 
-    cdef void _up_error(self, uint16_t code, uint64_t corr, uint64_t job, const char* text,
+    cdef void _up_error(self, uint16_t code, uint64_t corr, uint64_t job, const string& text,
                         const char* agent=NULL, size_t agent_n=0,
                         const char* route=NULL, size_t route_n=0) noexcept nogil:
         """EV_JOB to the control plane: a tracked job failed (in the broker, or its agent was lost)."""
@@ -462,9 +464,9 @@ cdef class DataPlane:
         self._send_bytes(self._control, agent, agent_n, 1)
         self._send_bytes(self._control, <const char*>hdr, OM_HEADER_SIZE, 1)
         self._send_bytes(self._control, route, route_n, 1)
-        self._send_bytes(self._control, text, strlen(text), 0)
+        self._send_bytes(self._control, text.data(), text.size(), 0)
 
-    cdef void _refuse(self, const string& rid, const unsigned char* hdr, uint16_t code, const char* text) noexcept nogil:
+    cdef void _refuse(self, const string& rid, const unsigned char* hdr, uint16_t code, const string& text) noexcept nogil:
         cdef uint64_t corr = om_hdr_corr(hdr), job = om_hdr_job(hdr)
         self._send_error(rid, code, corr, job, NULL, 0, text)
         if om_hdr_flags(hdr) & F_TRACKED:
@@ -528,13 +530,15 @@ cdef class DataPlane:
             slot = deref(it).second
             inflight = self._peers[slot].inflight
             self._unindex(slot, False)
-        elif not self._free_peers.empty():
-            slot = self._free_peers.back()
-            self._free_peers.pop_back()
         else:
-            slot = self._peers.size()
-            self._peers.push_back(blank)
-            self._peers[slot].gen = 0
+            if not self._free_peers.empty():
+                slot = self._free_peers.back()
+                self._free_peers.pop_back()
+            else:
+                slot = self._peers.size()
+                self._peers.push_back(blank)
+                self._peers[slot].gen = 0
+            self._peer_order.push_back(slot)
         cdef Peer* p = &self._peers[slot]
         p.used = True
         p.role = role
@@ -578,7 +582,7 @@ cdef class DataPlane:
         if nit != self._by_name.end() and deref(nit).second == slot:
             self._by_name.erase(nit)
             if fail_queued:
-                self._fail_queue(p.keys[0], E_AGENT_LOST, b"agent left before it could serve")
+                self._fail_queue(p.keys[0], E_AGENT_LOST, string(b"agent left before it could serve"))
         for k in range(1, p.keys.size()):
             it = self._index.find(p.keys[k])
             if it == self._index.end():
@@ -590,7 +594,7 @@ cdef class DataPlane:
             if deref(it).second.empty():
                 self._index.erase(it)
                 if fail_queued:
-                    self._fail_queue(p.keys[k], E_NO_AGENT_AVAILABLE, b"no agent left for the selector")
+                    self._fail_queue(p.keys[k], E_NO_AGENT_AVAILABLE, string(b"no agent left for the selector"))
 
     cdef void _unregister(self, string rid, cbool lost) noexcept nogil:
         cdef unordered_map[string, uint32_t].iterator it = self._by_rid.find(rid)
@@ -607,7 +611,9 @@ cdef class DataPlane:
         p = &self._peers[slot]
         if p.role == ROLE_AGENT and lost:
             self._counters[C_AGENTS_LOST] += 1
-        snprintf(self._text, sizeof(self._text), "agent %.*s was lost", <int>p.name.size(), p.name.data())
+        self._text.assign(b"agent ")
+        self._text.append(p.name)
+        self._text.append(b" was lost")
         for i in range(self._entries.size()):
             e = &self._entries[i]
             if not e.used:
@@ -625,10 +631,14 @@ cdef class DataPlane:
         p.keys.clear()
         p.gen += 1
         self._free_peers.push_back(slot)
+        for i in range(self._peer_order.size()):
+            if self._peer_order[i] == slot:
+                self._peer_order.erase(self._peer_order.begin() + i)
+                break
         if lost:
             self._up_small(EV_LOST, rid, NULL, 0, 1)
 
-    cdef void _fail_entry(self, uint32_t index, uint16_t code, const char* text) noexcept nogil:
+    cdef void _fail_entry(self, uint32_t index, uint16_t code, const string& text) noexcept nogil:
         cdef Entry* e = &self._entries[index]
         cdef unsigned char token[OM_TOKEN_SIZE]
         om_write_token(token, index, e.gen)
@@ -640,7 +650,7 @@ cdef class DataPlane:
 
     # --------------------------------------------------------------- router
 
-    cdef void _malformed(self, const string& rid, uint16_t code, uint64_t corr, const char* text) noexcept nogil:
+    cdef void _malformed(self, const string& rid, uint16_t code, uint64_t corr, const string& text) noexcept nogil:
         self._counters[C_MALFORMED] += 1
         self._send_error(rid, code, corr, 0, NULL, 0, text)
 
@@ -658,9 +668,10 @@ cdef class DataPlane:
         cdef int code
         cdef uint64_t corr
         cdef uint8_t kind
+        cdef char buf[128]
         self._counters[C_RECEIVED] += 1
         if n < 2:
-            self._malformed(rid, E_BAD_FRAMES, 0, b"message has no header frame")
+            self._malformed(rid, E_BAD_FRAMES, 0, string(b"message has no header frame"))
             return
         hdr = self._data(&self._in[1])
         hn = self._size(&self._in[1])
@@ -672,21 +683,21 @@ cdef class DataPlane:
         kind = om_hdr_kind(hdr)
         corr = om_hdr_corr(hdr)
         if n > MAX_FRAMES:
-            snprintf(self._text, sizeof(self._text), "message has %d frames, at most %d", n - 1, MAX_FRAMES - 1)
-            self._malformed(rid, E_BAD_FRAMES, corr, self._text)
+            snprintf(buf, sizeof(buf), "message has %d frames, at most %d", n - 1, MAX_FRAMES - 1)
+            self._malformed(rid, E_BAD_FRAMES, corr, string(<const char*>buf))
             return
         for i in range(n):
             if self._size(&self._in[i]) > self._max_frame:
-                snprintf(self._text, sizeof(self._text), "frame of %zu bytes, at most %llu",
+                snprintf(buf, sizeof(buf), "frame of %zu bytes, at most %llu",
                          self._size(&self._in[i]), <unsigned long long>self._max_frame)
-                self._malformed(rid, E_FRAME_TOO_LARGE, corr, self._text)
+                self._malformed(rid, E_FRAME_TOO_LARGE, corr, string(<const char*>buf))
                 return
         cdef unordered_map[string, uint32_t].iterator it = self._by_rid.find(rid)
         if it == self._by_rid.end():
             if kind == K_HELLO:
                 self._up_in(EV_MSG, 0)
             else:
-                self._send_error(rid, E_NOT_REGISTERED, corr, 0, NULL, 0, b"say HELLO first")
+                self._send_error(rid, E_NOT_REGISTERED, corr, 0, NULL, 0, string(b"say HELLO first"))
             return
         cdef uint32_t slot = deref(it).second
         cdef Peer* p = &self._peers[slot]
@@ -701,7 +712,7 @@ cdef class DataPlane:
         cdef const unsigned char* route
         if kind == K_REQUEST or kind == K_RAW:
             if n < (4 if kind == K_REQUEST else 3):
-                self._malformed(rid, E_BAD_FRAMES, corr, b"request needs route and command frames")
+                self._malformed(rid, E_BAD_FRAMES, corr, string(b"request needs route and command frames"))
                 return
             route = self._data(&self._in[2])
             if om_hdr_flags(hdr) & F_TRACKED or (self._size(&self._in[2]) >= 1 and route[0] == R_LABELS):
@@ -711,13 +722,13 @@ cdef class DataPlane:
             return
         if kind == K_RUNNING or kind == K_REPLY or kind == K_STREAM_ITEM or kind == K_STREAM_END or kind == K_ERROR:
             if n < 3:
-                self._malformed(rid, E_BAD_FRAMES, corr, b"reply needs a route (token) frame")
+                self._malformed(rid, E_BAD_FRAMES, corr, string(b"reply needs a route (token) frame"))
                 return
             self._on_agent_reply(slot, kind)
             return
         if kind == K_CANCEL or kind == K_CREDIT:
             if n < 3:
-                self._malformed(rid, E_BAD_FRAMES, corr, b"cancel / credit needs a route frame")
+                self._malformed(rid, E_BAD_FRAMES, corr, string(b"cancel / credit needs a route frame"))
                 return
             self._on_client_signal(rid, kind, corr)
             return
@@ -731,8 +742,8 @@ cdef class DataPlane:
         if kind == K_HELLO or kind == K_QUERY or kind == K_EVENT:
             self._up_in(EV_MSG, 0)
             return
-        snprintf(self._text, sizeof(self._text), "a peer may not send kind %d", <int>kind)
-        self._malformed(rid, E_UNEXPECTED_KIND, corr, self._text)
+        snprintf(buf, sizeof(buf), "a peer may not send kind %d", <int>kind)
+        self._malformed(rid, E_UNEXPECTED_KIND, corr, string(<const char*>buf))
 
     # -------------------------------------------------------------- routing
 
@@ -758,7 +769,7 @@ cdef class DataPlane:
         cdef unordered_map[string, vector[uint32_t]].iterator it
         if rn < 2 or route[0] < R_NAME or route[0] > R_COMMAND or route[1] > S_RANDOM:
             code[0] = E_BAD_ROUTE
-            snprintf(self._text, sizeof(self._text), "bad route frame")
+            self._text.assign(b"bad route frame")
             return -2
         rtype = route[0]
         strategy = route[1]
@@ -767,27 +778,31 @@ cdef class DataPlane:
             nit = self._by_name.find(key)
             if nit == self._by_name.end():
                 code[0] = E_NO_SUCH_AGENT
-                snprintf(self._text, sizeof(self._text), "no agent named '%.*s'", <int>(rn - 2), route + 2)
+                self._text.assign(b"no agent named '")
+                self._text.append(<const char*>route + 2, rn - 2)
+                self._text.append(b"'")
                 return -2
             return deref(nit).second if self._has_credit(deref(nit).second) else -1
         if rtype == R_COMMAND:
             if n < 3 or om_hdr_kind(self._data(&frames[0])) != K_REQUEST:
                 code[0] = E_BAD_ROUTE
-                snprintf(self._text, sizeof(self._text), "a raw request needs an agent, capability or group route")
+                self._text.assign(b"a raw request needs an agent, capability or group route")
                 return -2
             key = _typed_key(rtype, <const char*>self._data(&frames[2]), self._size(&frames[2]))
         else:
             if rn == 2:
                 code[0] = E_BAD_ROUTE
-                snprintf(self._text, sizeof(self._text), "route key is empty")
+                self._text.assign(b"route key is empty")
                 return -2
             key = _typed_key(rtype, <const char*>route + 2, rn - 2)
         it = self._index.find(key)
         if it == self._index.end() or deref(it).second.empty():
             code[0] = E_NO_AGENT_AVAILABLE
-            snprintf(self._text, sizeof(self._text), "no agent has %s '%.*s'",
-                     b"capability" if rtype == R_CAPABILITY else (b"group" if rtype == R_GROUP else b"command"),
-                     <int>(key.size() - 1), key.data() + 1)
+            self._text.assign(b"no agent has ")
+            self._text.append(b"capability" if rtype == R_CAPABILITY else (b"group" if rtype == R_GROUP else b"command"))
+            self._text.append(b" '")
+            self._text.append(key.data() + 1, key.size() - 1)
+            self._text.append(b"'")
             return -2
         cdef vector[uint32_t]* cands = &deref(it).second
         cdef size_t count = cands.size(), i, ready = 0
@@ -830,7 +845,7 @@ cdef class DataPlane:
         cdef const unsigned char* hdr = self._data(&frames[0])
         cdef uint16_t code = 0
         cdef int64_t target = self._select(frames, n, &code)
-        cdef int64_t wall, deadline
+        cdef uint64_t wall, deadline
         cdef const unsigned char* route
         cdef QItem item
         cdef int i
@@ -841,14 +856,14 @@ cdef class DataPlane:
             self._dispatch(<uint32_t>target, rid, frames, n)
             return
         if self._queued >= self._queue_limit:
-            self._refuse(rid, hdr, E_QUEUE_FULL, b"broker queue is full")
+            self._refuse(rid, hdr, E_QUEUE_FULL, string(b"broker queue is full"))
             return
-        wall = _wall_ms()
-        deadline = <int64_t>om_hdr_deadline(hdr)
+        wall = <uint64_t>_wall_ms()
+        deadline = om_hdr_deadline(hdr)
         if deadline == 0:
             deadline = wall + self._default_queue_ms
         if deadline <= wall:
-            self._refuse(rid, hdr, E_DEADLINE_EXCEEDED, b"deadline passed before dispatch")
+            self._refuse(rid, hdr, E_DEADLINE_EXCEEDED, string(b"deadline passed before dispatch"))
             return
         self._counters[C_QUEUED] += 1
         self._seq += 1
@@ -859,7 +874,7 @@ cdef class DataPlane:
         item.seq = self._seq
         item.frames = <zmq_msg_t*>malloc(sizeof(zmq_msg_t) * n)
         if item.frames == NULL:
-            self._refuse(rid, hdr, E_QUEUE_FULL, b"broker is out of memory")
+            self._refuse(rid, hdr, E_QUEUE_FULL, string(b"broker is out of memory"))
             return
         for i in range(n):
             self._z.zmq_msg_init(&item.frames[i])
@@ -869,6 +884,8 @@ cdef class DataPlane:
             key = _typed_key(R_COMMAND, <const char*>self._data(&item.frames[2]), self._size(&item.frames[2]))
         else:
             key = _typed_key(route[0], <const char*>route + 2, self._size(&item.frames[1]) - 2)
+        if not self._queues.count(key):
+            self._queue_order.push_back(key)
         self._queues[key].push_back(item)
         self._queued += 1
 
@@ -912,9 +929,9 @@ cdef class DataPlane:
             if err == EHOSTUNREACH:
                 agent_rid = agent.rid
                 self._unregister(agent_rid, True)
-                self._refuse(client, <const unsigned char*>hdr_copy, E_AGENT_LOST, b"agent is gone")
+                self._refuse(client, <const unsigned char*>hdr_copy, E_AGENT_LOST, string(b"agent is gone"))
             else:
-                self._refuse(client, <const unsigned char*>hdr_copy, E_AGENT_BUSY, b"agent's pipe is full")
+                self._refuse(client, <const unsigned char*>hdr_copy, E_AGENT_BUSY, string(b"agent's pipe is full"))
             return
         agent.inflight += 1
         self._counters[C_FWD_REQUESTS] += 1
@@ -1015,22 +1032,31 @@ cdef class DataPlane:
 
     # ---------------------------------------------------------------- queue
 
-    cdef cbool _cancel_queued(self, const string& rid, uint64_t corr) noexcept nogil:
-        cdef unordered_map[string, deque[QItem]].iterator it = self._queues.begin()
+    cdef void _erase_queue(self, string key) noexcept nogil:
         cdef size_t i
+        self._queues.erase(key)
+        for i in range(self._queue_order.size()):
+            if self._queue_order[i] == key:
+                self._queue_order.erase(self._queue_order.begin() + i)
+                break
+
+    cdef cbool _cancel_queued(self, const string& rid, uint64_t corr) noexcept nogil:
+        cdef size_t k, i
         cdef QItem item
-        while it != self._queues.end():
-            for i in range(deref(it).second.size()):
-                if deref(it).second[i].client == rid and om_hdr_corr(self._data(&deref(it).second[i].frames[0])) == corr:
-                    item = deref(it).second[i]
-                    deref(it).second.erase(deref(it).second.begin() + i)
+        cdef deque[QItem]* dq
+        for k in range(self._queue_order.size()):
+            dq = &self._queues[self._queue_order[k]]
+            for i in range(dq.size()):
+                if deref(dq)[i].client == rid and om_hdr_corr(self._data(&deref(dq)[i].frames[0])) == corr:
+                    item = deref(dq)[i]
+                    dq.erase(dq.begin() + i)
                     self._queued -= 1
-                    if deref(it).second.empty():
-                        self._queues.erase(it)
-                    self._refuse(item.client, self._data(&item.frames[0]), E_CANCELLED, b"cancelled while queued")
+                    if dq.empty():
+                        self._erase_queue(self._queue_order[k])
+                    self._refuse(item.client, self._data(&item.frames[0]), E_CANCELLED,
+                                 string(b"cancelled while queued"))
                     self._free_frames(item.frames, item.nframes)
                     return True
-            inc(it)
         return False
 
     cdef void _drain_for(self, uint32_t slot) noexcept nogil:
@@ -1076,7 +1102,7 @@ cdef class DataPlane:
             deref(it).second.pop_front()
             self._queued -= 1
             if deref(it).second.empty():
-                self._queues.erase(it)
+                self._erase_queue(key)
                 cands.erase(cands.begin() + best_k)
             if target == -2:
                 self._refuse(item.client, self._data(&item.frames[0]), code, self._text)
@@ -1084,48 +1110,50 @@ cdef class DataPlane:
                 self._dispatch(<uint32_t>target, item.client, item.frames, item.nframes)
             self._free_frames(item.frames, item.nframes)
 
-    cdef void _fail_queue(self, const string& key, uint16_t code, const char* text) noexcept nogil:
+    cdef void _fail_queue(self, const string& key, uint16_t code, const string& text) noexcept nogil:
         cdef unordered_map[string, deque[QItem]].iterator it = self._queues.find(key)
         cdef deque[QItem] items
         cdef QItem item
         if it == self._queues.end():
             return
         items.swap(deref(it).second)
-        self._queues.erase(it)
+        self._erase_queue(key)
         self._queued -= items.size()
         for item in items:
             self._refuse(item.client, self._data(&item.frames[0]), code, text)
             self._free_frames(item.frames, item.nframes)
 
-    cdef void _expire_queue(self, int64_t wall) noexcept nogil:
-        cdef unordered_map[string, deque[QItem]].iterator it = self._queues.begin()
+    cdef void _expire_queue(self, int64_t wall_now) noexcept nogil:
+        cdef uint64_t wall = <uint64_t>wall_now
+        cdef vector[string] order = self._queue_order  # a copy: emptied queues are erased as we go
         cdef deque[QItem] keep
+        cdef deque[QItem]* dq
         cdef QItem item
         cdef cbool any_expired
-        while it != self._queues.end():
+        cdef size_t k
+        for k in range(order.size()):
+            dq = &self._queues[order[k]]
             any_expired = False
-            for item in deref(it).second:
+            for item in deref(dq):
                 if item.deadline <= wall:
                     any_expired = True
                     break
             if not any_expired:
-                inc(it)
                 continue
             keep.clear()
-            for item in deref(it).second:
+            for item in deref(dq):
                 if item.deadline <= wall:
                     self._counters[C_QUEUE_EXPIRED] += 1
                     self._queued -= 1
                     self._refuse(item.client, self._data(&item.frames[0]), E_DEADLINE_EXCEEDED,
-                                 b"no agent had capacity before the deadline")
+                                 string(b"no agent had capacity before the deadline"))
                     self._free_frames(item.frames, item.nframes)
                 else:
                     keep.push_back(item)
             if keep.empty():
-                it = self._queues.erase(it)
+                self._erase_queue(order[k])
             else:
-                deref(it).second.swap(keep)
-                inc(it)
+                dq.swap(keep)
 
     # ----------------------------------------------------------- heartbeats
 
@@ -1137,8 +1165,11 @@ cdef class DataPlane:
         cdef unsigned char rec[8]
         cdef char state, ev
         cdef Peer* p
+        cdef vector[uint32_t] order = self._peer_order  # a copy: lost peers leave it as we go
+        cdef size_t k
         om_write_header(hb, K_HEARTBEAT, 0, 0, 0, 0, 0, 0)
-        for slot in range(self._peers.size()):
+        for k in range(order.size()):
+            slot = order[k]
             p = &self._peers[slot]
             if not p.used:
                 continue

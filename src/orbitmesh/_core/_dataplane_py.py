@@ -29,7 +29,6 @@ data plane -> control
 
 from __future__ import annotations
 
-import random
 import struct
 import time
 from collections import deque
@@ -83,6 +82,14 @@ _TERMINAL = frozenset((Kind.REPLY, Kind.STREAM_END, Kind.ERROR))
 _BATCH = 256
 
 
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _seed_rng(seed: int) -> int:
+    x = (seed * 6364136223846793005 + 1442695040888963407) & _U64
+    return x or 88172645463325252
+
+
 def pack_reg_meta(role: int, capacity: int) -> bytes:
     """The ``meta`` frame of OP_REG."""
     return _META.pack(role, capacity, 0)
@@ -96,9 +103,10 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _error_frames(code: int, corr: int, job: int, route: bytes, message: str) -> list[bytes]:
+def _error_frames(code: int, corr: int, job: int, route: bytes, message: str | bytes) -> list[bytes]:
     hdr = _HDR_ERR.pack(b"OM", 1, Kind.ERROR, 0, code, 0, 0, corr, job, 0)
-    return [hdr, route, message.encode()]
+    # Names and keys go into messages as the bytes they arrived as (the reader decodes).
+    return [hdr, route, message if isinstance(message, bytes) else message.encode()]
 
 
 class _Peer:
@@ -188,7 +196,7 @@ class DataPlane:
         self._max_frame = max_frame_bytes
         self._queue_limit = queue_limit
         self._default_queue_ms = default_queue_ms
-        self._rng = random.Random(seed)
+        self._rng = _seed_rng(seed if seed is not None else time.monotonic_ns() // 1_000_000)
         self._peers: dict[bytes, _Peer] = {}
         self._by_name: dict[bytes, _Peer] = {}
         self._index: dict[tuple[int, bytes], list[_Peer]] = {}
@@ -253,11 +261,11 @@ class DataPlane:
                 return exc.errno
             raise
 
-    def _send_error(self, rid: bytes, code: int, corr: int, job: int, route: bytes, message: str) -> None:
+    def _send_error(self, rid: bytes, code: int, corr: int, job: int, route: bytes, message: str | bytes) -> None:
         self._counters[5] += 1
         self._send(rid, _error_frames(code, corr, job, route, message))
 
-    def _refuse(self, rid: bytes, hdr: bytes, code: int, message: str) -> None:
+    def _refuse(self, rid: bytes, hdr: bytes, code: int, message: str | bytes) -> None:
         """Answer a request (header ``hdr``) from ``rid`` with an error; a tracked job's
         control plane hears of it too."""
         corr, job = struct.unpack_from("<QQ", hdr, 16)
@@ -342,13 +350,12 @@ class DataPlane:
         self._unindex(peer)
         if peer.role == Role.AGENT and lost:
             self._counters[10] += 1
-        name = peer.name.decode(errors="replace")
         cancel = _HDR_ERR.pack(b"OM", 1, Kind.CANCEL, 0, 0, 0, 0, 0, 0, 0)
         for index, entry in enumerate(self._entries):
             if entry is None:
                 continue
             if entry.agent == rid:
-                self._fail_entry(index, entry, ErrorCode.AGENT_LOST, f"agent {name} was lost")
+                self._fail_entry(index, entry, ErrorCode.AGENT_LOST, b"agent " + peer.name + b" was lost")
             elif entry.client == rid and not entry.tracked:
                 # Nobody waits for this answer any more: stop the work (a tracked job goes on).
                 hdr = cancel[:16] + struct.pack("<QQ", entry.corr, entry.job) + cancel[32:]
@@ -356,7 +363,7 @@ class DataPlane:
         if lost:
             self._up([EV_LOST, rid])
 
-    def _fail_entry(self, index: int, entry: _Entry, code: int, message: str) -> None:
+    def _fail_entry(self, index: int, entry: _Entry, code: int, message: str | bytes) -> None:
         token = _TOKEN.pack(index, self._gens[index])
         err = _error_frames(code, entry.corr, entry.job, token, message)
         self._counters[5] += 1
@@ -438,7 +445,7 @@ class DataPlane:
             return
         self._malformed(rid, ErrorCode.UNEXPECTED_KIND, corr, f"a peer may not send kind {kind}")
 
-    def _malformed(self, rid: bytes, code: int, corr: int, message: str) -> None:
+    def _malformed(self, rid: bytes, code: int, corr: int, message: str | bytes) -> None:
         self._counters[4] += 1
         self._send_error(rid, code, corr, 0, b"", message)
 
@@ -472,7 +479,7 @@ class DataPlane:
         self._queues.setdefault(key, deque()).append(_Queued(rid, frames, deadline, tracked, key, self._seq))
         self._queued += 1
 
-    def _select(self, route: bytes, frames: list[bytes]) -> _Peer | None | tuple[int, str]:
+    def _select(self, route: bytes, frames: list[bytes]) -> _Peer | None | tuple[int, str | bytes]:
         """Pick an agent with credit: a peer, None (matching agents exist but all are busy),
         or (code, message) when nothing can ever match."""
         if len(route) < 2 or route[0] < Route.NAME or route[0] > Route.COMMAND or route[1] > Strategy.RANDOM:
@@ -481,7 +488,7 @@ class DataPlane:
         if rtype == Route.NAME:
             peer = self._by_name.get(route[2:])
             if peer is None:
-                return (ErrorCode.NO_SUCH_AGENT, f"no agent named '{route[2:].decode(errors='replace')}'")
+                return (ErrorCode.NO_SUCH_AGENT, b"no agent named '" + route[2:] + b"'")
             return peer if peer.has_credit() else None
         if rtype == Route.COMMAND and (len(frames) < 3 or frames[0][3] != Kind.REQUEST):
             return (ErrorCode.BAD_ROUTE, "a raw request needs an agent, capability or group route")
@@ -490,8 +497,8 @@ class DataPlane:
             return (ErrorCode.BAD_ROUTE, "route key is empty")
         candidates = self._index.get((rtype, key))
         if not candidates:
-            what = {Route.CAPABILITY: "capability", Route.GROUP: "group", Route.COMMAND: "command"}[Route(rtype)]
-            return (ErrorCode.NO_AGENT_AVAILABLE, f"no agent has {what} '{key.decode(errors='replace')}'")
+            what = {Route.CAPABILITY: b"capability", Route.GROUP: b"group", Route.COMMAND: b"command"}[Route(rtype)]
+            return (ErrorCode.NO_AGENT_AVAILABLE, b"no agent has " + what + b" '" + key + b"'")
         n = len(candidates)
         if strategy == Strategy.LEAST_LOADED:
             best: _Peer | None = None
@@ -514,7 +521,16 @@ class DataPlane:
                     return p
             return None
         ready = [p for p in candidates if p.has_credit()]
-        return self._rng.choice(ready) if ready else None
+        return ready[self._random() % len(ready)] if ready else None
+
+    def _random(self) -> int:
+        # xorshift64*, as the compiled twin: selection needs spread, not secrecy
+        x = self._rng
+        x ^= x >> 12
+        x ^= (x << 25) & _U64
+        x ^= x >> 27
+        self._rng = x
+        return (x * 2685821657736338717) & _U64
 
     def _dispatch(self, agent: _Peer, client: bytes, frames: list[bytes], corr: int, job: int, tracked: bool) -> None:
         if self._free:
@@ -603,7 +619,7 @@ class DataPlane:
 
     # ---------------------------------------------------------------- queue
 
-    def _reject(self, item: _Queued, code: int, message: str) -> None:
+    def _reject(self, item: _Queued, code: int, message: str | bytes) -> None:
         self._refuse(item.client, item.frames[0], code, message)
 
     def _drain_for(self, peer: _Peer) -> None:
@@ -632,7 +648,7 @@ class DataPlane:
                 corr, job = struct.unpack_from("<QQ", item.frames[0], 16)
                 self._dispatch(target, item.client, item.frames, corr, job, item.tracked)
 
-    def _fail_queue(self, key: tuple[int, bytes], code: int, message: str) -> None:
+    def _fail_queue(self, key: tuple[int, bytes], code: int, message: str | bytes) -> None:
         dq = self._queues.pop(key, None)
         if dq:
             self._queued -= len(dq)

@@ -1,0 +1,176 @@
+"""Which core is live: the compiled modules by default, the pure-Python twins with
+ORBITMESH_NO_EXTENSIONS=1, and a clear error (never a silent fallback) when the compiled
+core is not built."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+import orbitmesh
+from orbitmesh import _core
+
+SRC = Path(orbitmesh.__file__).resolve().parent.parent
+PURE_WANTED = bool(os.environ.get("ORBITMESH_NO_EXTENSIONS"))
+
+
+def wrapper(name: str) -> ModuleType:
+    """The public selector module for core module ``name`` ("_frame" -> orbitmesh._core.frame)."""
+    return importlib.import_module(f"orbitmesh._core.{name.lstrip('_')}")
+
+
+def run_python(code: str, *, pythonpath: Path, no_extensions: bool) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "ORBITMESH_NO_EXTENSIONS"}
+    env["PYTHONPATH"] = str(pythonpath)
+    if no_extensions:
+        env["ORBITMESH_NO_EXTENSIONS"] = "1"
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_core_modules_have_selectors() -> None:
+    assert set(_core.MODULES) >= {"_frame", "_dataplane"}
+    for name in _core.MODULES:
+        assert wrapper(name)._mod is _core.load(name)
+
+
+@pytest.mark.parametrize("name", _core.MODULES)
+def test_compiled_core_is_live_by_default(name: str) -> None:
+    """No skip: an unbuilt core fails here (unless ORBITMESH_NO_EXTENSIONS asks for the twins)."""
+    mod = wrapper(name)._mod
+    if PURE_WANTED:
+        assert orbitmesh.core_impl() == "py"
+        assert mod.__name__ == f"orbitmesh._core.{name}_py"
+        return
+    assert orbitmesh.core_impl() == "c"
+    assert mod.__name__ == f"orbitmesh._core.{name}_c"
+    assert mod.__file__ is not None
+    assert mod.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)), mod.__file__
+    for attr in mod.public_api:
+        assert getattr(wrapper(name), attr) is getattr(mod, attr), attr
+
+
+def test_frame_and_dataplane_resolve_to_the_live_core() -> None:
+    from orbitmesh._core import dataplane, frame
+
+    for obj in (frame.pack_header, dataplane.DataPlane):
+        module = sys.modules[obj.__module__]
+        if PURE_WANTED:
+            assert obj.__module__.endswith("_py"), obj
+            continue
+        assert obj.__module__.endswith("_c"), obj
+        assert str(module.__file__).endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)), module
+    assert frame.IMPL == ("py" if PURE_WANTED else "c")
+
+
+def test_no_extensions_selects_the_pure_python_twins() -> None:
+    result = run_python(
+        """
+        import json, sys
+        import orbitmesh
+        from orbitmesh import _core
+        from orbitmesh._core import frame
+        mods = {n: __import__(f"orbitmesh._core.{n.lstrip('_')}", fromlist=["_mod"])._mod.__name__
+                for n in _core.MODULES}
+        compiled = sorted(m for m in sys.modules if m.startswith("orbitmesh._core.") and m.endswith("_c"))
+        print(json.dumps({"impl": orbitmesh.core_impl(), "mods": mods, "compiled": compiled,
+                          "frame_impl": frame.IMPL}))
+        """,
+        pythonpath=SRC,
+        no_extensions=True,
+    )
+    assert result.returncode == 0, result.stderr
+    got: dict[str, Any] = json.loads(result.stdout)
+    assert got["impl"] == "py"
+    assert got["frame_impl"] == "py"
+    assert got["mods"] == {n: f"orbitmesh._core.{n}_py" for n in _core.MODULES}
+    assert got["compiled"] == []
+
+
+def test_load_rejects_an_unknown_impl() -> None:
+    with pytest.raises(ValueError, match="impl must be 'c' or 'py'"):
+        _core.load("_frame", "x")
+
+
+def test_load_of_both_twins() -> None:
+    assert _core.load("_frame", "py").__name__ == "orbitmesh._core._frame_py"
+    if not PURE_WANTED:
+        assert _core.load("_frame", "c").__name__ == "orbitmesh._core._frame_c"
+
+
+def _assert_build_hint(message: str) -> None:
+    assert "pip install ." in message, message
+    assert "ORBITMESH_NO_EXTENSIONS" in message, message
+    assert "_frame_c" in message, message
+
+
+def test_missing_compiled_module_says_how_to_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.import_module
+
+    def import_module(name: str, package: str | None = None) -> ModuleType:
+        if name.endswith("._frame_c"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    with pytest.raises(ImportError) as info:
+        _core.load("_frame", "c")
+    _assert_build_hint(str(info.value))
+    assert isinstance(info.value.__cause__, ImportError)
+    assert _core.load("_frame", "py").__name__.endswith("_py")  # the twin still loads
+
+
+def test_unbuilt_package_fails_on_import_with_a_build_hint(tmp_path: Path) -> None:
+    """A source tree with no compiled modules: importing it fails, and says how to fix it
+    (no silent fallback to the pure-Python core)."""
+    shutil.copytree(
+        SRC / "orbitmesh",
+        tmp_path / "orbitmesh",
+        ignore=shutil.ignore_patterns("*.so", "*.pyd", "*.c", "*.cpp", "*.html", "__pycache__"),
+    )
+    assert not [p for p in (tmp_path / "orbitmesh").rglob("*") if p.suffix in (".so", ".pyd")]
+    result = run_python(
+        """
+        import json, sys
+        out = {}
+        try:
+            import orbitmesh
+        except ImportError as exc:
+            out["import"] = str(exc)
+        core = sys.modules["orbitmesh._core"]
+        out["file"] = core.__file__
+        try:
+            core.load("_frame")
+        except ImportError as exc:
+            out["load"] = str(exc)
+        print(json.dumps(out))
+        """,
+        pythonpath=tmp_path,
+        no_extensions=False,
+    )
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert got["file"].startswith(str(tmp_path)), got
+    assert "import" in got, "importing an unbuilt orbitmesh must fail, not fall back to the pure core"
+    assert "pip install ." in got["import"] and "ORBITMESH_NO_EXTENSIONS" in got["import"], got
+    _assert_build_hint(got["load"])
+    # ... and the same tree runs on the pure-Python core when asked to.
+    pure = run_python(
+        "import orbitmesh; print(orbitmesh.core_impl())",
+        pythonpath=tmp_path,
+        no_extensions=True,
+    )
+    assert pure.returncode == 0, pure.stderr
+    assert pure.stdout.strip() == "py"
