@@ -174,6 +174,7 @@ class Broker:
         self._stopped: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timers: set[asyncio.TimerHandle] = set()
+        self._labels_rr = -1  # round-robin cursor for label selection
         self.running = False
 
     # ------------------------------------------------------------ lifecycle
@@ -515,8 +516,8 @@ class Broker:
         if strategy == Strategy.RANDOM:
             chosen = random.choice(matches)
         elif strategy == Strategy.ROUND_ROBIN:
-            self._session_rr = getattr(self, "_session_rr", -1) + 1
-            chosen = matches[self._session_rr % len(matches)]
+            self._labels_rr += 1
+            chosen = matches[self._labels_rr % len(matches)]
         else:
             chosen = min(matches, key=lambda a: a.inflight / max(1, a.info.capacity))
         # Count it now, so a burst spreads before the next load report.

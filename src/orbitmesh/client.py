@@ -28,6 +28,7 @@ from .errors import (
     ResultTypeError,
     RoutingError,
     TimeoutError,
+    error_for_code,
 )
 from .middleware import Call, Middleware, build_chain
 from .models import AgentInfo, Event, JobInfo, JobState
@@ -311,6 +312,7 @@ class MeshClient:
         self._timer_at = 0.0
         self._ready: asyncio.Event | None = None
         self._subscriptions: list[tuple[set[str], asyncio.Queue[Event]]] = []
+        self._rr = -1  # select_agent(strategy="round_robin") cursor
 
     # ----------------------------------------------------------- lifecycle
 
@@ -686,7 +688,7 @@ class MeshClient:
         if strategy == "random":
             return random.choice(found)
         if strategy == "round_robin":
-            self._rr = getattr(self, "_rr", -1) + 1
+            self._rr += 1
             return sorted(found, key=lambda a: a.name)[self._rr % len(found)]
         if strategy != "least_loaded":
             raise ValueError(f"strategy must be one of {sorted(_STRATEGIES)}, not {strategy!r}")
@@ -721,8 +723,6 @@ class MeshClient:
             return None if not info.result else self._serializers.get(info.serializer).loads(info.result)
         if not info.state.terminal:
             raise OrbitMeshError(f"job {info.id} is still {info.state.value}", code=ErrorCode.TIMEOUT)
-        from .errors import error_for_code
-
         raise error_for_code(info.error_code or ErrorCode.HANDLER_ERROR, info.error)
 
     async def stats(self) -> dict[str, Any]:
