@@ -56,10 +56,10 @@ def _run(argv: list[str]) -> tuple[int, str]:
     return code, out.getvalue()
 
 
-def test_broker_agent_and_queries_as_processes():
-    # Given a broker and an agent started from the command line
+def test_broker_agent_and_queries_as_processes(tmp_path):
+    # Given a broker (its job log in tmp_path) and an agent started from the command line
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
-    broker = _spawn("broker", endpoint, "--heartbeat", "0.2")
+    broker = _spawn("broker", endpoint, "--heartbeat", "0.2", "--store", f"lmdb://{tmp_path}/jobs")
     agent = None
     try:
         agent = _spawn(
@@ -94,6 +94,18 @@ def test_broker_agent_and_queries_as_processes():
             assert client.invoke("cli-agent", "double", [4]) == 8
         code, out = _run(["agents", "--broker", endpoint])
         assert code == 0 and "cli-agent" in out and "zone=lab" in out
+        # And jobs: submitted through the API, seen, waited for and cancelled from the CLI
+        with om.BlockingClient(endpoint, timeout=5) as client:
+            done = client.execute("cli-agent", "double", [21])
+            assert client.job_result(done) == 42
+        code, out = _run(["jobs", "list", "--broker", endpoint])
+        assert code == 0 and f"{done:>8} SUCCEEDED  double" in out
+        code, out = _run(["jobs", "wait", str(done), "--broker", endpoint, "--json"])
+        assert code == 0 and json.loads(out)["state"] == "SUCCEEDED"
+        code, out = _run(["jobs", "show", str(done), "--broker", endpoint])
+        assert code == 0 and "PENDING" in out and "DISPATCHED" in out and "SUCCEEDED" in out
+        code, out = _run(["jobs", "cancel", str(done), "--broker", endpoint, "--json"])
+        assert code == 0 and json.loads(out)["state"] == "SUCCEEDED"  # a finished job stays finished
     finally:
         if agent is not None:
             agent_out = _stop(agent)

@@ -22,6 +22,7 @@ from .errors import (
     ResultTypeError,
     RoutingError,
     SerializationError,
+    StorageError,
     TimeoutError,
 )
 from .middleware import Call, LoggingMiddleware, MetricsMiddleware, Middleware
@@ -75,5 +76,6 @@ __all__ = [
     "ResultTypeError",
     "RoutingError",
     "SerializationError",
+    "StorageError",
     "TimeoutError",
 ]

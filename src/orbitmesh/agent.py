@@ -15,6 +15,7 @@ import inspect
 import logging
 import os
 import socket
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,7 +23,7 @@ from typing import Any, TypeVar
 import zmq
 
 from ._peer import PeerConnection
-from ._wire import error_message, header
+from ._wire import HDR, error_message, header
 from .errors import CancelledError, ErrorCode, OrbitMeshError, SerializationError
 from .middleware import Call, Middleware, build_chain
 from .protocol import F_RAW_REPLY, F_STREAM, F_TRACKED, Kind, Role
@@ -148,6 +149,10 @@ class Agent:
         self._raw: Callable[..., Any] | None = None
         self._running: dict[bytes, asyncio.Task[Any]] = {}
         self._streams: dict[bytes, _Stream] = {}
+        self._jobs_running: dict[int, list[Any]] = {}  # tracked job -> [token, corr, lease] of its newest delivery
+        self._jobs_done: OrderedDict[int, list[Any]] = OrderedDict()  # tracked job -> its successful answer
+        self._progress_timer: asyncio.TimerHandle | None = None
+        self.remember_jobs = 100_000
         self._conn: PeerConnection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Event | None = None
@@ -253,6 +258,7 @@ class Agent:
         except BaseException:
             self._shutdown_executor()
             raise
+        self._progress_timer = self._loop.call_later(self._conn.heartbeat_ms / 1000, self._progress)
         log.info("agent %s registered with %s", self.name, self.broker)
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
@@ -271,6 +277,9 @@ class Agent:
             task.cancel()
         if self._running:
             await asyncio.wait(list(self._running.values()), timeout=1.0)
+        if self._progress_timer is not None:
+            self._progress_timer.cancel()
+            self._progress_timer = None
         conn.bye()
         await asyncio.sleep(0)  # let the BYE leave before the socket closes
         conn.close()
@@ -294,9 +303,12 @@ class Agent:
         return self._conn is not None and self._conn.ready
 
     def _on_broker_lost(self) -> None:
-        # Replies for work in progress cannot reach the old session: stop it.
-        for task in list(self._running.values()):
-            task.cancel()
+        # Answers for untracked work cannot reach anyone now: stop it. Tracked jobs run on;
+        # the broker delivers them again when it is back, and gets the remembered answer.
+        tracked = {bytes(d[0]) for d in self._jobs_running.values()}
+        for token, task in list(self._running.items()):
+            if token not in tracked:
+                task.cancel()
 
     # ------------------------------------------------------------- inbound
 
@@ -336,11 +348,61 @@ class Agent:
             conn.send(frames, copy)
 
     def _fail(self, token: bytes, corr: int, job: int, code: int, message: str, exc: BaseException | None) -> None:
-        self._send(error_message(code, corr, message, job=job, route=token, exc=exc, agent=self.name))
+        self._answer(error_message(code, corr, message, job=job, route=token, exc=exc, agent=self.name), job)
+
+    def _answer(self, frames: list[Any], job: int) -> None:
+        """Send a final answer. A tracked job's goes to its newest delivery, and a success is
+        remembered, so a redelivery of the same job (after a broker restart or a lost answer)
+        gets it again instead of running the handler twice."""
+        if job:
+            delivery = self._jobs_running.pop(job, None)
+            if delivery is not None:
+                token, corr, aux = delivery
+                frames[0] = _redirect(frames[0], corr, aux)
+                frames[1] = token
+            if frames[0][3] == Kind.REPLY:
+                self._jobs_done[job] = frames
+                if len(self._jobs_done) > self.remember_jobs:
+                    self._jobs_done.popitem(last=False)
+        self._send(frames)
+
+    def _tracked(self, frames: list[Any], job: int, corr: int, aux: int) -> bool:
+        """Register a tracked delivery; True if it is a redelivery this agent answered already."""
+        token = frames[1]
+        done = self._jobs_done.get(job)
+        if done is not None:
+            self._send([_redirect(done[0], corr, aux), token, *done[2:]])
+            return True
+        running = self._jobs_running.get(job)
+        if running is not None:
+            # Still running from an earlier delivery: the answer goes to this one instead.
+            task = self._running.get(bytes(running[0]))
+            if task is not None:
+                key = bytes(token)
+                self._running[key] = task
+                task.add_done_callback(functools.partial(self._forget, key))
+            running[:] = [token, corr, aux]
+            self._send([header(Kind.RUNNING, aux=aux, corr=corr, job=job), token])
+            return True
+        self._jobs_running[job] = [token, corr, aux]
+        self._send([header(Kind.RUNNING, aux=aux, corr=corr, job=job), token])
+        return False
+
+    def _progress(self) -> None:
+        """Every heartbeat: RUNNING for each tracked job still running, which extends its lease."""
+        conn = self._conn
+        if conn is None or self._loop is None:
+            return
+        if conn.ready:
+            for job, (token, corr, aux) in self._jobs_running.items():
+                conn.send([header(Kind.RUNNING, aux=aux, corr=corr, job=job), token])
+        self._progress_timer = self._loop.call_later(conn.heartbeat_ms / 1000, self._progress)
 
     def _on_request(self, frames: list[Any], fields: tuple[Any, ...]) -> None:
         flags, corr, job = fields[3], fields[7], fields[8]
         token = frames[1]
+        if flags & F_TRACKED and job and self._tracked(frames, job, corr, fields[5]):
+            return
         handler = self._handlers.get(frames[2])
         if handler is None:
             name = bytes(frames[2]).decode(errors="replace")
@@ -354,8 +416,6 @@ class Agent:
         except SerializationError as exc:
             self._fail(token, corr, job, ErrorCode.BAD_PAYLOAD, exc.message, None)
             return
-        if flags & F_TRACKED:
-            self._send([header(Kind.RUNNING, corr=corr, job=job), token])
         if handler.kind == "stream" or flags & F_STREAM:
             self._start_task(token, self._run_stream(handler, params, token, corr, job, fields[5], serializer))
             return
@@ -435,7 +495,7 @@ class Agent:
         except SerializationError as exc:
             self._fail(token, corr, job, ErrorCode.HANDLER_ERROR, f"result not serialisable: {exc.message}", exc)
             return
-        self._send([header(Kind.REPLY, flags=sflags, corr=corr, job=job), token, body])
+        self._answer([header(Kind.REPLY, flags=sflags, corr=corr, job=job), token, body], job)
 
     def _reply_error(self, exc: BaseException, token: bytes, corr: int, job: int) -> None:
         if isinstance(exc, (asyncio.CancelledError, CancelledError)):
@@ -552,6 +612,12 @@ class Agent:
             return
         size = sum(len(v) if isinstance(v, bytes) else getattr(v, "nbytes", 0) for v in views)
         self._send([header(Kind.REPLY, flags=F_RAW_REPLY, corr=corr, job=job), token, *views], copy=size < 65536)
+
+
+def _redirect(hdr: bytes, corr: int, aux: int) -> bytes:
+    """The same header, for another delivery (its correlation id and lease)."""
+    f = HDR.unpack(hdr)
+    return header(f[2], f[3], f[4], aux, corr, f[8], f[9])
 
 
 async def _ready(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -28,8 +28,10 @@ from . import _core
 from ._aio import AsyncSocket
 from ._wire import HDR, error_message, header
 from .errors import ErrorCode, OrbitMeshError
+from .jobs import JobManager
 from .models import AgentInfo, JobState
 from .protocol import F_DRAIN, F_TRACKED, Kind, Role, Route, Strategy
+from .storage import JobRecord, JobStore, check_durability, open_store
 
 log = logging.getLogger("orbitmesh.broker")
 
@@ -38,12 +40,6 @@ _LOAD = struct.Struct("<II")
 _NAME_MAX = 200
 _LIST_MAX = 256
 _STATE_NAMES = {0: "alive", 1: "suspect"}
-_ERROR_STATES = {
-    ErrorCode.CANCELLED: JobState.CANCELLED,
-    ErrorCode.AGENT_LOST: JobState.LOST,
-    ErrorCode.DEADLINE_EXCEEDED: JobState.TIMED_OUT,
-    ErrorCode.TIMEOUT: JobState.TIMED_OUT,
-}
 
 
 @dataclass
@@ -59,37 +55,6 @@ class _Agent:
         d["state"] = self.state
         d["inflight"] = self.inflight
         return d
-
-
-@dataclass
-class _Job:
-    id: int
-    command: str
-    client: bytes
-    corr: int
-    state: JobState = JobState.PENDING
-    agent: str = ""
-    created: float = field(default_factory=time.time)
-    updated: float = field(default_factory=time.time)
-    error_code: int = 0
-    error: str = ""
-    result: bytes | None = None
-    serializer: int = 0
-    waiters: list[tuple[bytes, int]] = field(default_factory=list)
-
-    def public(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "command": self.command,
-            "state": self.state.value,
-            "agent": self.agent,
-            "created": self.created,
-            "updated": self.updated,
-            "error_code": self.error_code,
-            "error": self.error,
-            "result": self.result,
-            "serializer": self.serializer,
-        }
 
 
 def _strings(value: Any, what: str) -> list[str]:
@@ -115,6 +80,41 @@ def _labels(value: Any) -> dict[str, str]:
     return dict(value)
 
 
+async def _bind(sock: zmq.Socket[Any], endpoint: str, patience: float = 2.0) -> None:
+    """Bind, waiting out EADDRINUSE for a moment: a broker that just stopped on this port
+    releases it asynchronously (libzmq's I/O thread closes the listener)."""
+    end = time.monotonic() + patience
+    while True:
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() >= end:
+                raise
+        await asyncio.sleep(0.02)
+
+
+def job_public(rec: JobRecord) -> dict[str, Any]:
+    """A job record as queries return it (``JobInfo.from_dict`` reads it)."""
+    return {
+        "id": rec.id,
+        "command": rec.command,
+        "state": rec.state.value,
+        "agent": rec.agent,
+        "created": rec.created,
+        "updated": rec.updated,
+        "attempts": rec.attempts,
+        "max_attempts": rec.max_attempts,
+        "idempotency_key": rec.idempotency_key,
+        "error_code": rec.error_code,
+        "error": rec.error,
+        "error_type": rec.error_type,
+        "result": rec.result,
+        "serializer": (rec.result_flags >> 8) & 0xF,
+        "transitions": [list(t) for t in rec.transitions],
+    }
+
+
 def labels_match(have: dict[str, str], want: dict[str, str]) -> bool:
     """True if every wanted label is present; a wanted value may be a glob pattern."""
     for key, pattern in want.items():
@@ -132,6 +132,16 @@ class Broker:
     requests waiting for an agent with capacity, ``queue_timeout`` (s) is how
     long one without a deadline may wait. ``core`` picks "c" or "py" (default:
     the live core). Use as ``async with Broker("tcp://127.0.0.1:5555") as b``.
+
+    Tracked jobs (``execute``) live in ``store``: a :class:`JobStore`, or a URL
+    for ``open_store`` (``lmdb:///var/lib/orbitmesh``, ``sqlite:///jobs.db``,
+    ``redis://127.0.0.1:6379/0``, ``memory://``); the default is an in-memory
+    store, which does not survive a restart. ``durability`` ("sync", "batch",
+    "none") applies to a store given as a URL. A delivery holds a lease of
+    ``job_lease`` seconds (default: the agent liveness window), extended by the
+    agent's progress; ``dispatch_window`` is how long a job waits for an agent
+    that can take it; terminal jobs are compacted after ``retention_age``
+    seconds or beyond the newest ``retention_count``.
     """
 
     def __init__(
@@ -144,6 +154,12 @@ class Broker:
         queue_timeout: float = 30.0,
         core: str | None = None,
         context: zmq.Context[Any] | None = None,
+        store: JobStore | str | None = None,
+        durability: str = "sync",
+        job_lease: float | None = None,
+        dispatch_window: float = 60.0,
+        retention_age: float = 7 * 86400.0,
+        retention_count: int = 1_000_000,
     ) -> None:
         if not endpoints:
             raise ValueError("a broker needs at least one endpoint")
@@ -164,8 +180,13 @@ class Broker:
         self._by_name: dict[str, _Agent] = {}
         self._clients: set[bytes] = set()
         self._subscribers: dict[bytes, set[str]] = {}
-        self._jobs: dict[int, _Job] = {}
-        self._next_job = 1
+        check_durability(durability)
+        self._store_spec: JobStore | str = "memory://" if store is None else store
+        self._durability = durability
+        self._job_lease = job_lease if job_lease is not None else self.heartbeat_ms * liveness / 1000
+        self._dispatch_window = dispatch_window
+        self._retention = (retention_age, retention_count)
+        self.jobs: JobManager | None = None
         self._session = 0
         self._counters: dict[str, int] = {}
         self._ctrl: AsyncSocket | None = None
@@ -194,7 +215,7 @@ class Broker:
             router.setsockopt(zmq.RCVHWM, 100_000)
             router.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes + 1024)
             for ep in self._requested:
-                router.bind(ep)
+                await _bind(router, ep)
                 self.endpoints.append(router.getsockopt_string(zmq.LAST_ENDPOINT))
         except zmq.ZMQError:
             self._close_sockets()
@@ -220,6 +241,38 @@ class Broker:
         )
         self._stopped = loop.create_future()
         self._ctrl = AsyncSocket(cp, self._on_event, loop)
+        try:
+            if isinstance(self._store_spec, str):
+                store = open_store(self._store_spec, durability=self._durability)
+            else:
+                store = self._store_spec
+                store.open()
+        except BaseException:
+            self._ctrl.close()
+            self._ctrl = None
+            self._close_sockets()
+            raise
+        self.jobs = JobManager(
+            store,
+            loop,
+            op=self._dp_mod.OP,
+            send=self._ctrl.send,
+            to_peer=self._send,
+            publish=self._publish,
+            agent_name=self._agent_name,
+            resolve=self._job_route,
+            lease_s=self._job_lease,
+            dispatch_window_s=self._dispatch_window,
+            retention_age_s=self._retention[0],
+            retention_count=self._retention[1],
+        )
+        try:
+            self.jobs.start()
+        except BaseException:
+            self._ctrl.close()
+            self._ctrl = None
+            self._close_sockets()
+            raise
         self._thread = threading.Thread(target=plane.run, name=f"orbitmesh-dataplane-{self.id}", daemon=True)
         self._thread.start()
         self.running = True
@@ -242,6 +295,8 @@ class Broker:
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
         self._ctrl.close()
         self._ctrl = None
+        if self.jobs is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.jobs.stop)
         if self._thread.is_alive():
             # Never close sockets another thread may still be using.
             log.error("data-plane thread still running; leaving its sockets open")
@@ -274,7 +329,9 @@ class Broker:
     def stats(self) -> dict[str, int]:
         """Data-plane counters (as of the last heartbeat tick) plus registry sizes."""
         out = dict(self._counters)
-        out.update(agents=len(self._agents), clients=len(self._clients), jobs=len(self._jobs))
+        out.update(agents=len(self._agents), clients=len(self._clients))
+        if self.jobs is not None:
+            out.update(self.jobs.stats())
         return out
 
     # ------------------------------------------------------------ sending
@@ -309,9 +366,11 @@ class Broker:
             elif ev == 2:
                 self._on_lost(frames[1])
             elif ev == 3:
-                self._on_job_event(frames[1], frames[2:])
+                if self.jobs is not None:
+                    self.jobs.on_event(frames[1], frames[2:])
             elif ev == 4:
-                self._on_dispatched(frames[1], frames[2])
+                if self.jobs is not None:
+                    self.jobs.on_dispatched(frames[1], frames[2], frames[3] if len(frames) > 3 else b"")
             elif ev == 5:
                 self._on_state(frames[1], frames[2][0])
             elif ev == 6:
@@ -471,29 +530,28 @@ class Broker:
     # ------------------------------------------------------------ requests
 
     def _on_request(self, rid: bytes, fields: tuple[Any, ...], frames: list[bytes]) -> None:
-        flags, corr, deadline = fields[3], fields[7], fields[9]
-        route = frames[1]
-        command = frames[2].decode(errors="replace") if fields[2] == Kind.REQUEST and len(frames) > 2 else "<raw>"
-        job_id = 0
+        flags, corr = fields[3], fields[7]
         if flags & F_TRACKED:
-            job_id = self._next_job
-            self._next_job += 1
-            self._jobs[job_id] = _Job(job_id, command, rid, corr)
-            self._send(rid, [header(Kind.ACCEPTED, corr=corr, job=job_id), b""])
-            self._publish("job_accepted", {"id": job_id, "command": command})
-        if route and route[0] == Route.LABELS:
-            resolved = self._resolve_labels(route)
-            if isinstance(resolved, OrbitMeshError):
-                self._error(rid, resolved.code, corr, resolved.message, job=job_id)
-                if job_id:
-                    self._finish(self._jobs[job_id], JobState.FAILED, resolved.code, resolved.message)
-                return
-            route = resolved
-        hdr = header(fields[2], flags, fields[4], fields[5], corr, job_id, deadline)
+            assert self.jobs is not None
+            self.jobs.submit(rid, fields, frames)
+            return
+        resolved = self._resolve_labels(frames[1])
+        if isinstance(resolved, OrbitMeshError):
+            self._error(rid, resolved.code, corr, resolved.message)
+            return
         assert self._ctrl is not None
-        self._ctrl.send([self._dp_mod.OP["INJECT"], rid, hdr, route, *frames[2:]])
+        self._ctrl.send([self._dp_mod.OP["INJECT"], rid, frames[0], resolved, *frames[2:]])
+
+    def _job_route(self, route: bytes) -> bytes | OrbitMeshError:
+        return self._resolve_labels(route) if route and route[0] == Route.LABELS else route
+
+    def _agent_name(self, rid: bytes) -> tuple[str, int]:
+        agent = self._agents.get(rid)
+        return (agent.info.name, agent.info.session) if agent is not None else ("", 0)
 
     def _resolve_labels(self, route: bytes) -> bytes | OrbitMeshError:
+        if not route or route[0] != Route.LABELS:
+            return route
         try:
             spec = msgpack.unpackb(route[2:], raw=False)
             if not isinstance(spec, dict):
@@ -523,46 +581,6 @@ class Broker:
         # Count it now, so a burst spreads before the next load report.
         chosen.inflight += 1
         return bytes((Route.NAME, 0)) + chosen.info.name.encode()
-
-    # ---------------------------------------------------------------- jobs
-
-    def _on_dispatched(self, agent_rid: bytes, hdr: bytes) -> None:
-        job = self._jobs.get(HDR.unpack(hdr)[8])
-        if job is not None and not job.state.terminal:
-            agent = self._agents.get(agent_rid)
-            job.agent = agent.info.name if agent else ""
-            job.state = JobState.DISPATCHED
-            job.updated = time.time()
-
-    def _on_job_event(self, agent_rid: bytes, frames: list[bytes]) -> None:
-        fields = HDR.unpack(frames[0])
-        kind, flags, code, job_id = fields[2], fields[3], fields[4], fields[8]
-        job = self._jobs.get(job_id)
-        if job is None or job.state.terminal:
-            return
-        if kind == Kind.RUNNING:
-            job.state = JobState.RUNNING
-            job.updated = time.time()
-            self._publish("job_running", {"id": job.id, "agent": job.agent})
-        elif kind == Kind.REPLY:
-            job.result = frames[2] if len(frames) > 2 else b""
-            job.serializer = (flags >> 8) & 0xF
-            self._finish(job, JobState.SUCCEEDED)
-        elif kind == Kind.STREAM_END:
-            self._finish(job, JobState.SUCCEEDED)
-        elif kind == Kind.ERROR:
-            message = frames[2].decode(errors="replace") if len(frames) > 2 else ""
-            self._finish(job, _ERROR_STATES.get(code, JobState.FAILED), code, message)
-
-    def _finish(self, job: _Job, state: JobState, code: int = 0, message: str = "") -> None:
-        job.state = state
-        job.error_code = code
-        job.error = message
-        job.updated = time.time()
-        for rid, corr in job.waiters:
-            self._reply(rid, corr, job.public())
-        job.waiters.clear()
-        self._publish("job_finished", {"id": job.id, "state": state.value, "agent": job.agent})
 
     # ------------------------------------------------------------- queries
 
@@ -605,47 +623,103 @@ class Broker:
         self._subscribers.pop(rid, None)
         return {"topics": []}
 
-    def _job(self, q: dict[str, Any]) -> _Job:
+    def _job_id(self, q: dict[str, Any]) -> int:
         job_id = q.get("id")
-        if not isinstance(job_id, int):
+        if not isinstance(job_id, int) or isinstance(job_id, bool):
             raise ValueError("job id must be an integer")
-        job = self._jobs.get(job_id)
-        if job is None:
+        return job_id
+
+    def _record(self, q: dict[str, Any]) -> JobRecord:
+        assert self.jobs is not None
+        job_id = self._job_id(q)
+        rec = self.jobs.get(job_id)
+        if rec is None:
             raise OrbitMeshError(f"no job {job_id}", code=ErrorCode.NO_SUCH_JOB)
-        return job
+        return rec
 
     def _q_job(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
-        return self._job(q).public()
+        return job_public(self._record(q))
 
     def _q_jobs(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
-        state, agent, command = q.get("state"), q.get("agent"), q.get("command")
-        limit = int(q.get("limit", 100))
-        out = []
-        for job in reversed(self._jobs.values()):
-            if (state is None or job.state.value == state) and (agent is None or job.agent == agent):
-                if command is None or job.command == command:
-                    out.append({k: v for k, v in job.public().items() if k != "result"})
-                    if len(out) >= limit:
-                        break
-        return out
+        assert self.jobs is not None
+        self._check_jobs_query(q)
+        # Answer from the store once every change queued before this query is in it.
+        self.jobs.log.barrier(lambda err: self._answer_jobs(rid, corr, q, err))
+        return _DEFERRED
+
+    @staticmethod
+    def _check_jobs_query(q: dict[str, Any]) -> None:
+        state = q.get("state")
+        if state is not None and state not in JobState._value2member_map_:
+            raise ValueError(f"unknown job state {state!r}")
+        for name in ("agent", "command"):
+            if q.get(name) is not None and not isinstance(q[name], str):
+                raise ValueError(f"{name} must be a string")
+        limit, cursor, since = q.get("limit", 100), q.get("cursor"), q.get("since")
+        if not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise ValueError("limit must be an integer from 1 to 10000")
+        if cursor is not None and (not isinstance(cursor, int) or isinstance(cursor, bool)):
+            raise ValueError("cursor must be a job id")
+        if since is not None and not isinstance(since, (int, float)):
+            raise ValueError("since must be a unix time")
+
+    def _answer_jobs(self, rid: bytes, corr: int, q: dict[str, Any], err: BaseException | None) -> None:
+        assert self.jobs is not None
+        try:
+            page, next_cursor = self._list_jobs(q)
+        except OrbitMeshError as exc:
+            self._error(rid, exc.code, corr, exc.message)
+            return
+        self._reply(rid, corr, {"jobs": page, "cursor": next_cursor})
+
+    def _list_jobs(self, q: dict[str, Any]) -> tuple[list[dict[str, Any]], int | None]:
+        assert self.jobs is not None
+        state = q.get("state")
+        limit, cursor, since = q.get("limit", 100), q.get("cursor"), q.get("since")
+        page, next_cursor = self.jobs.store.query(
+            state=JobState(state) if state is not None else None,
+            agent=q.get("agent"),
+            command=q.get("command"),
+            since=since,
+            limit=limit,
+            cursor=cursor,
+        )
+        rows = []
+        for rec in page:
+            fresh = self.jobs.get(rec.id) or rec  # the store may lag the live table by a batch
+            row = job_public(fresh)
+            row.pop("result", None)
+            rows.append(row)
+        return rows, next_cursor
+
+    def _q_cancel(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
+        assert self.jobs is not None
+        rec = self.jobs.cancel(self._job_id(q))
+        if rec is None:
+            raise OrbitMeshError(f"no job {q['id']}", code=ErrorCode.NO_SUCH_JOB)
+        return job_public(rec)
 
     def _q_wait(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
-        job = self._job(q)
-        if job.state.terminal:
-            return job.public()
-        timeout_ms = int(q.get("timeout_ms", 30_000))
-        job.waiters.append((rid, corr))
-        assert self._loop is not None
+        assert self.jobs is not None and self._loop is not None
+        rec = self._record(q)
+        timeout_ms = q.get("timeout_ms", 30_000)
+        if not isinstance(timeout_ms, int) or not 0 <= timeout_ms <= 365 * 86400_000:
+            raise ValueError("timeout_ms must be an integer of milliseconds")
+        if not self.jobs.wait(rec.id, rid, corr, answer=self._answer_wait):
+            return job_public(rec)
 
         def expire() -> None:
             self._timers.discard(handle)
-            if (rid, corr) in job.waiters:
-                job.waiters.remove((rid, corr))
-                self._error(rid, ErrorCode.TIMEOUT, corr, f"job {job.id} still {job.state.value}")
+            assert self.jobs is not None
+            if self.jobs.forget_waiter(rec.id, rid, corr):
+                self._error(rid, ErrorCode.TIMEOUT, corr, f"job {rec.id} still {rec.state.value}")
 
         handle = self._loop.call_later(timeout_ms / 1000, expire)
         self._timers.add(handle)
         return _DEFERRED
+
+    def _answer_wait(self, rec: JobRecord, rid: bytes, corr: int) -> None:
+        self._reply(rid, corr, job_public(rec))
 
     def _q_stats(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
         return {"broker": self.id, "core": self.core, "endpoints": self.endpoints, **self.stats()}

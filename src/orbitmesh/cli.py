@@ -1,14 +1,16 @@
-"""The ``orbitmesh`` command: broker, agent, agents, demo, bench."""
+"""The ``orbitmesh`` command: broker, agent, agents, jobs, demo, bench."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +19,7 @@ from .agent import Agent
 from .broker import Broker
 from .client import MeshClient
 from .errors import OrbitMeshError
+from .models import JobInfo, JobState
 from .runtime import run
 
 
@@ -32,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--liveness", type=int, default=5, help="missed heartbeats before a peer is lost")
     b.add_argument("--queue-limit", type=int, default=10_000)
     b.add_argument("--queue-timeout", type=float, default=30.0)
+    b.add_argument(
+        "--store",
+        default="lmdb://orbitmesh-data",
+        help="job store URL: lmdb://DIR (default ./orbitmesh-data), sqlite://FILE, redis://..., memory://",
+    )
+    b.add_argument("--durability", choices=["sync", "batch", "none"], default="sync")
 
     a = sub.add_parser("agent", help="run an agent serving handlers")
     a.add_argument("--broker", default="tcp://127.0.0.1:5555")
@@ -55,6 +64,18 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.add_argument("--timeout", type=float, default=5.0)
 
+    j = sub.add_parser("jobs", help="list, show, cancel or wait for tracked jobs")
+    j.add_argument("action", choices=["list", "show", "cancel", "wait"])
+    j.add_argument("job_id", nargs="?", type=int, help="the job (show, cancel, wait)")
+    j.add_argument("--broker", default="tcp://127.0.0.1:5555")
+    j.add_argument("--state", choices=[s.value for s in JobState])
+    j.add_argument("--agent")
+    j.add_argument("--command")
+    j.add_argument("--limit", type=int, default=50)
+    j.add_argument("--cursor", type=int, help="list jobs older than this id")
+    j.add_argument("--timeout", type=float, default=30.0, help="seconds (wait; and every query)")
+    j.add_argument("--json", action="store_true")
+
     d = sub.add_parser("demo", help="embedded broker, three agents and a client, with a summary")
     d.add_argument("--tcp", action="store_true", help="use tcp on 127.0.0.1 instead of inproc")
     d.add_argument("--requests", type=int, default=2000)
@@ -65,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--window", type=int, default=1000, help="requests in flight when pipelining")
     bench.add_argument("--size", type=int, default=64, help="payload bytes")
     bench.add_argument("--core", choices=["c", "py"], default=None)
+    bench.add_argument("--job-window", type=int, default=1000, help="durable execute jobs in flight")
+    bench.add_argument(
+        "--store", choices=["lmdb", "sqlite", "memory"], default="lmdb", help="job store for the execute runs"
+    )
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p
 
@@ -106,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 liveness=args.liveness,
                 queue_limit=args.queue_limit,
                 queue_timeout=args.queue_timeout,
+                store=args.store,
+                durability=args.durability,
             )
 
             async def start_broker() -> None:
@@ -132,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run(_serve(start_agent, agent.stop))
         elif args.cmd == "agents":
             return run(_agents(args))
+        elif args.cmd == "jobs":
+            return run(_jobs(args))
         elif args.cmd == "demo":
             from .demo import run_demo
 
@@ -146,6 +175,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _job_row(info: JobInfo) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))
+    error = f"  [{info.error_code}] {info.error}" if info.error_code else ""
+    agent, tries = info.agent or "-", f"{info.attempts}/{info.max_attempts}"
+    return f"{info.id:>8} {info.state.value:10} {info.command:20} {agent:16} {when} {tries}{error}"
+
+
+def _job_json(info: JobInfo) -> dict[str, Any]:
+    d = dataclasses.asdict(info)
+    d["state"] = info.state.value
+    d["result"] = info.result.hex() if isinstance(info.result, bytes) else info.result
+    return d
+
+
+async def _jobs(args: argparse.Namespace) -> int:
+    if args.action != "list" and args.job_id is None:
+        raise SystemExit(f"orbitmesh jobs {args.action} needs a job id")
+    async with MeshClient(args.broker, timeout=args.timeout) as client:
+        if args.action == "list":
+            rows = await client.list_jobs(
+                state=args.state, agent=args.agent, command=args.command, limit=args.limit, cursor=args.cursor
+            )
+            if args.json:
+                print(json.dumps([_job_json(r) for r in rows], indent=2))
+            else:
+                print(f"{'ID':>8} {'STATE':10} {'COMMAND':20} {'AGENT':16} {'CREATED':19} TRIES")
+                for r in rows:
+                    print(_job_row(r))
+            return 0
+        if args.action == "show":
+            info = await client.get_job(args.job_id)
+        elif args.action == "cancel":
+            info = await client.cancel(args.job_id)
+        else:
+            info = await client.wait(args.job_id, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(_job_json(info), indent=2))
+    else:
+        print(_job_row(info))
+        for state, at, note in info.transitions:
+            stamp = time.strftime("%H:%M:%S", time.localtime(at))
+            print(f"    {stamp}.{int(at % 1 * 1000):03d} {state} {note}")
+    return 0 if args.action != "wait" or info.state == JobState.SUCCEEDED else 1
 
 
 async def _agents(args: argparse.Namespace) -> int:

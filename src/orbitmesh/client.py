@@ -40,6 +40,7 @@ log = logging.getLogger("orbitmesh.client")
 T = TypeVar("T")
 _STRATEGIES = {"least_loaded": Strategy.LEAST_LOADED, "round_robin": Strategy.ROUND_ROBIN, "random": Strategy.RANDOM}
 _END = object()
+_FOREVER = 10 * 365 * 86400.0  # pending entries that only their own protocol ends
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,10 @@ class Job:
     async def info(self) -> JobInfo:
         """The broker's record of this job."""
         return await self.client.get_job(self.id)
+
+    async def cancel(self) -> JobInfo:
+        """Cancel this job (see ``MeshClient.cancel``)."""
+        return await self.client.cancel(self.id)
 
     def done(self) -> bool:
         return self._fut.done()
@@ -455,6 +460,7 @@ class MeshClient:
         serializer: str | Serializer | None = None,
         _flags: int = 0,
         _aux: int = 0,
+        _options: bytes | None = None,
     ) -> asyncio.Future[Any]:
         """Send an invoke now and return a future for its (decoded) result.
 
@@ -473,7 +479,10 @@ class MeshClient:
         fut = self._loop.create_future()
         p = _Pending(fut, s, Kind.REQUEST)
         hdr = header(Kind.REQUEST, (s.id << 8) | _flags, 0, _aux, corr, 0, wall_ms() + int(to * 1000))
-        conn.send([hdr, self._route(agent), self._command(command), body])
+        frames = [hdr, self._route(agent), self._command(command), body]
+        if _options:
+            frames.append(_options)
+        conn.send(frames)
         self._pending[corr] = p
         self._arm_timeout(corr, to)
         if _flags & F_TRACKED:
@@ -521,21 +530,60 @@ class MeshClient:
         timeout: float | None = None,
         returns: Any = None,
         serializer: str | Serializer | None = None,
+        max_attempts: int = 1,
+        retry_initial: float | None = None,
+        retry_max: float | None = None,
+        non_retryable: Sequence[str] = (),
+        job_timeout: float | None = None,
+        delay: float | None = None,
+        run_at: float | None = None,
+        idempotency_key: str | None = None,
     ) -> Job:
-        """Submit a tracked job; returns once the broker has accepted it (a ``Job``)."""
+        """Submit a tracked job; returns a ``Job`` once the broker has durably recorded it.
+
+        ``timeout``: how long to wait for that. The job itself: up to
+        ``max_attempts`` deliveries, retried after a backoff from ``retry_initial``
+        doubling to ``retry_max`` seconds (with jitter) unless the handler's error
+        type is in ``non_retryable``; each attempt may run ``job_timeout`` seconds
+        (then TIMED_OUT); it starts after ``delay`` seconds or at unix time
+        ``run_at``. With ``idempotency_key``, submitting the same key again gives
+        the same job, and its effect runs at most once.
+        """
         to = self.timeout if timeout is None else timeout
+        opts: dict[str, Any] = {}
+        if max_attempts != 1:
+            opts["max_attempts"] = max_attempts
+        if retry_initial is not None:
+            opts["retry_initial"] = retry_initial
+        if retry_max is not None:
+            opts["retry_max"] = retry_max
+        if non_retryable:
+            opts["non_retryable"] = list(non_retryable)
+        if job_timeout is not None:
+            opts["timeout"] = job_timeout
+        if delay is not None:
+            opts["delay"] = delay
+        if run_at is not None:
+            opts["run_at"] = run_at
+        if idempotency_key is not None:
+            opts["key"] = idempotency_key
+        options = msgpack.packb(opts) if opts else None
 
         async def endpoint(c: Call) -> Job:
             await self._wait_ready(to)
-            fut = self.submit(agent, c.command, c.params, timeout=to, serializer=serializer, _flags=F_TRACKED)
+            # The result may come long after acceptance: the job, not this call, decides.
+            fut = self.submit(
+                agent, c.command, c.params, timeout=_FOREVER, serializer=serializer, _flags=F_TRACKED, _options=options
+            )
             p = self._pending[self._corr]
             assert p.accepted is not None
             accepted = p.accepted
             done, _ = await asyncio.wait((accepted, fut), timeout=to, return_when=asyncio.FIRST_COMPLETED)
-            if accepted in done:
+            if accepted in done and not accepted.cancelled():
                 return Job(self, accepted.result(), fut, returns)
-            if fut in done:
+            if fut.done():
                 fut.result()  # raises the error that came before ACCEPTED
+            self._pending.pop(self._corr, None)
             raise TimeoutError(f"job not accepted within {to} s")
 
         call = Call("client", "execute", command, params, _target_name(agent))
@@ -560,7 +608,7 @@ class MeshClient:
 
     def _start_stream(self, target: Target, command: str, params: Any, window: int) -> tuple[int, _Pending]:
         # No call timeout: a stream lives as long as its consumer; each item has its own.
-        self.submit(target, command, params, timeout=10 * 365 * 86400.0, _flags=F_STREAM, _aux=window)
+        self.submit(target, command, params, timeout=_FOREVER, _flags=F_STREAM, _aux=window)
         p = self._pending[self._corr]
         p.items = deque()
         return self._corr, p
@@ -657,9 +705,19 @@ class MeshClient:
         return fut
 
     async def _query(self, q: dict[str, Any], timeout: float | None = None) -> Any:
+        # Every query is idempotent: one cut short by a lost connection is asked again once
+        # the client has reconnected, within the same timeout.
         to = self.timeout if timeout is None else timeout
-        await self._wait_ready(to)
-        return await self._send_query(q, to)
+        assert self._loop is not None
+        end = self._loop.time() + to
+        while True:
+            left = end - self._loop.time()
+            await self._wait_ready(max(0.0, left))
+            try:
+                return await self._send_query(q, max(0.001, end - self._loop.time()))
+            except NotConnectedError:
+                if self._conn is None or self._loop.time() >= end:
+                    raise
 
     async def agents(
         self, *, capability: str | None = None, group: str | None = None, labels: dict[str, str] | None = None
@@ -704,18 +762,33 @@ class MeshClient:
         state: JobState | str | None = None,
         agent: str | None = None,
         command: str | None = None,
+        since: float | None = None,
         limit: int = 100,
+        cursor: int | None = None,
     ) -> list[JobInfo]:
-        """Tracked jobs, newest first, matching the filters."""
+        """Tracked jobs matching every filter, newest first, at most ``limit``; ``since``:
+        created at or after (unix time); ``cursor``: only jobs older than that id (pass the
+        last id of a page to get the next)."""
         st = state.value if isinstance(state, JobState) else state
-        rows = await self._query({"op": "jobs", "state": st, "agent": agent, "command": command, "limit": limit})
-        return [JobInfo.from_dict(r) for r in rows]
+        q = {"op": "jobs", "state": st, "agent": agent, "command": command, "since": since, "limit": limit}
+        if cursor is not None:
+            q["cursor"] = cursor
+        page = await self._query(q)
+        return [JobInfo.from_dict(r) for r in page["jobs"]]
 
-    async def wait_job(self, job_id: int, timeout: float | None = None) -> JobInfo:
-        """Wait until a tracked job is terminal and return its record."""
+    async def wait(self, job_id: int, timeout: float | None = None) -> JobInfo:
+        """Wait until a tracked job is terminal and return its record (TimeoutError if it is not
+        within ``timeout``); works for any job id, long after it was submitted."""
         to = self.timeout if timeout is None else timeout
         q = {"op": "wait", "id": job_id, "timeout_ms": int(to * 1000)}
         return JobInfo.from_dict(await self._query(q, timeout=to + 1.0))
+
+    wait_job = wait
+
+    async def cancel(self, job_id: int) -> JobInfo:
+        """Cancel a tracked job durably (a running handler is cancelled); returns its record.
+        A job that already ended keeps its state."""
+        return JobInfo.from_dict(await self._query({"op": "cancel", "id": job_id}))
 
     def job_result(self, info: JobInfo) -> Any:
         """Decode a finished job's result, or raise its error."""

@@ -52,6 +52,10 @@ class ErrorCode(IntEnum):
     MIDDLEWARE = 404
     # 5xx: the broker's own failure
     INTERNAL = 500
+    STORAGE_ERROR = 510  # the job store failed (I/O, server gone)
+    STORAGE_CORRUPT = 511  # the data directory is damaged, truncated, or not a job log
+    STORAGE_FULL = 512  # no space left for the job log
+    STORAGE_VERSION = 513  # the job log was written by an incompatible format version
 
 
 class OrbitMeshError(Exception):
@@ -149,6 +153,16 @@ class SerializationError(OrbitMeshError):
         self.data = data[:64]
 
 
+class StorageError(OrbitMeshError):
+    """The job store failed; ``code`` says how (STORAGE_*), ``path`` where, if it has one."""
+
+    code = ErrorCode.STORAGE_ERROR
+
+    def __init__(self, message: str = "", *, code: ErrorCode | int | None = None, path: str = "") -> None:
+        super().__init__(message, code=code)
+        self.path = path
+
+
 class MiddlewareError(OrbitMeshError):
     """A middleware hook failed; the original exception is ``__cause__``."""
 
@@ -169,6 +183,8 @@ _BY_CODE[ErrorCode.UNKNOWN_COMMAND] = RemoteError
 _BY_CODE[ErrorCode.NO_RAW_HANDLER] = RemoteError
 _BY_CODE[ErrorCode.CANCELLED] = CancelledError
 _BY_CODE[ErrorCode.TIMEOUT] = TimeoutError
+for _c in (ErrorCode.STORAGE_ERROR, ErrorCode.STORAGE_CORRUPT, ErrorCode.STORAGE_FULL, ErrorCode.STORAGE_VERSION):
+    _BY_CODE[_c] = StorageError
 
 
 def error_for_code(code: int, message: str, **extra: str) -> OrbitMeshError:
@@ -195,6 +211,7 @@ __all__ = [
     "ResultTypeError",
     "RoutingError",
     "SerializationError",
+    "StorageError",
     "TimeoutError",
     "error_for_code",
 ]

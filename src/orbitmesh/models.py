@@ -88,6 +88,11 @@ class JobInfo:
     error: str = ""
     result: bytes | None = None
     serializer: int = 0
+    attempts: int = 0
+    max_attempts: int = 1
+    idempotency_key: str = ""
+    error_type: str = ""
+    transitions: tuple[tuple[str, float, str], ...] = ()  # (state, unix time, note)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JobInfo:
@@ -102,6 +107,11 @@ class JobInfo:
             error=str(d.get("error", "")),
             result=d.get("result"),
             serializer=int(d.get("serializer", 0)),
+            attempts=int(d.get("attempts", 0)),
+            max_attempts=int(d.get("max_attempts", 1)),
+            idempotency_key=str(d.get("idempotency_key", "")),
+            error_type=str(d.get("error_type", "")),
+            transitions=tuple((str(s), float(t), str(n)) for s, t, n in d.get("transitions", ())),
         )
 
 

@@ -28,6 +28,7 @@ from orbitmesh._core._frame_c cimport (
     om_hdr_corr,
     om_hdr_deadline,
     om_hdr_flags,
+    om_hdr_aux,
     om_hdr_job,
     om_hdr_kind,
     om_token_generation,
@@ -114,6 +115,7 @@ cdef enum:
     OP_UNREG = 3
     OP_INJECT = 4
     OP_STOP = 5
+    OP_SIGNAL = 6
     EV_MSG = 1
     EV_LOST = 2
     EV_JOB = 3
@@ -148,6 +150,7 @@ cdef struct Entry:
     uint32_t agent_gen  # that slot's generation at dispatch
     uint64_t corr       # the client's correlation id
     uint64_t job        # job id (tracked) or 0
+    uint32_t aux        # the request's aux: a tracked job's lease, echoed on errors about it
     string client       # the client's routing id
 
 
@@ -452,13 +455,13 @@ cdef class DataPlane:
             return
         self._send_bytes(self._router, text.data(), text.size(), 0)
 
-    cdef void _up_error(self, uint16_t code, uint64_t corr, uint64_t job, const string& text,
+    cdef void _up_error(self, uint16_t code, uint64_t corr, uint64_t job, const string& text, uint32_t aux,
                         const char* agent=NULL, size_t agent_n=0,
                         const char* route=NULL, size_t route_n=0) noexcept nogil:
         """EV_JOB to the control plane: a tracked job failed (in the broker, or its agent was lost)."""
         cdef unsigned char hdr[OM_HEADER_SIZE]
         cdef char ev = EV_JOB
-        om_write_header(hdr, K_ERROR, 0, code, 0, corr, job, 0)
+        om_write_header(hdr, K_ERROR, 0, code, aux, corr, job, 0)
         self._counters[C_TO_CONTROL] += 1
         self._send_bytes(self._control, &ev, 1, 1)
         self._send_bytes(self._control, agent, agent_n, 1)
@@ -467,10 +470,12 @@ cdef class DataPlane:
         self._send_bytes(self._control, text.data(), text.size(), 0)
 
     cdef void _refuse(self, const string& rid, const unsigned char* hdr, uint16_t code, const string& text) noexcept nogil:
+        # A tracked job's answers go to the control plane only: it decides on retries.
         cdef uint64_t corr = om_hdr_corr(hdr), job = om_hdr_job(hdr)
-        self._send_error(rid, code, corr, job, NULL, 0, text)
         if om_hdr_flags(hdr) & F_TRACKED:
-            self._up_error(code, corr, job, text)
+            self._up_error(code, corr, job, text, om_hdr_aux(hdr))
+        else:
+            self._send_error(rid, code, corr, job, NULL, 0, text)
 
     cdef void _up_in(self, uint8_t ev, int first) noexcept nogil:
         """Send [ev, self._in[first:]...] to the control plane."""
@@ -514,6 +519,9 @@ cdef class DataPlane:
             self._route_request(rid, &self._in[2], n - 2)
         elif op == OP_STOP:
             self._running = False
+        elif op == OP_SIGNAL and n >= 4 and self._size(&self._in[2]) == OM_HEADER_SIZE:
+            rid = self._str(&self._in[1])
+            self._on_client_signal(rid, om_hdr_kind(self._data(&self._in[2])), om_hdr_corr(self._data(&self._in[2])), 2)
 
     cdef void _register(self) noexcept nogil:
         cdef string rid = self._str(&self._in[1])
@@ -642,10 +650,11 @@ cdef class DataPlane:
         cdef Entry* e = &self._entries[index]
         cdef unsigned char token[OM_TOKEN_SIZE]
         om_write_token(token, index, e.gen)
-        self._send_error(e.client, code, e.corr, e.job, <const char*>token, OM_TOKEN_SIZE, text)
         if e.tracked:
-            self._up_error(code, e.corr, e.job, text, self._peers[e.agent].rid.data(), self._peers[e.agent].rid.size(),
+            self._up_error(code, e.corr, e.job, text, e.aux, self._peers[e.agent].rid.data(), self._peers[e.agent].rid.size(),
                            <const char*>token, OM_TOKEN_SIZE)
+        else:
+            self._send_error(e.client, code, e.corr, e.job, <const char*>token, OM_TOKEN_SIZE, text)
         self._free_entry(index)
 
     # --------------------------------------------------------------- router
@@ -730,7 +739,7 @@ cdef class DataPlane:
             if n < 3:
                 self._malformed(rid, E_BAD_FRAMES, corr, string(b"cancel / credit needs a route frame"))
                 return
-            self._on_client_signal(rid, kind, corr)
+            self._on_client_signal(rid, kind, corr, 1)
             return
         if kind == K_BYE:
             if om_hdr_flags(hdr) & F_DRAIN:
@@ -912,6 +921,7 @@ cdef class DataPlane:
         e.agent_gen = agent.gen
         e.corr = om_hdr_corr(hdr)
         e.job = om_hdr_job(hdr)
+        e.aux = om_hdr_aux(hdr)
         e.client = client
         om_write_token(token, index, e.gen)
         cdef char hdr_copy[OM_HEADER_SIZE]
@@ -941,7 +951,8 @@ cdef class DataPlane:
             self._counters[C_TO_CONTROL] += 1
             self._send_bytes(self._control, &ev, 1, 1)
             self._send_bytes(self._control, agent.rid.data(), agent.rid.size(), 1)
-            self._send_bytes(self._control, hdr_copy, OM_HEADER_SIZE, 0)
+            self._send_bytes(self._control, hdr_copy, OM_HEADER_SIZE, 1)
+            self._send_bytes(self._control, <const char*>token, OM_TOKEN_SIZE, 0)
 
     cdef void _release_entry(self, uint32_t index) noexcept nogil:
         cdef Entry* e = &self._entries[index]
@@ -976,42 +987,34 @@ cdef class DataPlane:
     cdef void _on_agent_reply(self, uint32_t slot, uint8_t kind) noexcept nogil:
         cdef int64_t found = self._lookup(&self._in[2])
         cdef Entry* e
-        cdef int i, n = self._nin
-        cdef zmq_msg_t* copies
+        cdef int n = self._nin
         cdef char ev
         if found < 0 or self._entries[found].agent != slot or self._entries[found].agent_gen != self._peers[slot].gen:
             self._counters[C_STALE] += 1
             return
         e = &self._entries[found]
         self._counters[C_FWD_REPLIES] += 1
-        copies = NULL
         if e.tracked:
-            copies = <zmq_msg_t*>malloc(sizeof(zmq_msg_t) * (n - 1))
-            if copies != NULL:
-                for i in range(1, n):
-                    self._z.zmq_msg_init(&copies[i - 1])
-                    self._z.zmq_msg_copy(&copies[i - 1], &self._in[i])
-        if self._begin(e.client, 1) == 0:
-            self._send_parts(self._router, &self._in[1], n - 1)
-        if copies != NULL:
             ev = EV_JOB
             self._counters[C_TO_CONTROL] += 1
             self._send_bytes(self._control, &ev, 1, 1)
             self._send_bytes(self._control, self._peers[slot].rid.data(), self._peers[slot].rid.size(), 1)
-            self._send_parts(self._control, copies, n - 1)
-            self._free_frames(copies, n - 1)
+            self._send_parts(self._control, &self._in[1], n - 1)
+        elif self._begin(e.client, 1) == 0:
+            self._send_parts(self._router, &self._in[1], n - 1)
         if kind == K_REPLY or kind == K_STREAM_END or kind == K_ERROR:
             self._free_entry(<uint32_t>found)
             if self._queued:
                 self._drain_for(slot)
 
-    cdef void _on_client_signal(self, const string& rid, uint8_t kind, uint64_t corr) noexcept nogil:
+    cdef void _on_client_signal(self, const string& rid, uint8_t kind, uint64_t corr, int base) noexcept nogil:
+        """A CANCEL / CREDIT whose header is self._in[base], its route the next part."""
         cdef int64_t found = -1
-        cdef size_t i, rn = self._size(&self._in[2])
+        cdef size_t i, rn = self._size(&self._in[base + 1])
         cdef Entry* e
         cdef unsigned char token[OM_TOKEN_SIZE]
         if rn == OM_TOKEN_SIZE:
-            found = self._lookup(&self._in[2])
+            found = self._lookup(&self._in[base + 1])
         elif rn == 0:
             for i in range(self._entries.size()):
                 if self._entries[i].used and self._entries[i].corr == corr and self._entries[i].client == rid:
@@ -1025,10 +1028,10 @@ cdef class DataPlane:
         e = &self._entries[found]
         om_write_token(token, <uint32_t>found, e.gen)
         if self._begin(self._peers[e.agent].rid, 1) == 0:
-            self._send_msg(self._router, &self._in[1], 1)
-            self._send_bytes(self._router, <const char*>token, OM_TOKEN_SIZE, self._nin > 3)
-            if self._nin > 3:
-                self._send_parts(self._router, &self._in[3], self._nin - 3)
+            self._send_msg(self._router, &self._in[base], 1)
+            self._send_bytes(self._router, <const char*>token, OM_TOKEN_SIZE, self._nin > base + 2)
+            if self._nin > base + 2:
+                self._send_parts(self._router, &self._in[base + 2], self._nin - base - 2)
 
     # ---------------------------------------------------------------- queue
 
@@ -1106,7 +1109,8 @@ cdef class DataPlane:
                 cands.erase(cands.begin() + best_k)
             if target == -2:
                 self._refuse(item.client, self._data(&item.frames[0]), code, self._text)
-            elif self._by_rid.count(item.client):  # else the client is gone; nobody waits
+            elif om_hdr_flags(self._data(&item.frames[0])) & F_TRACKED or self._by_rid.count(item.client):
+                # (else the client is gone and nobody waits; a tracked job's control plane always does)
                 self._dispatch(<uint32_t>target, item.client, item.frames, item.nframes)
             self._free_frames(item.frames, item.nframes)
 

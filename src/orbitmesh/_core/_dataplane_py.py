@@ -16,12 +16,13 @@ control -> data plane
     OP_UNREG    [op, rid]                     forget a peer; its in-flight fail AGENT_LOST
     OP_INJECT   [op, rid, hdr, route, ...]    route a request as if ``rid`` sent it
     OP_STOP     [op]
+    OP_SIGNAL   [op, rid, hdr, route, ...]    a CANCEL / CREDIT as if ``rid`` sent it
 
 data plane -> control
     EV_MSG      [ev, rid, hdr, frames...]     a message for the control plane
     EV_LOST     [ev, rid]                     a peer went silent (or said BYE)
-    EV_JOB      [ev, agent_rid, hdr, ...]     copy of a tracked job's progress / result
-    EV_DISPATCHED [ev, agent_rid, hdr]        a tracked job went to an agent
+    EV_JOB      [ev, agent_rid, hdr, ...]     a tracked job's progress / answer (never sent to a client)
+    EV_DISPATCHED [ev, agent_rid, hdr, token] a tracked job went to an agent
     EV_STATE    [ev, rid, state]              an agent's liveness state changed
     EV_LOAD     [ev, (rid_len u8, rid, inflight u32, capacity u32)*, counters]  every heartbeat
     EV_STOPPED  [ev, counters]                the loop ended; counters as <Q*N>
@@ -42,8 +43,8 @@ from ._frame_py import check_header, header_error_message
 
 public_api = ["COUNTERS", "DataPlane", "EV", "OP", "STATE_ALIVE", "STATE_LOST", "STATE_SUSPECT", "pack_reg_meta"]
 
-OP_SEND, OP_REG, OP_UNREG, OP_INJECT, OP_STOP = (bytes([i]) for i in range(1, 6))
-OP = {"SEND": OP_SEND, "REG": OP_REG, "UNREG": OP_UNREG, "INJECT": OP_INJECT, "STOP": OP_STOP}
+OP_SEND, OP_REG, OP_UNREG, OP_INJECT, OP_STOP, OP_SIGNAL = (bytes([i]) for i in range(1, 7))
+OP = {"SEND": OP_SEND, "REG": OP_REG, "UNREG": OP_UNREG, "INJECT": OP_INJECT, "STOP": OP_STOP, "SIGNAL": OP_SIGNAL}
 EV_MSG, EV_LOST, EV_JOB, EV_DISPATCHED, EV_STATE, EV_LOAD, EV_STOPPED = (bytes([i]) for i in range(1, 8))
 EV = {
     "MSG": EV_MSG,
@@ -75,6 +76,7 @@ _META = struct.Struct("<BIi")
 _HDR_ERR = struct.Struct("<2sBBHHIIQQQ")
 _LOAD = struct.Struct("<II")
 _Q = struct.Struct("<Q")
+_AUX = struct.Struct("<I")
 _TOKEN = struct.Struct("<II")
 _CONTROL_KINDS = frozenset((Kind.HELLO, Kind.QUERY, Kind.EVENT))
 _AGENT_REPLY_KINDS = frozenset((Kind.RUNNING, Kind.REPLY, Kind.STREAM_ITEM, Kind.STREAM_END, Kind.ERROR))
@@ -103,8 +105,8 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _error_frames(code: int, corr: int, job: int, route: bytes, message: str | bytes) -> list[bytes]:
-    hdr = _HDR_ERR.pack(b"OM", 1, Kind.ERROR, 0, code, 0, 0, corr, job, 0)
+def _error_frames(code: int, corr: int, job: int, route: bytes, message: str | bytes, aux: int = 0) -> list[bytes]:
+    hdr = _HDR_ERR.pack(b"OM", 1, Kind.ERROR, 0, code, aux, 0, corr, job, 0)
     # Names and keys go into messages as the bytes they arrived as (the reader decodes).
     return [hdr, route, message if isinstance(message, bytes) else message.encode()]
 
@@ -142,9 +144,10 @@ class _Peer:
 
 
 class _Entry:
-    __slots__ = ("agent", "client", "corr", "job", "tracked")
+    __slots__ = ("agent", "aux", "client", "corr", "job", "tracked")
 
-    def __init__(self, client: bytes, corr: int, agent: bytes, job: int, tracked: bool) -> None:
+    def __init__(self, client: bytes, corr: int, agent: bytes, job: int, tracked: bool, aux: int = 0) -> None:
+        self.aux = aux  # the request's aux: a tracked job's lease, echoed on errors about it
         self.client = client
         self.corr = corr
         self.agent = agent
@@ -266,12 +269,13 @@ class DataPlane:
         self._send(rid, _error_frames(code, corr, job, route, message))
 
     def _refuse(self, rid: bytes, hdr: bytes, code: int, message: str | bytes) -> None:
-        """Answer a request (header ``hdr``) from ``rid`` with an error; a tracked job's
-        control plane hears of it too."""
+        """Answer a request (header ``hdr``) from ``rid`` with an error. A tracked job's
+        answers go to the control plane only: it decides on retries and tells the client."""
         corr, job = struct.unpack_from("<QQ", hdr, 16)
-        self._send_error(rid, code, corr, job, b"", message)
         if hdr[4] & Flag.TRACKED:
-            self._up([EV_JOB, b"", *_error_frames(code, corr, job, b"", message)])
+            self._up([EV_JOB, b"", *_error_frames(code, corr, job, b"", message, _AUX.unpack_from(hdr, 8)[0])])
+        else:
+            self._send_error(rid, code, corr, job, b"", message)
 
     def _up(self, frames: list[bytes]) -> None:
         self._counters[3] += 1
@@ -289,6 +293,9 @@ class DataPlane:
             self._unregister(frames[1], lost=False)
         elif op == OP_INJECT:
             self._route_request(frames[1], frames[2:], injected=True)
+        elif op == OP_SIGNAL:
+            kind = frames[2][3]
+            self._on_client_signal(frames[1], kind, _Q.unpack_from(frames[2], 16)[0], frames[1:])
         elif op == OP_STOP:
             self._running = False
 
@@ -365,11 +372,12 @@ class DataPlane:
 
     def _fail_entry(self, index: int, entry: _Entry, code: int, message: str | bytes) -> None:
         token = _TOKEN.pack(index, self._gens[index])
-        err = _error_frames(code, entry.corr, entry.job, token, message)
-        self._counters[5] += 1
-        self._send(entry.client, err)
+        err = _error_frames(code, entry.corr, entry.job, token, message, entry.aux if entry.tracked else 0)
         if entry.tracked:
             self._up([EV_JOB, entry.agent, *err])
+        else:
+            self._counters[5] += 1
+            self._send(entry.client, err)
         self._free_entry(index)
 
     # --------------------------------------------------------------- router
@@ -535,10 +543,10 @@ class DataPlane:
     def _dispatch(self, agent: _Peer, client: bytes, frames: list[bytes], corr: int, job: int, tracked: bool) -> None:
         if self._free:
             index = self._free.pop()
-            self._entries[index] = _Entry(client, corr, agent.rid, job, tracked)
+            self._entries[index] = _Entry(client, corr, agent.rid, job, tracked, _AUX.unpack_from(frames[0], 8)[0])
         else:
             index = len(self._entries)
-            self._entries.append(_Entry(client, corr, agent.rid, job, tracked))
+            self._entries.append(_Entry(client, corr, agent.rid, job, tracked, _AUX.unpack_from(frames[0], 8)[0]))
             self._gens.append(1)
         token = _TOKEN.pack(index, self._gens[index])
         err = self._send(agent.rid, [frames[0], token, *frames[2:]])
@@ -554,7 +562,7 @@ class DataPlane:
         agent.inflight += 1
         self._counters[1] += 1
         if tracked:
-            self._up([EV_DISPATCHED, agent.rid, frames[0]])
+            self._up([EV_DISPATCHED, agent.rid, frames[0], token])
 
     def _free_entry(self, index: int) -> None:
         entry = self._entries[index]
@@ -582,9 +590,10 @@ class DataPlane:
             return
         index, entry = found
         self._counters[2] += 1
-        self._send(entry.client, frames[1:])
         if entry.tracked:
             self._up([EV_JOB, peer.rid, *frames[1:]])
+        else:
+            self._send(entry.client, frames[1:])
         if kind in _TERMINAL:
             self._free_entry(index)
             if self._queued:
@@ -644,7 +653,7 @@ class DataPlane:
                 cands.remove(key)
             if isinstance(target, tuple):
                 self._reject(item, *target)
-            elif item.client in self._peers:  # else the client is gone; nobody waits
+            elif item.tracked or item.client in self._peers:  # else the client is gone; nobody waits
                 corr, job = struct.unpack_from("<QQ", item.frames[0], 16)
                 self._dispatch(target, item.client, item.frames, corr, job, item.tracked)
 

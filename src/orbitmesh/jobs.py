@@ -1,0 +1,541 @@
+"""Tracked jobs in the broker's control plane: lifecycle, retries, leases, idempotency,
+cancellation, recovery after a restart and retention, over a :class:`JobStore`.
+
+States: PENDING -> DISPATCHED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED | TIMED_OUT | LOST;
+every transition is appended to the record and written through the group-committing
+:class:`~orbitmesh.joblog.JobLog`. ACCEPTED goes to the client only once the new record is
+written (durably, in ``sync`` mode).
+
+The data plane sends a tracked job's answers here only (``EV_JOB``), never to the client: this
+module decides whether an error is final or retried, and answers the client's ``execute``
+(and any ``wait``) with the final outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from ._wire import HDR, error_message, header
+from .errors import ErrorCode, OrbitMeshError
+from .joblog import JobLog
+from .models import JobState
+from .protocol import F_TRACKED, Kind
+from .storage.base import JobRecord, JobStore
+
+log = logging.getLogger("orbitmesh.jobs")
+
+# The client the data plane sees for every tracked dispatch: never a connected peer, since
+# tracked answers go to the control plane only.
+JOBS_RID = b"\x00orbitmesh-jobs"
+
+# Refusals that say "no agent could take it now", not "the job failed": they are retried
+# without using up an attempt, until the job's dispatch window closes.
+_WAIT_CODES = frozenset(
+    (
+        ErrorCode.NO_SUCH_AGENT,
+        ErrorCode.NO_AGENT_AVAILABLE,
+        ErrorCode.QUEUE_FULL,
+        ErrorCode.DEADLINE_EXCEEDED,
+        ErrorCode.AGENT_BUSY,
+    )
+)
+_FINAL_CODES = frozenset(
+    (ErrorCode.UNKNOWN_COMMAND, ErrorCode.BAD_PAYLOAD, ErrorCode.BAD_ROUTE, ErrorCode.NO_RAW_HANDLER)
+)
+_OPTION_KEYS = frozenset(
+    ("max_attempts", "retry_initial", "retry_max", "non_retryable", "timeout", "delay", "run_at", "key")
+)
+
+
+@dataclass
+class JobOptions:
+    """Per-job policy a client may set with ``execute``."""
+
+    max_attempts: int = 1
+    retry_initial: float = 0.5
+    retry_max: float = 30.0
+    non_retryable: tuple[str, ...] = ()
+    timeout: float = 0.0  # per attempt; 0 = none
+    run_at: float = 0.0  # unix seconds; 0 = now
+    key: str = ""  # idempotency key
+
+    @classmethod
+    def parse(cls, raw: bytes | None) -> JobOptions:
+        """From the REQUEST's options frame (a msgpack map); raises ValueError naming the field."""
+        if not raw:
+            return cls()
+        data = msgpack.unpackb(raw, raw=False)
+        if not isinstance(data, dict):
+            raise ValueError("job options must be a map")
+        unknown = set(data) - _OPTION_KEYS
+        if unknown:
+            raise ValueError(f"unknown job options {sorted(unknown)}")
+        opts = cls()
+        if "max_attempts" in data:
+            opts.max_attempts = _num(data, "max_attempts", int, 1, 1000)
+        if "retry_initial" in data:
+            opts.retry_initial = _num(data, "retry_initial", float, 0.0, 86400.0)
+        if "retry_max" in data:
+            opts.retry_max = _num(data, "retry_max", float, 0.0, 86400.0)
+        if "timeout" in data:
+            opts.timeout = _num(data, "timeout", float, 0.0, 365 * 86400.0)
+        if "delay" in data:
+            opts.run_at = time.time() + _num(data, "delay", float, 0.0, 365 * 86400.0)
+        if "run_at" in data:
+            opts.run_at = _num(data, "run_at", float, 0.0, 1e11)
+        if "non_retryable" in data:
+            value = data["non_retryable"]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError("non_retryable must be a list of error type names")
+            opts.non_retryable = tuple(value)
+        if "key" in data:
+            key = data["key"]
+            if not isinstance(key, str) or not 0 < len(key) <= 256:
+                raise ValueError("the idempotency key must be a string of 1 to 256 characters")
+            opts.key = key
+        return opts
+
+
+def _num(data: dict[str, Any], name: str, kind: type, low: float, high: float) -> Any:
+    value = data[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise ValueError(f"{name} must be a number")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}")
+    return kind(value)
+
+
+Watcher = Callable[[JobRecord, bytes, int], None]
+
+
+@dataclass
+class _Live:
+    """What the control plane keeps in memory about a live job (never persisted)."""
+
+    waiters: list[tuple[bytes, int]] = field(default_factory=list)  # execute callers: (client rid, corr)
+    watchers: list[tuple[bytes, int, Watcher]] = field(default_factory=list)  # wait queries
+    token: bytes = b""  # the data plane's in-flight token of the current delivery
+    timer: asyncio.TimerHandle | None = None
+    waiting_since: float = 0.0  # first "no agent" refusal of this dispatch round
+    wait_rounds: int = 0  # "no agent" refusals so far in this round
+
+
+class JobManager:
+    """The job table of one broker. ``send(frames)`` puts an OP_* message to the data plane;
+    ``to_peer(rid, frames)`` answers a client through it; ``publish(topic, data)`` emits events."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        op: dict[str, bytes],
+        send: Callable[[list[bytes]], None],
+        to_peer: Callable[[bytes, list[bytes]], None],
+        publish: Callable[[str, dict[str, Any]], None],
+        agent_name: Callable[[bytes], tuple[str, int]],
+        resolve: Callable[[bytes], bytes | OrbitMeshError] = lambda route: route,
+        lease_s: float = 5.0,
+        dispatch_window_s: float = 60.0,
+        retention_age_s: float = 7 * 86400.0,
+        retention_count: int = 1_000_000,
+    ) -> None:
+        self.store = store
+        self._loop = loop
+        self._op = op
+        self._send = send
+        self._to_peer = to_peer
+        self._publish = publish
+        self._agent_name = agent_name
+        self._resolve = resolve
+        self.lease_s = lease_s
+        self.dispatch_window_s = dispatch_window_s
+        self.retention_age_s = retention_age_s
+        self.retention_count = retention_count
+        self.log = JobLog(store, loop)
+        self._live: dict[int, JobRecord] = {}
+        self._mem: dict[int, _Live] = {}
+        self._by_key: dict[str, int] = {}
+        self._recent: OrderedDict[int, JobRecord] = OrderedDict()  # terminal, maybe not yet written
+        self._next_id = 1
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.recovered = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Recover every unfinished job from the (open) store, start the writer and the sweeps."""
+        self._next_id = self.store.max_id() + 1
+        self.log.start()
+        now = time.time()
+        for rec in self.store.unfinished():
+            self._live[rec.id] = rec
+            self._mem[rec.id] = _Live()
+            if rec.idempotency_key:
+                self._by_key[rec.idempotency_key] = rec.id
+            if rec.state in (JobState.DISPATCHED, JobState.RUNNING):
+                # Its delivery died with the previous broker: deliver again. The interrupted
+                # attempt is not held against the job; the agent dedups by job id.
+                rec.attempts = max(0, rec.attempts - 1)
+                self._transition(rec, JobState.PENDING, now, "broker restarted")
+                self.log.append(rec)
+            self._schedule(rec, max(rec.run_at, now + 0.05))
+            self.recovered += 1
+        if self.recovered:
+            log.info("recovered %d unfinished jobs", self.recovered)
+        self._sweeper = self._loop.call_later(1.0, self._sweep)
+
+    def stop(self) -> None:
+        """Stop timers and the writer (what is queued is written); close the store."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for mem in self._mem.values():
+            if mem.timer is not None:
+                mem.timer.cancel()
+        self.log.stop()
+        self.store.close()
+
+    # -------------------------------------------------------------- submit
+
+    def submit(self, rid: bytes, fields: tuple[Any, ...], frames: list[bytes]) -> None:
+        """A client's tracked REQUEST: frames = [hdr, route, command, params, options?]."""
+        flags, corr = fields[3], fields[7]
+        try:
+            if fields[2] != Kind.REQUEST or len(frames) < 3:
+                raise ValueError("a job is a REQUEST with a command")
+            command = frames[2].decode()
+            opts = JobOptions.parse(frames[4] if len(frames) > 4 else None)
+        except (ValueError, UnicodeDecodeError, msgpack.UnpackException) as exc:
+            self._to_peer(rid, error_message(ErrorCode.BAD_PAYLOAD, corr, f"bad job request: {exc}"))
+            return
+        if opts.key:
+            existing = self._by_key.get(opts.key)
+            if existing is None:
+                existing = self.store.find_key(opts.key)
+            if existing is not None:
+                self._attach(existing, rid, corr)
+                return
+        now = time.time()
+        rec = JobRecord(
+            id=self._next_id,
+            command=command,
+            route=frames[1],
+            params=frames[3] if len(frames) > 3 else b"",
+            flags=flags & 0x0F00,
+            max_attempts=opts.max_attempts,
+            created=now,
+            updated=now,
+            run_at=opts.run_at,
+            timeout=opts.timeout,
+            idempotency_key=opts.key,
+            retry_initial=opts.retry_initial,
+            retry_max=opts.retry_max,
+            non_retryable=opts.non_retryable,
+            transitions=[(JobState.PENDING.value, now, "")],
+        )
+        self._next_id += 1
+        self._live[rec.id] = rec
+        self._mem[rec.id] = _Live(waiters=[(rid, corr)])
+        if opts.key:
+            self._by_key[opts.key] = rec.id
+        self.log.append(rec, lambda err: self._accepted(rec, rid, corr, err))
+
+    def _attach(self, job_id: int, rid: bytes, corr: int) -> None:
+        """A submit with a known idempotency key: the same job, not a new run."""
+        self._to_peer(rid, [header(Kind.ACCEPTED, corr=corr, job=job_id), b""])
+        rec = self._live.get(job_id)
+        if rec is not None:
+            self._mem[job_id].waiters.append((rid, corr))
+            return
+        done = self.get(job_id)
+        if done is not None:
+            self._answer(done, [(rid, corr)])
+
+    def _accepted(self, rec: JobRecord, rid: bytes, corr: int, err: BaseException | None) -> None:
+        if err is not None:
+            self._live.pop(rec.id, None)
+            self._mem.pop(rec.id, None)
+            self._by_key.pop(rec.idempotency_key, None)
+            code = err.code if isinstance(err, OrbitMeshError) else ErrorCode.STORAGE_ERROR
+            self._to_peer(rid, error_message(code, corr, f"job not recorded: {err}", job=rec.id))
+            return
+        self._to_peer(rid, [header(Kind.ACCEPTED, corr=corr, job=rec.id), b""])
+        self._publish("job_accepted", {"id": rec.id, "command": rec.command})
+        if rec.state == JobState.PENDING:  # not cancelled meanwhile
+            self._schedule(rec, rec.run_at)
+
+    # ------------------------------------------------------------ dispatch
+
+    def _schedule(self, rec: JobRecord, at: float) -> None:
+        mem = self._mem[rec.id]
+        if mem.timer is not None:
+            mem.timer.cancel()
+            mem.timer = None
+        delay = at - time.time()
+        if delay <= 0:
+            self._dispatch(rec.id)
+        else:
+            mem.timer = self._loop.call_later(delay, self._dispatch, rec.id)
+
+    def _dispatch(self, job_id: int) -> None:
+        rec = self._live.get(job_id)
+        if rec is None or rec.state != JobState.PENDING:
+            return
+        mem = self._mem[job_id]
+        mem.timer = None
+        rec.attempts += 1
+        rec.lease = (rec.lease + 1) & 0xFFFFFFFF or 1
+        route = self._resolve(rec.route)
+        if isinstance(route, OrbitMeshError):
+            self._on_error(rec, route.code, route.message, "", time.time())
+            return
+        hdr = header(Kind.REQUEST, rec.flags | F_TRACKED, 0, rec.lease, job_id, job_id, 0)
+        self._send([self._op["INJECT"], JOBS_RID, hdr, route, rec.command.encode(), rec.params])
+        if rec.timeout:
+            mem.timer = self._loop.call_later(rec.timeout, self._timed_out, job_id, rec.lease)
+
+    def on_dispatched(self, agent_rid: bytes, hdr: bytes, token: bytes) -> None:
+        fields = HDR.unpack(hdr)
+        rec = self._live.get(fields[8])
+        if rec is None or rec.lease != fields[5] or rec.state != JobState.PENDING:
+            return
+        now = time.time()
+        rec.agent, rec.session = self._agent_name(agent_rid)
+        rec.lease_expires = now + self.lease_s
+        mem = self._mem[rec.id]
+        mem.token = token
+        mem.waiting_since = 0.0
+        mem.wait_rounds = 0
+        self._transition(rec, JobState.DISPATCHED, now, rec.agent)
+        self.log.append(rec)
+
+    # ------------------------------------------------------------- answers
+
+    def on_event(self, agent_rid: bytes, frames: list[bytes]) -> None:
+        """A tracked job's RUNNING / REPLY / ERROR (from its agent, or from the data plane)."""
+        fields = HDR.unpack(frames[0])
+        kind, flags, code, lease, job_id = fields[2], fields[3], fields[4], fields[5], fields[8]
+        rec = self._live.get(job_id)
+        now = time.time()
+        if rec is None or rec.lease != lease:
+            self._late(job_id, kind, lease, now)
+            return
+        if kind == Kind.RUNNING:
+            rec.lease_expires = now + self.lease_s
+            if rec.state == JobState.DISPATCHED:
+                self._transition(rec, JobState.RUNNING, now, rec.agent)
+                self.log.append(rec)
+                self._publish("job_running", {"id": rec.id, "agent": rec.agent})
+        elif kind == Kind.REPLY:
+            rec.result = frames[2] if len(frames) > 2 else b""
+            rec.result_flags = flags & 0x0F00
+            self._finish(rec, JobState.SUCCEEDED, now)
+        elif kind == Kind.ERROR:
+            message = frames[2].decode(errors="replace") if len(frames) > 2 else ""
+            error_type = _error_type(frames)
+            self._on_error(rec, code, message, error_type, now)
+
+    def _late(self, job_id: int, kind: int, lease: int, now: float) -> None:
+        """An answer from a delivery that is no longer current: recorded, never applied."""
+        if kind == Kind.RUNNING:
+            return
+        rec = self._live.get(job_id) or self._recent.get(job_id)
+        if rec is None:
+            return
+        rec.transitions.append((f"LATE_{Kind(kind).name}", now, f"lease {lease}"))
+        self.log.append(rec)
+
+    def _on_error(self, rec: JobRecord, code: int, message: str, error_type: str, now: float) -> None:
+        rec.error_code, rec.error, rec.error_type = code, message, error_type
+        mem = self._mem[rec.id]
+        if code == ErrorCode.CANCELLED:
+            self._finish(rec, JobState.CANCELLED, now)
+        elif code in _WAIT_CODES:
+            # Nobody could take it (yet): try again without using an attempt, for a while.
+            rec.attempts -= 1
+            mem.waiting_since = mem.waiting_since or now
+            mem.wait_rounds += 1
+            if now - mem.waiting_since >= self.dispatch_window_s:
+                self._finish(rec, JobState.FAILED, now)
+            else:
+                self._retry(rec, now, delay=min(1.0, 0.02 * 2 ** min(mem.wait_rounds, 6)))
+        elif code == ErrorCode.AGENT_LOST:
+            if rec.attempts < rec.max_attempts:
+                self._retry(rec, now)
+            else:
+                self._finish(rec, JobState.LOST, now)
+        elif code in _FINAL_CODES or error_type in rec.non_retryable or _short(error_type) in rec.non_retryable:
+            self._finish(rec, JobState.FAILED, now)
+        elif rec.attempts < rec.max_attempts:
+            self._retry(rec, now)
+        else:
+            self._finish(rec, JobState.FAILED, now)
+
+    def _retry(self, rec: JobRecord, now: float, delay: float | None = None) -> None:
+        if delay is None:
+            top = min(rec.retry_max, rec.retry_initial * 2 ** max(0, rec.attempts - 1))
+            delay = random.uniform(top / 2, top) if top > 0 else 0.0
+        rec.run_at = now + delay
+        self._transition(rec, JobState.PENDING, now, f"retry in {delay:.3f}s")
+        self.log.append(rec)
+        self._schedule(rec, rec.run_at)
+
+    def _timed_out(self, job_id: int, lease: int) -> None:
+        rec = self._live.get(job_id)
+        if rec is None or rec.lease != lease:
+            return
+        self._mem[job_id].timer = None
+        self._cancel_delivery(rec)
+        rec.error_code, rec.error = ErrorCode.TIMEOUT, f"job timed out after {rec.timeout} s"
+        self._finish(rec, JobState.TIMED_OUT, time.time())
+
+    def _cancel_delivery(self, rec: JobRecord) -> None:
+        mem = self._mem.get(rec.id)
+        if mem is not None and rec.state in (JobState.DISPATCHED, JobState.RUNNING, JobState.PENDING):
+            cancel = header(Kind.CANCEL, corr=rec.id, job=rec.id, aux=rec.lease)
+            self._send([self._op["SIGNAL"], JOBS_RID, cancel, mem.token])
+
+    def _finish(self, rec: JobRecord, state: JobState, now: float) -> None:
+        mem = self._mem.pop(rec.id, _Live())
+        if mem.timer is not None:
+            mem.timer.cancel()
+        self._live.pop(rec.id, None)
+        rec.lease_expires = 0.0
+        self._transition(rec, state, now, rec.agent)
+        self._recent[rec.id] = rec
+        if len(self._recent) > 10_000:
+            self._recent.popitem(last=False)
+        self.log.append(rec)
+        self._answer(rec, mem.waiters)
+        for rid, corr, watcher in mem.watchers:
+            watcher(rec, rid, corr)
+        self._publish("job_finished", {"id": rec.id, "state": state.value, "agent": rec.agent})
+
+    def _answer(self, rec: JobRecord, waiters: list[tuple[bytes, int]]) -> None:
+        for rid, corr in waiters:
+            if rec.state == JobState.SUCCEEDED:
+                self._to_peer(rid, [header(Kind.REPLY, rec.result_flags, 0, 0, corr, rec.id), b"", rec.result or b""])
+            else:
+                code = rec.error_code or _STATE_CODES.get(rec.state, ErrorCode.HANDLER_ERROR)
+                frames = error_message(code, corr, rec.error or rec.state.value, job=rec.id)
+                if rec.error_type:
+                    frames.append(msgpack.packb({"type": rec.error_type, "traceback": "", "agent": rec.agent}))
+                self._to_peer(rid, frames)
+
+    @staticmethod
+    def _transition(rec: JobRecord, state: JobState, now: float, note: str) -> None:
+        rec.state = state
+        rec.updated = now
+        rec.transitions.append((state.value, now, note))
+
+    # ------------------------------------------------------------- queries
+
+    def get(self, job_id: int) -> JobRecord | None:
+        """The freshest record: live, recently finished, or from the store."""
+        return self._live.get(job_id) or self._recent.get(job_id) or self.store.get(job_id)
+
+    def cancel(self, job_id: int) -> JobRecord | None:
+        """Cancel a job durably; a running handler is cancelled too. Terminal jobs are left as they are."""
+        rec = self._live.get(job_id)
+        if rec is None:
+            return self.get(job_id)
+        self._cancel_delivery(rec)
+        rec.error_code, rec.error = ErrorCode.CANCELLED, "cancelled by request"
+        self._finish(rec, JobState.CANCELLED, time.time())
+        return rec
+
+    def wait(self, job_id: int, rid: bytes, corr: int, answer: Watcher) -> bool:
+        """Call ``answer(record, rid, corr)`` when the job ends; False if it already has."""
+        if job_id in self._live:
+            self._mem[job_id].watchers.append((rid, corr, answer))
+            return True
+        return False
+
+    def forget_waiter(self, job_id: int, rid: bytes, corr: int) -> bool:
+        """Drop a ``wait``; False if it was answered already."""
+        mem = self._mem.get(job_id)
+        if mem is None:
+            return False
+        for i, (r, c, _) in enumerate(mem.watchers):
+            if r == rid and c == corr:
+                del mem.watchers[i]
+                return True
+        return False
+
+    # --------------------------------------------------------------- sweep
+
+    def _sweep(self) -> None:
+        """Every second: expired leases are redelivered; old terminal jobs are compacted."""
+        now = time.time()
+        try:
+            for rec in list(self._live.values()):
+                if rec.state in (JobState.DISPATCHED, JobState.RUNNING) and 0 < rec.lease_expires < now:
+                    self._cancel_delivery(rec)
+                    rec.error_code, rec.error = ErrorCode.AGENT_LOST, "lease expired"
+                    if rec.attempts < rec.max_attempts:
+                        self._retry(rec, now)
+                    else:
+                        self._finish(rec, JobState.LOST, now)
+            self._compact(now)
+        except Exception:
+            log.exception("job sweep failed")
+        finally:
+            self._sweeper = self._loop.call_later(1.0, self._sweep)
+
+    def _compact(self, now: float) -> None:
+        if self.log.pending > 10_000:
+            return  # the writer is behind; compaction can wait
+        old = self.store.terminal_before(now - self.retention_age_s, 10_000)
+        counts = self.store.counts()
+        terminal = sum(n for state, n in counts.items() if state.terminal)
+        excess = terminal - len(old) - self.retention_count
+        if excess > 0:
+            extra = self.store.terminal_before(now + 1.0, len(old) + min(excess, 10_000))
+            old = list(dict.fromkeys(old + extra))
+        if old:
+            for job_id in old:
+                self._recent.pop(job_id, None)
+            self.log.delete(old)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "jobs_live": len(self._live),
+            "jobs_recovered": self.recovered,
+            "joblog_batches": self.log.batches,
+            "joblog_records": self.log.records,
+            "joblog_pending": self.log.pending,
+        }
+
+
+_STATE_CODES = {
+    JobState.CANCELLED: ErrorCode.CANCELLED,
+    JobState.TIMED_OUT: ErrorCode.TIMEOUT,
+    JobState.LOST: ErrorCode.AGENT_LOST,
+}
+
+
+def _error_type(frames: list[bytes]) -> str:
+    if len(frames) > 3:
+        try:
+            details = msgpack.unpackb(frames[3], raw=False)
+            if isinstance(details, dict):
+                return str(details.get("type", ""))
+        except Exception:
+            return ""
+    return ""
+
+
+def _short(error_type: str) -> str:
+    return error_type.rsplit(".", 1)[-1]
+
+
+__all__ = ["JOBS_RID", "JobManager", "JobOptions"]

@@ -1,0 +1,322 @@
+"""Tracked jobs end to end: lifecycle, retries, timeouts, cancel, idempotency, leases,
+redelivery and recovery after a broker restart, over real sockets and real LMDB files."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import orbitmesh as om
+from orbitmesh import ErrorCode, JobState
+
+from .conftest import endpoint_for
+from .mesh import FAST, mesh
+
+
+def job_handlers(counts: dict[str, int]):
+    def setup(agent: om.Agent) -> None:
+        @agent.handler
+        async def add(a: int, b: int) -> int:
+            counts["add"] = counts.get("add", 0) + 1
+            return a + b
+
+        @agent.handler
+        async def flaky(fail_times: int) -> str:
+            counts["flaky"] = counts.get("flaky", 0) + 1
+            if counts["flaky"] <= fail_times:
+                raise RuntimeError(f"failure {counts['flaky']}")
+            return agent.name
+
+        @agent.handler
+        async def refuse() -> None:
+            counts["refuse"] = counts.get("refuse", 0) + 1
+            raise PermissionError("never")
+
+        @agent.handler
+        async def sleep(seconds: float) -> str:
+            counts["sleep"] = counts.get("sleep", 0) + 1
+            await asyncio.sleep(seconds)
+            return agent.name
+
+    return setup
+
+
+def states(info: om.JobInfo) -> list[str]:
+    return [t[0] for t in info.transitions]
+
+
+def test_job_lifecycle_is_logged(arun, ctx, core_impl):
+    counts: dict[str, int] = {}
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), setup=job_handlers(counts)) as (_, _, client):
+            # When a job runs to completion, Expect every transition in its record
+            job = await client.execute("agent-0", "add", [2, 3])
+            assert await job.result(timeout=5) == 5
+            info = await client.wait(job.id, timeout=5)
+            assert info.state == JobState.SUCCEEDED and info.attempts == 1 and info.agent == "agent-0"
+            assert states(info) == ["PENDING", "DISPATCHED", "RUNNING", "SUCCEEDED"]
+            assert client.job_result(info) == 5
+
+    arun(main())
+
+
+def test_retries_with_backoff_then_success(arun, ctx, core_impl):
+    counts: dict[str, int] = {}
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), setup=job_handlers(counts)) as (_, _, client):
+            # Given a handler that fails twice, When it may be tried 4 times, Expect success on the 3rd
+            t = time.monotonic()
+            job = await client.execute(
+                "agent-0", "flaky", {"fail_times": 2}, max_attempts=4, retry_initial=0.05, retry_max=0.1
+            )
+            assert await job.result(timeout=5) == "agent-0"
+            info = await job.info()
+            assert info.attempts == 3 and counts["flaky"] == 3
+            assert states(info).count("PENDING") == 3  # submitted, then two retries
+            assert time.monotonic() - t >= 0.05  # the backoff was waited out
+
+    arun(main())
+
+
+def test_retries_exhausted_and_non_retryable(arun, ctx, core_impl):
+    counts: dict[str, int] = {}
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), setup=job_handlers(counts)) as (_, _, client):
+            job = await client.execute("agent-0", "flaky", {"fail_times": 10}, max_attempts=2, retry_initial=0.01)
+            with pytest.raises(om.RemoteError, match="failure 2") as info:
+                await job.result(timeout=5)
+            assert info.value.remote_type == "builtins.RuntimeError"
+            assert (await job.info()).state == JobState.FAILED and counts["flaky"] == 2
+            # A non-retryable error type is not tried again, whatever max_attempts says
+            job = await client.execute("agent-0", "refuse", max_attempts=5, non_retryable=["PermissionError"])
+            with pytest.raises(om.RemoteError):
+                await job.result(timeout=5)
+            assert counts["refuse"] == 1 and (await job.info()).attempts == 1
+
+    arun(main())
+
+
+def test_timeout_cancel_and_delay(arun, ctx, core_impl):
+    counts: dict[str, int] = {}
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), setup=job_handlers(counts)) as (_, [agent], client):
+            # Job timeout -> TIMED_OUT, and the handler is cancelled
+            job = await client.execute("agent-0", "sleep", [5], job_timeout=0.2)
+            with pytest.raises(om.TimeoutError):
+                await job.result(timeout=5)
+            assert (await job.info()).state == JobState.TIMED_OUT
+            # Cancel a running job: CANCELLED durably, the handler stops, and it is never run again
+            job = await client.execute("agent-0", "sleep", [5])
+            await asyncio.sleep(0.1)
+            assert (await job.cancel()).state == JobState.CANCELLED
+            with pytest.raises(om.CancelledError):
+                await job.result(timeout=5)
+            for _ in range(50):
+                if agent.inflight == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert agent.inflight == 0
+            # Cancelling a finished job leaves it as it was
+            done = await client.execute("agent-0", "add", [1, 1])
+            await done.result(timeout=5)
+            assert (await client.cancel(done.id)).state == JobState.SUCCEEDED
+            # Delayed start: nothing runs before the delay
+            before = counts.get("add", 0)
+            t = time.monotonic()
+            later = await client.execute("agent-0", "add", [1, 2], delay=0.3)
+            await asyncio.sleep(0.1)
+            assert counts.get("add", 0) == before and (await later.info()).state == JobState.PENDING
+            assert await later.result(timeout=5) == 3 and time.monotonic() - t >= 0.3
+            # A pending (delayed) job cancelled never runs
+            never = await client.execute("agent-0", "add", [0, 0], delay=0.3)
+            assert (await never.cancel()).state == JobState.CANCELLED
+            await asyncio.sleep(0.4)
+            assert counts["add"] == before + 1
+
+    arun(main())
+
+
+def test_idempotency_key_runs_once(arun, ctx, core_impl):
+    counts: dict[str, int] = {}
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), setup=job_handlers(counts)) as (_, _, client):
+            first = await client.execute("agent-0", "add", [20, 22], idempotency_key="order-17")
+            again = await client.execute("agent-0", "add", [20, 22], idempotency_key="order-17")
+            assert again.id == first.id
+            assert await first.result(timeout=5) == 42 and await again.result(timeout=5) == 42
+            late = await client.execute("agent-0", "add", [20, 22], idempotency_key="order-17")
+            assert late.id == first.id and await late.result(timeout=5) == 42
+            assert counts["add"] == 1
+
+    arun(main())
+
+
+def test_bad_job_options_are_refused(arun, ctx, core_impl):
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc")) as (_, _, client):
+            with pytest.raises(om.ProtocolError, match="max_attempts") as info:
+                await client.execute("agent-0", "echo", max_attempts=0)
+            assert info.value.code == ErrorCode.BAD_PAYLOAD
+            with pytest.raises(om.ProtocolError, match="idempotency key"):
+                await client.execute("agent-0", "echo", idempotency_key="")
+            with pytest.raises(om.RoutingError) as nojob:
+                await client.wait(123456, timeout=1)
+            assert nojob.value.code == ErrorCode.NO_SUCH_JOB
+
+    arun(main())
+
+
+def test_job_waits_for_an_agent_then_fails_clearly(arun, ctx, core_impl):
+    async def main():
+        kw = {"dispatch_window": 0.5}
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), broker_kw=kw) as (_, _, client):
+            # Given no agent with that name, Expect the job to wait its dispatch window, then FAILED
+            job = await client.execute("nobody", "echo")
+            with pytest.raises(om.RoutingError) as info:
+                await job.result(timeout=5)
+            assert info.value.code == ErrorCode.NO_SUCH_AGENT
+            assert (await job.info()).state == JobState.FAILED
+
+    arun(main())
+
+
+def test_job_on_a_lost_agent_is_redelivered_to_another(arun, ctx, core_impl):
+    counts: dict[str, int] = {}
+    agents = [{"capabilities": ["work"]}, {"capabilities": ["work"]}]
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), agents, setup=job_handlers(counts)) as (
+            broker,
+            started,
+            client,
+        ):
+            job = await client.execute(om.Select(capability="work"), "sleep", [0.6], max_attempts=3, retry_initial=0.01)
+            await asyncio.sleep(0.2)
+            first = (await job.info()).agent
+            victim = next(a for a in started if a.name == first)
+            # When its agent vanishes without a word (socket closed, no BYE)
+            victim._conn.close()
+            # Expect the job to finish on the other agent, within the liveness window
+            assert await job.result(timeout=5) != first
+            info = await job.info()
+            assert info.attempts == 2 and "LOST" not in states(info)[-1]
+
+    arun(main())
+
+
+def test_broker_restart_recovers_jobs(arun, ctx, core_impl, tmp_path):
+    counts: dict[str, int] = {}
+    store = f"lmdb://{tmp_path}/jobs"
+
+    async def main():
+        port_broker = om.Broker("tcp://127.0.0.1:0", core=core_impl, context=ctx, store=store, **FAST)
+        await port_broker.start()
+        endpoint = port_broker.endpoints[0]
+        agent = om.Agent("worker", endpoint, context=ctx)
+        job_handlers(counts)(agent)
+        await agent.start()
+        client = om.MeshClient(endpoint, context=ctx, timeout=10)
+        await client.connect()
+        try:
+            # Given a finished job, a running job and a delayed one
+            done = await client.execute("worker", "add", [1, 1])
+            assert await done.result(timeout=5) == 2
+            running = await client.execute("worker", "sleep", [0.5])
+            delayed = await client.execute("worker", "add", [5, 5], delay=0.5)
+            await asyncio.sleep(0.1)
+            # When the broker stops and a new one starts on the same store and port
+            await port_broker.stop()
+            second = om.Broker(endpoint, core=core_impl, context=ctx, store=store, **FAST)
+            await second.start()
+            try:
+                # Expect every job to reach its end, the finished one untouched
+                for job_id, value in ((running.id, "worker"), (delayed.id, 10)):
+                    info = await client.wait(job_id, timeout=10)
+                    assert info.state == JobState.SUCCEEDED, info
+                    assert client.job_result(info) == value
+                    assert "broker restarted" in [t[2] for t in info.transitions] or job_id == delayed.id
+                assert (await client.get_job(done.id)).state == JobState.SUCCEEDED
+                assert counts["sleep"] == 1  # the agent's answer was remembered, not run again
+                assert (await client.stats())["jobs_recovered"] == 2
+                again = await client.execute("worker", "add", [2, 2])
+                assert again.id > delayed.id and await again.result(timeout=5) == 4
+            finally:
+                await second.stop()
+        finally:
+            await client.close()
+            await agent.stop(drain_timeout=1)
+
+    arun(main(), timeout=60)
+
+
+def test_list_jobs_filters_and_pages(arun, ctx, core_impl):
+    counts: dict[str, int] = {}
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), setup=job_handlers(counts)) as (_, _, client):
+            t0 = time.time()
+            ids = []
+            for i in range(7):
+                job = await client.execute("agent-0", "add" if i % 2 else "refuse", [i, i] if i % 2 else None)
+                ids.append(job.id)
+                try:
+                    await job.result(timeout=5)
+                except om.RemoteError:
+                    pass
+            page1 = await client.list_jobs(limit=3)
+            page2 = await client.list_jobs(limit=3, cursor=page1[-1].id)
+            page3 = await client.list_jobs(limit=3, cursor=page2[-1].id)
+            assert [j.id for j in page1 + page2 + page3] == sorted(ids, reverse=True)
+            failed = await client.list_jobs(state=JobState.FAILED)
+            assert [j.id for j in failed] == [ids[i] for i in (6, 4, 2, 0)]
+            assert {j.command for j in await client.list_jobs(command="add")} == {"add"}
+            assert len(await client.list_jobs(agent="agent-0", since=t0)) == 7
+            assert await client.list_jobs(since=time.time() + 60) == []
+
+    arun(main())
+
+
+def test_retention_compacts_old_jobs(arun, ctx, core_impl):
+    async def main():
+        kw = {"retention_count": 3}
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), broker_kw=kw, setup=job_handlers({})) as (
+            _,
+            _,
+            client,
+        ):
+            jobs = [await client.execute("agent-0", "add", [i, 0]) for i in range(8)]
+            for job in jobs:
+                await job.result(timeout=5)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                left = await client.list_jobs(limit=100)
+                if len(left) <= 3:
+                    break
+                await asyncio.sleep(0.2)
+            assert [j.id for j in left] == [j.id for j in jobs[-3:]][::-1]
+
+    arun(main())
+
+
+def test_corrupt_store_refuses_to_start(arun, ctx, core_impl, tmp_path):
+    data = tmp_path / "jobs"
+    data.mkdir()
+    (data / "data.mdb").write_bytes(b"this is not an lmdb file" * 10)
+    before = (data / "data.mdb").read_bytes()
+
+    async def main():
+        broker = om.Broker(endpoint_for("inproc"), core=core_impl, context=ctx, store=f"lmdb://{data}")
+        with pytest.raises(om.StorageError) as info:
+            await broker.start()
+        assert info.value.code == ErrorCode.STORAGE_CORRUPT and str(data) in str(info.value)
+        assert not broker.running
+
+    arun(main())
+    assert (data / "data.mdb").read_bytes() == before
