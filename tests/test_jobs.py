@@ -52,12 +52,18 @@ def test_job_lifecycle_is_logged(arun, ctx, core_impl):
 
     async def main():
         async with mesh(ctx, core_impl, endpoint_for("inproc"), setup=job_handlers(counts)) as (_, _, client):
-            # When a job runs to completion, Expect every transition in its record
-            job = await client.execute("agent-0", "add", [2, 3])
-            assert await job.result(timeout=5) == 5
+            # When a job that takes a while runs to completion, Expect every transition in its record
+            job = await client.execute("agent-0", "sleep", [0.05])
+            assert await job.result(timeout=5) == "agent-0"
             info = await client.wait(job.id, timeout=5)
             assert info.state == JobState.SUCCEEDED and info.attempts == 1 and info.agent == "agent-0"
             assert states(info) == ["PENDING", "DISPATCHED", "RUNNING", "SUCCEEDED"]
+            assert [t[2] for t in info.transitions][1:] == ["agent-0"] * 3
+            # A handler that answers at once never reports RUNNING: it goes straight to SUCCEEDED
+            quick = await client.execute("agent-0", "add", [2, 3])
+            assert await quick.result(timeout=5) == 5
+            info = await client.wait(quick.id, timeout=5)
+            assert states(info) == ["PENDING", "DISPATCHED", "SUCCEEDED"]
             assert client.job_result(info) == 5
 
     arun(main())
@@ -129,10 +135,10 @@ def test_timeout_cancel_and_delay(arun, ctx, core_impl):
             # Delayed start: nothing runs before the delay
             before = counts.get("add", 0)
             t = time.monotonic()
-            later = await client.execute("agent-0", "add", [1, 2], delay=0.3)
+            later = await client.execute("agent-0", "add", [1, 2], delay=0.6)
             await asyncio.sleep(0.1)
             assert counts.get("add", 0) == before and (await later.info()).state == JobState.PENDING
-            assert await later.result(timeout=5) == 3 and time.monotonic() - t >= 0.3
+            assert await later.result(timeout=5) == 3 and time.monotonic() - t >= 0.6
             # A pending (delayed) job cancelled never runs
             never = await client.execute("agent-0", "add", [0, 0], delay=0.3)
             assert (await never.cancel()).state == JobState.CANCELLED

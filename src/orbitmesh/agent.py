@@ -384,8 +384,8 @@ class Agent:
             running[:] = [token, corr, aux]
             self._send([header(Kind.RUNNING, aux=aux, corr=corr, job=job), token])
             return True
+        # RUNNING is sent only if the handler does not finish at once (see _run_eagerly).
         self._jobs_running[job] = [token, corr, aux]
-        self._send([header(Kind.RUNNING, aux=aux, corr=corr, job=job), token])
         return False
 
     def _progress(self) -> None:
@@ -462,6 +462,10 @@ class Agent:
                 self._end()
                 return
             aw = _Resume(aw, pending)
+        if job:
+            delivery = self._jobs_running.get(job)
+            if delivery is not None:  # a tracked job that takes time: say it runs
+                self._send([header(Kind.RUNNING, aux=delivery[2], corr=delivery[1], job=job), delivery[0]])
         self._start_task(token, self._finish(aw, token, corr, job, sflags, serializer))
 
     def _start_task(self, token: bytes, coro: Any) -> None:

@@ -260,7 +260,8 @@ class Broker:
             to_peer=self._send,
             publish=self._publish,
             agent_name=self._agent_name,
-            resolve=self._job_route,
+            choose=self._choose_agent,
+            is_agent=lambda name: name in self._by_name,
             lease_s=self._job_lease,
             dispatch_window_s=self._dispatch_window,
             retention_age_s=self._retention[0],
@@ -296,7 +297,8 @@ class Broker:
         self._ctrl.close()
         self._ctrl = None
         if self.jobs is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.jobs.stop)
+            self.jobs.stop()
+            await asyncio.get_running_loop().run_in_executor(None, self.jobs.close)
         if self._thread.is_alive():
             # Never close sockets another thread may still be using.
             log.error("data-plane thread still running; leaving its sockets open")
@@ -542,35 +544,60 @@ class Broker:
         assert self._ctrl is not None
         self._ctrl.send([self._dp_mod.OP["INJECT"], rid, frames[0], resolved, *frames[2:]])
 
-    def _job_route(self, route: bytes) -> bytes | OrbitMeshError:
-        return self._resolve_labels(route) if route and route[0] == Route.LABELS else route
-
     def _agent_name(self, rid: bytes) -> tuple[str, int]:
         agent = self._agents.get(rid)
         return (agent.info.name, agent.info.session) if agent is not None else ("", 0)
 
     def _resolve_labels(self, route: bytes) -> bytes | OrbitMeshError:
+        """A LABELS route becomes a NAME route to the agent chosen here; others pass as they are."""
         if not route or route[0] != Route.LABELS:
             return route
-        try:
-            spec = msgpack.unpackb(route[2:], raw=False)
-            if not isinstance(spec, dict):
-                raise ValueError("selector must be a map")
-            want = _labels(spec.get("labels"))
-            cap, group = spec.get("capability"), spec.get("group")
-        except Exception as exc:
-            return OrbitMeshError(f"bad label selector: {exc}", code=ErrorCode.BAD_ROUTE)
+        chosen = self._choose_agent(route, "")
+        if isinstance(chosen, OrbitMeshError):
+            return chosen
+        return bytes((Route.NAME, 0)) + chosen.encode()
+
+    def _choose_agent(self, route: bytes, command: str) -> str | OrbitMeshError:
+        """Pick the agent a route means, here in the control plane (label routes, and tracked
+        jobs, whose agent is written to the job log before the job is sent)."""
+        if len(route) < 2:
+            return OrbitMeshError("bad route frame", code=ErrorCode.BAD_ROUTE)
+        rtype, strategy, key = route[0], route[1], route[2:]
+        if rtype == Route.NAME:
+            name = key.decode(errors="replace")
+            agent = self._by_name.get(name)
+            if agent is None:
+                return OrbitMeshError(f"no agent named '{name}'", code=ErrorCode.NO_SUCH_AGENT)
+            return name
+        want: dict[str, str] = {}
+        cap = group = None
+        if rtype == Route.LABELS:
+            try:
+                spec = msgpack.unpackb(key, raw=False)
+                if not isinstance(spec, dict):
+                    raise ValueError("selector must be a map")
+                want = _labels(spec.get("labels"))
+                cap, group = spec.get("capability"), spec.get("group")
+            except Exception as exc:
+                return OrbitMeshError(f"bad label selector: {exc}", code=ErrorCode.BAD_ROUTE)
+        elif rtype == Route.CAPABILITY:
+            cap = key.decode(errors="replace")
+        elif rtype == Route.GROUP:
+            group = key.decode(errors="replace")
+        elif rtype != Route.COMMAND:
+            return OrbitMeshError(f"unknown route type {rtype}", code=ErrorCode.BAD_ROUTE)
         matches = [
             a
             for a in self._agents.values()
-            if a.state != "draining"
+            if a.state == "alive"
             and labels_match(a.info.labels, want)
             and (cap is None or cap in a.info.capabilities)
             and (group is None or group in a.info.groups)
+            and (rtype != Route.COMMAND or command in a.info.commands)
         ]
         if not matches:
-            return OrbitMeshError(f"no agent matches labels {want}", code=ErrorCode.NO_AGENT_AVAILABLE)
-        strategy = route[1]
+            what = f"labels {want}" if rtype == Route.LABELS else f"{cap or group or command!r}"
+            return OrbitMeshError(f"no agent matches {what}", code=ErrorCode.NO_AGENT_AVAILABLE)
         if strategy == Strategy.RANDOM:
             chosen = random.choice(matches)
         elif strategy == Strategy.ROUND_ROBIN:
@@ -580,7 +607,7 @@ class Broker:
             chosen = min(matches, key=lambda a: a.inflight / max(1, a.info.capacity))
         # Count it now, so a burst spreads before the next load report.
         chosen.inflight += 1
-        return bytes((Route.NAME, 0)) + chosen.info.name.encode()
+        return chosen.info.name
 
     # ------------------------------------------------------------- queries
 

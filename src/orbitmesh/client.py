@@ -394,6 +394,8 @@ class MeshClient:
     # ------------------------------------------------------------ timeouts
 
     def _arm_timeout(self, corr: int, timeout: float) -> None:
+        if timeout >= _FOREVER:
+            return  # ended by its own protocol (a job's outcome, a stream's end), not by a timer
         assert self._loop is not None
         at = self._loop.time() + timeout
         heapq.heappush(self._deadlines, (at, corr))
@@ -575,16 +577,19 @@ class MeshClient:
             fut = self.submit(
                 agent, c.command, c.params, timeout=_FOREVER, serializer=serializer, _flags=F_TRACKED, _options=options
             )
-            p = self._pending[self._corr]
-            assert p.accepted is not None
-            accepted = p.accepted
-            done, _ = await asyncio.wait((accepted, fut), timeout=to, return_when=asyncio.FIRST_COMPLETED)
-            if accepted in done and not accepted.cancelled():
-                return Job(self, accepted.result(), fut, returns)
-            if fut.done():
-                fut.result()  # raises the error that came before ACCEPTED
-            self._pending.pop(self._corr, None)
-            raise TimeoutError(f"job not accepted within {to} s")
+            corr = self._corr
+            accepted = self._pending[corr].accepted
+            assert accepted is not None and self._loop is not None
+            # One future, one timer: an error before ACCEPTED fails ``accepted`` too.
+            timer = self._loop.call_later(to, _expire_accept, accepted, to)
+            try:
+                job_id = await accepted
+            except TimeoutError:
+                self._pending.pop(corr, None)
+                raise
+            finally:
+                timer.cancel()
+            return Job(self, job_id, fut, returns)
 
         call = Call("client", "execute", command, params, _target_name(agent))
         if self._middleware:
@@ -873,7 +878,9 @@ class MeshClient:
         if p.waiter is not None and not p.waiter.done():
             p.waiter.set_result(None)
         if p.accepted is not None and not p.accepted.done():
-            p.accepted.cancel()
+            p.accepted.set_exception(exc)
+            if p.fut.done():
+                p.fut.exception()  # the caller hears it through ``accepted``
 
     def _on_event(self, frames: list[Any]) -> None:
         try:
@@ -912,6 +919,11 @@ class _EventIter(AsyncIterator[Event]):
     async def aclose(self) -> None:
         if self._entry in self._client._subscriptions:
             self._client._subscriptions.remove(self._entry)
+
+
+def _expire_accept(accepted: asyncio.Future[int], timeout: float) -> None:
+    if not accepted.done():
+        accepted.set_exception(TimeoutError(f"job not accepted within {timeout} s"))
 
 
 def _target_name(target: Target) -> str:

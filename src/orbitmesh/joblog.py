@@ -57,7 +57,7 @@ class JobLog:
         written (durably, in ``sync`` mode), with the StorageError if the write failed."""
         if self._failed is not None:
             raise StorageError(f"job log is down: {self._failed}", code=ErrorCode.STORAGE_ERROR)
-        snapshot = _copy(record)
+        snapshot = record.copy()
         with self._cond:
             self._queue.append((snapshot, done))
             if len(self._queue) == 1:
@@ -145,14 +145,6 @@ class JobLog:
         except BaseException as exc:
             self._failed = exc
             log.error("job log flush failed: %s", exc)
-
-
-def _copy(record: JobRecord) -> JobRecord:
-    # The control plane goes on mutating its record; the writer must see this moment's state.
-    clone = JobRecord.__new__(JobRecord)
-    clone.__dict__.update(record.__dict__)
-    clone.transitions = list(record.transitions)
-    return clone
 
 
 def _run_callbacks(callbacks: list[Callback], error: BaseException | None) -> None:

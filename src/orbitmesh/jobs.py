@@ -17,7 +17,6 @@ import asyncio
 import logging
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +27,7 @@ from ._wire import HDR, error_message, header
 from .errors import ErrorCode, OrbitMeshError
 from .joblog import JobLog
 from .models import JobState
-from .protocol import F_TRACKED, Kind
+from .protocol import F_TRACKED, Kind, Route
 from .storage.base import JobRecord, JobStore
 
 log = logging.getLogger("orbitmesh.jobs")
@@ -51,6 +50,8 @@ _WAIT_CODES = frozenset(
 _FINAL_CODES = frozenset(
     (ErrorCode.UNKNOWN_COMMAND, ErrorCode.BAD_PAYLOAD, ErrorCode.BAD_ROUTE, ErrorCode.NO_RAW_HANDLER)
 )
+DIRTY_FLUSH_S = 0.05
+_NAME_ROUTE = bytes((Route.NAME,))
 _OPTION_KEYS = frozenset(
     ("max_attempts", "retry_initial", "retry_max", "non_retryable", "timeout", "delay", "run_at", "key")
 )
@@ -143,7 +144,8 @@ class JobManager:
         to_peer: Callable[[bytes, list[bytes]], None],
         publish: Callable[[str, dict[str, Any]], None],
         agent_name: Callable[[bytes], tuple[str, int]],
-        resolve: Callable[[bytes], bytes | OrbitMeshError] = lambda route: route,
+        choose: Callable[[bytes, str], str | OrbitMeshError],
+        is_agent: Callable[[str], bool],
         lease_s: float = 5.0,
         dispatch_window_s: float = 60.0,
         retention_age_s: float = 7 * 86400.0,
@@ -156,7 +158,8 @@ class JobManager:
         self._to_peer = to_peer
         self._publish = publish
         self._agent_name = agent_name
-        self._resolve = resolve
+        self._choose = choose
+        self._is_agent = is_agent
         self.lease_s = lease_s
         self.dispatch_window_s = dispatch_window_s
         self.retention_age_s = retention_age_s
@@ -165,7 +168,10 @@ class JobManager:
         self._live: dict[int, JobRecord] = {}
         self._mem: dict[int, _Live] = {}
         self._by_key: dict[str, int] = {}
-        self._recent: OrderedDict[int, JobRecord] = OrderedDict()  # terminal, maybe not yet written
+        self._recent: dict[int, JobRecord] = {}  # finished, until the log has written them
+        self._dirty: dict[int, JobRecord] = {}  # changed, to be written with the next flush
+        self._unwritten: dict[int, list[tuple[bytes, int]]] = {}  # new jobs not yet in the log -> parked submits
+        self._flusher: asyncio.TimerHandle | None = None
         self._next_id = 1
         self._sweeper: asyncio.TimerHandle | None = None
         self.recovered = 0
@@ -187,7 +193,7 @@ class JobManager:
                 # attempt is not held against the job; the agent dedups by job id.
                 rec.attempts = max(0, rec.attempts - 1)
                 self._transition(rec, JobState.PENDING, now, "broker restarted")
-                self.log.append(rec)
+                self._touch(rec)
             self._schedule(rec, max(rec.run_at, now + 0.05))
             self.recovered += 1
         if self.recovered:
@@ -195,12 +201,18 @@ class JobManager:
         self._sweeper = self._loop.call_later(1.0, self._sweep)
 
     def stop(self) -> None:
-        """Stop timers and the writer (what is queued is written); close the store."""
+        """On the loop: stop every timer and queue the changes not yet written."""
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._flusher is not None:
+            self._flusher.cancel()
+        self._flush_dirty()
         for mem in self._mem.values():
             if mem.timer is not None:
                 mem.timer.cancel()
+
+    def close(self) -> None:
+        """Blocking: let the writer write what is queued, then close the store."""
         self.log.stop()
         self.store.close()
 
@@ -242,15 +254,23 @@ class JobManager:
             non_retryable=opts.non_retryable,
             transitions=[(JobState.PENDING.value, now, "")],
         )
+        chosen = self._choose(rec.route, command)
+        if isinstance(chosen, str):
+            rec.agent = chosen  # written with the job: a restart redelivers it to the same agent
         self._next_id += 1
         self._live[rec.id] = rec
         self._mem[rec.id] = _Live(waiters=[(rid, corr)])
+        self._unwritten[rec.id] = []
         if opts.key:
             self._by_key[opts.key] = rec.id
         self.log.append(rec, lambda err: self._accepted(rec, rid, corr, err))
 
     def _attach(self, job_id: int, rid: bytes, corr: int) -> None:
         """A submit with a known idempotency key: the same job, not a new run."""
+        parked = self._unwritten.get(job_id)
+        if parked is not None:
+            parked.append((rid, corr))  # ACCEPTED only once the job is in the log
+            return
         self._to_peer(rid, [header(Kind.ACCEPTED, corr=corr, job=job_id), b""])
         rec = self._live.get(job_id)
         if rec is not None:
@@ -261,14 +281,20 @@ class JobManager:
             self._answer(done, [(rid, corr)])
 
     def _accepted(self, rec: JobRecord, rid: bytes, corr: int, err: BaseException | None) -> None:
+        parked = [(rid, corr), *self._unwritten.pop(rec.id, [])]
         if err is not None:
             self._live.pop(rec.id, None)
             self._mem.pop(rec.id, None)
             self._by_key.pop(rec.idempotency_key, None)
             code = err.code if isinstance(err, OrbitMeshError) else ErrorCode.STORAGE_ERROR
-            self._to_peer(rid, error_message(code, corr, f"job not recorded: {err}", job=rec.id))
+            for r, c in parked:
+                self._to_peer(r, error_message(code, c, f"job not recorded: {err}", job=rec.id))
             return
-        self._to_peer(rid, [header(Kind.ACCEPTED, corr=corr, job=rec.id), b""])
+        mem = self._mem.get(rec.id)
+        for r, c in parked:
+            self._to_peer(r, [header(Kind.ACCEPTED, corr=c, job=rec.id), b""])
+            if mem is not None and (r, c) != (rid, corr):
+                mem.waiters.append((r, c))
         self._publish("job_accepted", {"id": rec.id, "command": rec.command})
         if rec.state == JobState.PENDING:  # not cancelled meanwhile
             self._schedule(rec, rec.run_at)
@@ -292,13 +318,37 @@ class JobManager:
             return
         mem = self._mem[job_id]
         mem.timer = None
+        now = time.time()
+        if rec.agent and not self._is_agent(rec.agent):
+            # Its agent is not (back) here. After a restart, give it a lease's time to
+            # re-register: it may hold the answer. Then choose again.
+            mem.waiting_since = mem.waiting_since or now
+            if now - mem.waiting_since < self.lease_s and rec.route[:1] != _NAME_ROUTE:
+                mem.timer = self._loop.call_later(0.1, self._dispatch, job_id)
+                return
+            if rec.route[:1] != _NAME_ROUTE:
+                rec.agent = ""
+        if not rec.agent:
+            chosen = self._choose(rec.route, rec.command)
+            if isinstance(chosen, OrbitMeshError):
+                rec.attempts += 1  # _on_error gives back the attempts of "no agent" refusals
+                self._on_error(rec, chosen.code, chosen.message, "", now)
+                return
+            rec.agent = chosen
+            # Written before it is sent, so a restart knows which agent may hold the answer.
+            self.log.append(rec, lambda err: self._send_job(job_id))
+            return
+        self._send_job(job_id)
+
+    def _send_job(self, job_id: int) -> None:
+        rec = self._live.get(job_id)
+        if rec is None or rec.state != JobState.PENDING:
+            return
+        mem = self._mem[job_id]
         rec.attempts += 1
         rec.lease = (rec.lease + 1) & 0xFFFFFFFF or 1
-        route = self._resolve(rec.route)
-        if isinstance(route, OrbitMeshError):
-            self._on_error(rec, route.code, route.message, "", time.time())
-            return
         hdr = header(Kind.REQUEST, rec.flags | F_TRACKED, 0, rec.lease, job_id, job_id, 0)
+        route = _NAME_ROUTE + b"\x00" + rec.agent.encode()
         self._send([self._op["INJECT"], JOBS_RID, hdr, route, rec.command.encode(), rec.params])
         if rec.timeout:
             mem.timer = self._loop.call_later(rec.timeout, self._timed_out, job_id, rec.lease)
@@ -316,7 +366,7 @@ class JobManager:
         mem.waiting_since = 0.0
         mem.wait_rounds = 0
         self._transition(rec, JobState.DISPATCHED, now, rec.agent)
-        self.log.append(rec)
+        self._touch(rec)
 
     # ------------------------------------------------------------- answers
 
@@ -333,7 +383,7 @@ class JobManager:
             rec.lease_expires = now + self.lease_s
             if rec.state == JobState.DISPATCHED:
                 self._transition(rec, JobState.RUNNING, now, rec.agent)
-                self.log.append(rec)
+                self._touch(rec)
                 self._publish("job_running", {"id": rec.id, "agent": rec.agent})
         elif kind == Kind.REPLY:
             rec.result = frames[2] if len(frames) > 2 else b""
@@ -352,7 +402,7 @@ class JobManager:
         if rec is None:
             return
         rec.transitions.append((f"LATE_{Kind(kind).name}", now, f"lease {lease}"))
-        self.log.append(rec)
+        self._touch(rec)
 
     def _on_error(self, rec: JobRecord, code: int, message: str, error_type: str, now: float) -> None:
         rec.error_code, rec.error, rec.error_type = code, message, error_type
@@ -381,12 +431,16 @@ class JobManager:
             self._finish(rec, JobState.FAILED, now)
 
     def _retry(self, rec: JobRecord, now: float, delay: float | None = None) -> None:
+        """PENDING again after ``delay`` (default: the job's backoff). A backoff retry chooses
+        its agent anew (unless the route names one); a "no agent now" retry keeps it."""
         if delay is None:
             top = min(rec.retry_max, rec.retry_initial * 2 ** max(0, rec.attempts - 1))
             delay = random.uniform(top / 2, top) if top > 0 else 0.0
+            if rec.route[:1] != _NAME_ROUTE:
+                rec.agent = ""
         rec.run_at = now + delay
         self._transition(rec, JobState.PENDING, now, f"retry in {delay:.3f}s")
-        self.log.append(rec)
+        self._touch(rec)
         self._schedule(rec, rec.run_at)
 
     def _timed_out(self, job_id: int, lease: int) -> None:
@@ -412,13 +466,20 @@ class JobManager:
         rec.lease_expires = 0.0
         self._transition(rec, state, now, rec.agent)
         self._recent[rec.id] = rec
-        if len(self._recent) > 10_000:
-            self._recent.popitem(last=False)
-        self.log.append(rec)
+        self._dirty.pop(rec.id, None)
+        # Whoever waits hears the outcome once it is in the log: what a client saw can be
+        # fetched again by id, even after a crash.
+        self.log.append(rec, lambda err: self._finished(rec, mem, err))
+        self._publish("job_finished", {"id": rec.id, "state": state.value, "agent": rec.agent})
+
+    def _finished(self, rec: JobRecord, mem: _Live, err: BaseException | None) -> None:
+        if self._recent.get(rec.id) is rec:
+            del self._recent[rec.id]  # the store has it now
+        if err is not None:
+            log.error("job %d finished as %s but could not be logged: %s", rec.id, rec.state.value, err)
         self._answer(rec, mem.waiters)
         for rid, corr, watcher in mem.watchers:
             watcher(rec, rid, corr)
-        self._publish("job_finished", {"id": rec.id, "state": state.value, "agent": rec.agent})
 
     def _answer(self, rec: JobRecord, waiters: list[tuple[bytes, int]]) -> None:
         for rid, corr in waiters:
@@ -430,6 +491,20 @@ class JobManager:
                 if rec.error_type:
                     frames.append(msgpack.packb({"type": rec.error_type, "traceback": "", "agent": rec.agent}))
                 self._to_peer(rid, frames)
+
+    def _touch(self, rec: JobRecord) -> None:
+        """A change that gates no answer (dispatched, running, a retry scheduled): written with
+        the next flush of changed records, ``DIRTY_FLUSH_S`` at most later. A job that ends
+        meanwhile is written once, with every transition in it."""
+        self._dirty[rec.id] = rec
+        if self._flusher is None:
+            self._flusher = self._loop.call_later(DIRTY_FLUSH_S, self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        self._flusher = None
+        dirty, self._dirty = self._dirty, {}
+        for rec in dirty.values():
+            self.log.append(rec)
 
     @staticmethod
     def _transition(rec: JobRecord, state: JobState, now: float, note: str) -> None:
