@@ -57,7 +57,7 @@ from .agent import Agent
 from .broker import Broker
 from .client import MeshClient
 from .protocol import Kind, Role, Route, Strategy
-from .runtime import run
+from .runtime import run, tune_gc_for_server
 
 AGENT_NAME = "bench-agent"
 RAW_AGENT_NAME = "bench-raw-agent"
@@ -403,6 +403,7 @@ async def noop(payload: Any) -> Any:
 async def _broker_main(parent: _Parent, core: str, store: str | None = None, durability: str = "sync") -> None:
     broker = Broker(LOCALHOST, core=core, store=store, durability=durability)
     await broker.start()
+    tune_gc_for_server()  # as `orbitmesh broker` does
     try:
         parent.send(ready={"endpoint": broker.endpoints[0], "core": broker.core})
         await _serve_parent(parent)

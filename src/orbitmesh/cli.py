@@ -20,7 +20,7 @@ from .broker import Broker
 from .client import MeshClient
 from .errors import OrbitMeshError
 from .models import JobInfo, JobState
-from .runtime import run
+from .runtime import run, tune_gc_for_server
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             async def start_broker() -> None:
                 await broker.start()
+                tune_gc_for_server()
                 print(f"orbitmesh broker {broker.id} ({broker.core} core) on {', '.join(broker.endpoints)}", flush=True)
 
             run(_serve(start_broker, broker.stop))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -22,6 +23,21 @@ def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
         else:
             return uvloop.new_event_loop()
     return asyncio.new_event_loop()
+
+
+def tune_gc_for_server(gen0: int = 50_000) -> None:
+    """For a process that is a broker and little else: move what exists now out of the
+    collector's sight (``gc.freeze``) and collect the young generation less often.
+
+    A broker under load makes short-lived objects per job; with the default threshold
+    (700) the collector ran ~800 times per 6k jobs and its older generations paused for
+    ~30 ms (measured with ``orbitmesh bench``). Process-wide, so only the CLI's own
+    processes call it; embedding programs decide for themselves.
+    """
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(gen0, gen1, gen2)
 
 
 def run(main: Coroutine[Any, Any, T], *, loop: str = "auto") -> T:
