@@ -33,7 +33,7 @@ import lmdb
 from ..errors import ErrorCode, StorageError
 from ..models import JobState
 from .base import FORMAT_VERSION, JobRecord, JobStore, check_durability
-from .memory_store import (
+from .common import (
     UNFINISHED_STATES,
     check_id,
     check_query,

@@ -32,7 +32,7 @@ import redis.exceptions
 from ..errors import ErrorCode, StorageError
 from ..models import JobState
 from .base import FORMAT_VERSION, JobRecord, JobStore, check_durability
-from .memory_store import (
+from .common import (
     MAX_ID,
     UNFINISHED_STATES,
     check_id,

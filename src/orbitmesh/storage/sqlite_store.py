@@ -19,7 +19,7 @@ from urllib.parse import quote
 from ..errors import ErrorCode, StorageError
 from ..models import JobState
 from .base import FORMAT_VERSION, JobRecord, JobStore, check_durability
-from .memory_store import check_id, check_query, duplicate_key, encode_record, not_open, take_page
+from .common import check_id, check_query, duplicate_key, encode_record, not_open, take_page
 
 MARKER = "orbitmesh-joblog"
 _HEADER = b"SQLite format 3\x00"
