@@ -297,3 +297,28 @@ def test_selection(arun, ctx, core_impl):
             assert all(a.capacity == 64 and a.state == "alive" for a in listed)
 
     arun(main())
+
+
+def test_one_broker_on_several_endpoints(arun, ctx, core_impl):
+    async def main():
+        # Given a broker bound to inproc, ipc and tcp at once
+        eps = [endpoint_for("inproc"), endpoint_for("ipc"), endpoint_for("tcp")]
+        async with om.Broker(*eps, core=core_impl, context=ctx, heartbeat_interval=0.1, liveness=4) as broker:
+            assert [e.split(":")[0] for e in broker.endpoints] == ["inproc", "ipc", "tcp"]
+            assert not broker.endpoints[2].endswith(":0")  # the port chosen at bind is reported
+            agent = om.Agent("multi", broker.endpoints[2], context=ctx)
+
+            @agent.handler
+            async def where() -> str:
+                return "tcp-agent"
+
+            await agent.start()
+            try:
+                # When clients on the other two transports call it, Expect both to reach it
+                for ep in broker.endpoints[:2]:
+                    async with om.MeshClient(ep, context=ctx, timeout=5) as client:
+                        assert await client.invoke("multi", "where") == "tcp-agent"
+            finally:
+                await agent.stop()
+
+    arun(main())
