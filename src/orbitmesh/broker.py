@@ -259,9 +259,8 @@ class Broker:
             send=self._ctrl.send,
             to_peer=self._send,
             publish=self._publish,
-            agent_name=self._agent_name,
             choose=self._choose_agent,
-            is_agent=lambda name: name in self._by_name,
+            agent_session=self._agent_session,
             lease_s=self._job_lease,
             dispatch_window_s=self._dispatch_window,
             retention_age_s=self._retention[0],
@@ -370,9 +369,6 @@ class Broker:
             elif ev == 3:
                 if self.jobs is not None:
                     self.jobs.on_event(frames[1], frames[2:])
-            elif ev == 4:
-                if self.jobs is not None:
-                    self.jobs.on_dispatched(frames[1], frames[2], frames[3] if len(frames) > 3 else b"")
             elif ev == 5:
                 self._on_state(frames[1], frames[2][0])
             elif ev == 6:
@@ -544,9 +540,9 @@ class Broker:
         assert self._ctrl is not None
         self._ctrl.send([self._dp_mod.OP["INJECT"], rid, frames[0], resolved, *frames[2:]])
 
-    def _agent_name(self, rid: bytes) -> tuple[str, int]:
-        agent = self._agents.get(rid)
-        return (agent.info.name, agent.info.session) if agent is not None else ("", 0)
+    def _agent_session(self, name: str) -> int | None:
+        agent = self._by_name.get(name)
+        return agent.info.session if agent is not None else None
 
     def _resolve_labels(self, route: bytes) -> bytes | OrbitMeshError:
         """A LABELS route becomes a NAME route to the agent chosen here; others pass as they are."""
@@ -670,7 +666,8 @@ class Broker:
     def _q_jobs(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
         assert self.jobs is not None
         self._check_jobs_query(q)
-        # Answer from the store once every change queued before this query is in it.
+        # Answer from the store once every change made before this query is in it.
+        self.jobs.flush_changes()
         self.jobs.log.barrier(lambda err: self._answer_jobs(rid, corr, q, err))
         return _DEFERRED
 

@@ -50,7 +50,7 @@ _WAIT_CODES = frozenset(
 _FINAL_CODES = frozenset(
     (ErrorCode.UNKNOWN_COMMAND, ErrorCode.BAD_PAYLOAD, ErrorCode.BAD_ROUTE, ErrorCode.NO_RAW_HANDLER)
 )
-DIRTY_FLUSH_S = 0.05
+DIRTY_FLUSH_S = 0.25
 _NAME_ROUTE = bytes((Route.NAME,))
 _OPTION_KEYS = frozenset(
     ("max_attempts", "retry_initial", "retry_max", "non_retryable", "timeout", "delay", "run_at", "key")
@@ -124,7 +124,6 @@ class _Live:
 
     waiters: list[tuple[bytes, int]] = field(default_factory=list)  # execute callers: (client rid, corr)
     watchers: list[tuple[bytes, int, Watcher]] = field(default_factory=list)  # wait queries
-    token: bytes = b""  # the data plane's in-flight token of the current delivery
     timer: asyncio.TimerHandle | None = None
     waiting_since: float = 0.0  # first "no agent" refusal of this dispatch round
     wait_rounds: int = 0  # "no agent" refusals so far in this round
@@ -143,9 +142,8 @@ class JobManager:
         send: Callable[[list[bytes]], None],
         to_peer: Callable[[bytes, list[bytes]], None],
         publish: Callable[[str, dict[str, Any]], None],
-        agent_name: Callable[[bytes], tuple[str, int]],
         choose: Callable[[bytes, str], str | OrbitMeshError],
-        is_agent: Callable[[str], bool],
+        agent_session: Callable[[str], int | None],
         lease_s: float = 5.0,
         dispatch_window_s: float = 60.0,
         retention_age_s: float = 7 * 86400.0,
@@ -157,9 +155,8 @@ class JobManager:
         self._send = send
         self._to_peer = to_peer
         self._publish = publish
-        self._agent_name = agent_name
         self._choose = choose
-        self._is_agent = is_agent
+        self._agent_session = agent_session
         self.lease_s = lease_s
         self.dispatch_window_s = dispatch_window_s
         self.retention_age_s = retention_age_s
@@ -319,7 +316,7 @@ class JobManager:
         mem = self._mem[job_id]
         mem.timer = None
         now = time.time()
-        if rec.agent and not self._is_agent(rec.agent):
+        if rec.agent and self._agent_session(rec.agent) is None:
             # Its agent is not (back) here. After a restart, give it a lease's time to
             # re-register: it may hold the answer. Then choose again.
             mem.waiting_since = mem.waiting_since or now
@@ -350,23 +347,16 @@ class JobManager:
         hdr = header(Kind.REQUEST, rec.flags | F_TRACKED, 0, rec.lease, job_id, job_id, 0)
         route = _NAME_ROUTE + b"\x00" + rec.agent.encode()
         self._send([self._op["INJECT"], JOBS_RID, hdr, route, rec.command.encode(), rec.params])
-        if rec.timeout:
-            mem.timer = self._loop.call_later(rec.timeout, self._timed_out, job_id, rec.lease)
-
-    def on_dispatched(self, agent_rid: bytes, hdr: bytes, token: bytes) -> None:
-        fields = HDR.unpack(hdr)
-        rec = self._live.get(fields[8])
-        if rec is None or rec.lease != fields[5] or rec.state != JobState.PENDING:
-            return
+        # From here the job is the agent's (or waits in the broker's queue for it).
         now = time.time()
-        rec.agent, rec.session = self._agent_name(agent_rid)
+        rec.session = self._agent_session(rec.agent) or 0
         rec.lease_expires = now + self.lease_s
-        mem = self._mem[rec.id]
-        mem.token = token
         mem.waiting_since = 0.0
         mem.wait_rounds = 0
         self._transition(rec, JobState.DISPATCHED, now, rec.agent)
         self._touch(rec)
+        if rec.timeout:
+            mem.timer = self._loop.call_later(rec.timeout, self._timed_out, job_id, rec.lease)
 
     # ------------------------------------------------------------- answers
 
@@ -453,10 +443,11 @@ class JobManager:
         self._finish(rec, JobState.TIMED_OUT, time.time())
 
     def _cancel_delivery(self, rec: JobRecord) -> None:
-        mem = self._mem.get(rec.id)
-        if mem is not None and rec.state in (JobState.DISPATCHED, JobState.RUNNING, JobState.PENDING):
+        if rec.state in (JobState.DISPATCHED, JobState.RUNNING):
+            # An empty route: the data plane finds the delivery by (JOBS_RID, corr = job id),
+            # in flight or still queued.
             cancel = header(Kind.CANCEL, corr=rec.id, job=rec.id, aux=rec.lease)
-            self._send([self._op["SIGNAL"], JOBS_RID, cancel, mem.token])
+            self._send([self._op["SIGNAL"], JOBS_RID, cancel, b""])
 
     def _finish(self, rec: JobRecord, state: JobState, now: float) -> None:
         mem = self._mem.pop(rec.id, _Live())
@@ -499,6 +490,12 @@ class JobManager:
         self._dirty[rec.id] = rec
         if self._flusher is None:
             self._flusher = self._loop.call_later(DIRTY_FLUSH_S, self._flush_dirty)
+
+    def flush_changes(self) -> None:
+        """Queue every changed record now (before a query that reads the store)."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+        self._flush_dirty()
 
     def _flush_dirty(self) -> None:
         self._flusher = None

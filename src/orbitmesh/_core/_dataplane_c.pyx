@@ -945,14 +945,6 @@ cdef class DataPlane:
             return
         agent.inflight += 1
         self._counters[C_FWD_REQUESTS] += 1
-        cdef char ev
-        if e.tracked:
-            ev = EV_DISPATCHED
-            self._counters[C_TO_CONTROL] += 1
-            self._send_bytes(self._control, &ev, 1, 1)
-            self._send_bytes(self._control, agent.rid.data(), agent.rid.size(), 1)
-            self._send_bytes(self._control, hdr_copy, OM_HEADER_SIZE, 1)
-            self._send_bytes(self._control, <const char*>token, OM_TOKEN_SIZE, 0)
 
     cdef void _release_entry(self, uint32_t index) noexcept nogil:
         cdef Entry* e = &self._entries[index]

@@ -22,7 +22,7 @@ data plane -> control
     EV_MSG      [ev, rid, hdr, frames...]     a message for the control plane
     EV_LOST     [ev, rid]                     a peer went silent (or said BYE)
     EV_JOB      [ev, agent_rid, hdr, ...]     a tracked job's progress / answer (never sent to a client)
-    EV_DISPATCHED [ev, agent_rid, hdr, token] a tracked job went to an agent
+    EV_DISPATCHED (4) reserved: no longer sent (the control plane marks a job dispatched itself)
     EV_STATE    [ev, rid, state]              an agent's liveness state changed
     EV_LOAD     [ev, (rid_len u8, rid, inflight u32, capacity u32)*, counters]  every heartbeat
     EV_STOPPED  [ev, counters]                the loop ended; counters as <Q*N>
@@ -561,8 +561,6 @@ class DataPlane:
             return
         agent.inflight += 1
         self._counters[1] += 1
-        if tracked:
-            self._up([EV_DISPATCHED, agent.rid, frames[0], token])
 
     def _free_entry(self, index: int) -> None:
         entry = self._entries[index]

@@ -157,6 +157,9 @@ class LmdbStore(JobStore):
         self.max_map_size = max_map_size
         self._env: Any = None
         self._dbs: dict[bytes, Any] = {}
+        # Index entries and idempotency key of each live (non-terminal) record as last written:
+        # a replace then needs no read and decode of the old record (the writer's main cost).
+        self._live_index: dict[int, tuple[list[tuple[Any, bytes, bytes]], str]] = {}
         self._gate = _Gate()
         self._write_lock = threading.Lock()
 
@@ -286,6 +289,7 @@ class LmdbStore(JobStore):
         if self._env is None:
             return
         with self._write_lock, self._gate.exclusive():
+            self._live_index.clear()
             env, self._env = self._env, None
             if env is None:
                 return
@@ -332,8 +336,14 @@ class LmdbStore(JobStore):
                 except lmdb.Error as exc:
                     self._raise_lmdb(exc, "writing")
                 try:
-                    self._apply(txn, records, deletes)
+                    cache = self._apply(txn, records, deletes)
                     txn.commit()
+                    live = self._live_index
+                    for job_id, entry in cache.items():
+                        if entry is None:
+                            live.pop(job_id, None)
+                        else:
+                            live[job_id] = entry
                     return
                 except lmdb.MapFullError:
                     self._abort(txn, grow=True)
@@ -378,7 +388,12 @@ class LmdbStore(JobStore):
             entries.append((dbs[b"by_done"], _time_key(rec.updated) + rid, b""))
         return entries
 
-    def _apply(self, txn: Any, records: Sequence[JobRecord], deletes: list[int]) -> None:
+    def _apply(
+        self, txn: Any, records: Sequence[JobRecord], deletes: list[int]
+    ) -> dict[int, tuple[list[tuple[Any, bytes, bytes]], str] | None]:
+        """Write in ``txn``; returns the updates to ``_live_index``, applied once it commits."""
+        cache: dict[int, tuple[list[tuple[Any, bytes, bytes]], str] | None] = {}
+        live = self._live_index
         dbs = self._dbs
         jobs, idem, meta = dbs[b"jobs"], dbs[b"idem"], dbs[b"meta"]
         max_id = _U64.unpack(txn.get(_MAX_ID_KEY, db=meta))[0]
@@ -387,22 +402,27 @@ class LmdbStore(JobStore):
         for rec in records:
             data = encode_record(rec)  # may raise midway: the caller aborts the whole txn
             rid = _be(rec.id)
-            raw = txn.get(rid, db=jobs)
             fresh = self._index_entries(rec)
-            if raw is None:
-                for db, key, value in fresh:
+            known = cache[rec.id] if rec.id in cache else live.get(rec.id)
+            if known is not None:
+                stale, old_key = known
+            else:
+                raw = txn.get(rid, db=jobs)
+                if raw is None:
+                    stale, old_key = [], ""
+                else:
+                    old = JobRecord.from_bytes(raw)
+                    stale, old_key = self._index_entries(old), old.idempotency_key
+            # Only the entries that changed (all of them for a new record).
+            for db, key, value in stale:
+                if (db, key, value) not in fresh:
+                    delete(key, value, db=db)
+            for db, key, value in fresh:
+                if (db, key, value) not in stale:
                     put(key, value, db=db)
-            else:  # a replace: only the entries that changed
-                old = JobRecord.from_bytes(raw)
-                stale = self._index_entries(old)
-                for db, key, value in stale:
-                    if (db, key, value) not in fresh:
-                        delete(key, value, db=db)
-                for db, key, value in fresh:
-                    if (db, key, value) not in stale:
-                        put(key, value, db=db)
-                if old.idempotency_key and old.idempotency_key != rec.idempotency_key:
-                    self._drop_key(txn, old.idempotency_key, rid)
+            if old_key and old_key != rec.idempotency_key:
+                self._drop_key(txn, old_key, rid)
+            cache[rec.id] = None if rec.terminal else (fresh, rec.idempotency_key)
             if rec.idempotency_key:
                 ikey = _str_key(rec.idempotency_key)
                 holder = txn.get(ikey, db=idem)
@@ -423,8 +443,10 @@ class LmdbStore(JobStore):
                 delete(key, value, db=db)
             if old.idempotency_key:
                 self._drop_key(txn, old.idempotency_key, rid)
+            cache[job_id] = None
         if top != max_id:
             txn.put(_MAX_ID_KEY, _be(top), db=meta)
+        return cache
 
     def _drop_key(self, txn: Any, key: str, rid: bytes) -> None:
         ikey = _str_key(key)
