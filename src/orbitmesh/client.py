@@ -177,8 +177,9 @@ class Job:
     async def result(self, timeout: float | None = None) -> Any:
         """Wait for the job's result; raises its error, or TimeoutError."""
         try:
-            value = await asyncio.wait_for(asyncio.shield(self._fut), timeout)
-        except builtins.TimeoutError:
+            await _wait_done(self._fut, timeout)
+            value = self._fut.result()
+        except _NotYet:
             raise TimeoutError(f"job {self.id} did not finish within {timeout} s") from None
         except NotConnectedError:
             # The connection dropped while we waited: ask the broker instead.
@@ -247,8 +248,8 @@ class Stream(AsyncIterator[Any]):
                 break
             p.waiter = loop.create_future()
             try:
-                await asyncio.wait_for(p.waiter, self._timeout)
-            except builtins.TimeoutError:
+                await _wait_done(p.waiter, self._timeout)
+            except _NotYet:
                 await self.aclose()
                 raise TimeoutError(f"stream {self._command!r}: no item within {self._timeout} s") from None
             finally:
@@ -919,6 +920,36 @@ class _EventIter(AsyncIterator[Event]):
     async def aclose(self) -> None:
         if self._entry in self._client._subscriptions:
             self._client._subscriptions.remove(self._entry)
+
+
+class _NotYet(Exception):
+    """Internal: _wait_done's time ran out."""
+
+
+async def _wait_done(fut: asyncio.Future[Any], timeout: float | None) -> None:
+    """Wait until ``fut`` is done, at most ``timeout`` seconds (``_NotYet`` then), without
+    cancelling it and without the Task that ``asyncio.wait_for`` would create per call."""
+    if fut.done():
+        return
+    if timeout is None:
+        await asyncio.shield(fut)
+        return
+    loop = fut.get_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    fut.add_done_callback(wake)
+    handle = loop.call_later(timeout, wake)
+    try:
+        await waiter
+    finally:
+        handle.cancel()
+        fut.remove_done_callback(wake)
+    if not fut.done():
+        raise _NotYet
 
 
 def _expire_accept(accepted: asyncio.Future[int], timeout: float) -> None:
