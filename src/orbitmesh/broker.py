@@ -470,6 +470,8 @@ class Broker:
         self._by_name[name] = agent
         self._send_reg(rid, _META.pack(Role.AGENT, capacity, 0), name.encode(), caps, groups, commands)
         self._welcome(rid, corr)
+        if self.jobs is not None:
+            self.jobs.agent_joined(name)
         log.info("agent %s joined (capacity %d, commands %s)", name, capacity, ", ".join(commands) or "-")
         self._publish("agent_joined", agent.public())
 

@@ -169,6 +169,7 @@ class JobManager:
         self._dirty: dict[int, JobRecord] = {}  # changed, to be written with the next flush
         self._unwritten: dict[int, list[tuple[bytes, int]]] = {}  # new jobs not yet in the log -> parked submits
         self._flusher: asyncio.TimerHandle | None = None
+        self._awaiting: dict[str, set[int]] = {}  # agent name -> jobs held for it after a restart
         self._next_id = 1
         self._sweeper: asyncio.TimerHandle | None = None
         self.recovered = 0
@@ -320,10 +321,14 @@ class JobManager:
             # Its agent is not (back) here. After a restart, give it a lease's time to
             # re-register: it may hold the answer. Then choose again.
             mem.waiting_since = mem.waiting_since or now
-            if now - mem.waiting_since < self.lease_s and rec.route[:1] != _NAME_ROUTE:
-                mem.timer = self._loop.call_later(0.1, self._dispatch, job_id)
+            left = self.lease_s - (now - mem.waiting_since)
+            if left > 0 and rec.route[:1] != _NAME_ROUTE:
+                # Woken by agent_joined, or by this timer when the wait is over.
+                self._awaiting.setdefault(rec.agent, set()).add(job_id)
+                mem.timer = self._loop.call_later(left, self._dispatch, job_id)
                 return
             if rec.route[:1] != _NAME_ROUTE:
+                self._awaiting.get(rec.agent, set()).discard(job_id)
                 rec.agent = ""
         if not rec.agent:
             chosen = self._choose(rec.route, rec.command)
@@ -336,6 +341,17 @@ class JobManager:
             self.log.append(rec, lambda err: self._send_job(job_id))
             return
         self._send_job(job_id)
+
+    def agent_joined(self, name: str) -> None:
+        """An agent (re-)registered: send it the jobs that were waiting for it."""
+        for job_id in self._awaiting.pop(name, ()):
+            rec = self._live.get(job_id)
+            if rec is not None and rec.state == JobState.PENDING and rec.agent == name:
+                mem = self._mem[job_id]
+                if mem.timer is not None:
+                    mem.timer.cancel()
+                    mem.timer = None
+                self._dispatch(job_id)
 
     def _send_job(self, job_id: int) -> None:
         rec = self._live.get(job_id)
