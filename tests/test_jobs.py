@@ -326,3 +326,26 @@ def test_corrupt_store_refuses_to_start(arun, ctx, core_impl, tmp_path):
 
     arun(main())
     assert (data / "data.mdb").read_bytes() == before
+
+
+def test_full_job_log_is_a_clear_error_to_the_client(arun, ctx, core_impl, tmp_path):
+    from orbitmesh.storage import LmdbStore
+
+    async def main():
+        # Given a job log that may not grow past 1 MiB
+        store = LmdbStore(tmp_path / "jobs", "sync", map_size=256 << 10, max_map_size=1 << 20)
+        kw = {"store": store}
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), broker_kw=kw) as (_, _, client):
+            small = await client.execute("agent-0", "echo", {"value": 1})
+            assert await small.result(timeout=5) == 1
+            # When jobs whose params fill it are submitted, Expect STORAGE_FULL, not a hang or a crash
+            blob = b"x" * (200 << 10)
+            with pytest.raises(om.StorageError) as info:
+                for _ in range(8):
+                    await client.execute("agent-0", "echo", {"value": blob}, timeout=5)
+            assert info.value.code == ErrorCode.STORAGE_FULL
+            # Expect what was accepted before to be intact, and the broker still serving invokes
+            assert (await client.get_job(small.id)).state == JobState.SUCCEEDED
+            assert await client.invoke("agent-0", "echo", {"value": 2}) == 2
+
+    arun(main())
