@@ -411,12 +411,21 @@ class MeshClient:
         self._timer = None
         now = self._loop.time()
         heap = self._deadlines
+        pending = self._pending
         while heap and heap[0][0] <= now:
             _, corr = heapq.heappop(heap)
-            p = self._pending.pop(corr, None)
-            if p is not None:
-                self._send_cancel(corr, p)
-                self._settle_error(p, TimeoutError(f"no reply within the call's timeout (corr {corr})"))
+            p = pending.get(corr)
+            if p is None:
+                continue
+            if p.accepted is not None:
+                # A job: its deadline is for ACCEPTED only; once accepted, the outcome decides.
+                if not p.accepted.done():
+                    del pending[corr]
+                    self._settle_error(p, TimeoutError(f"job not accepted within the call's timeout (corr {corr})"))
+                continue
+            del pending[corr]
+            self._send_cancel(corr, p)
+            self._settle_error(p, TimeoutError(f"no reply within the call's timeout (corr {corr})"))
         # Drop entries whose calls already finished, so the heap stays small.
         if len(heap) > 64 and len(heap) > 4 * len(self._pending):
             self._deadlines = heap = [e for e in heap if e[1] in self._pending]
@@ -574,22 +583,14 @@ class MeshClient:
 
         async def endpoint(c: Call) -> Job:
             await self._wait_ready(to)
-            # The result may come long after acceptance: the job, not this call, decides.
+            # ``to`` bounds the wait for ACCEPTED (the shared deadline heap, no timer per call);
+            # the result may come long after: the job's own policy decides when.
             fut = self.submit(
-                agent, c.command, c.params, timeout=_FOREVER, serializer=serializer, _flags=F_TRACKED, _options=options
+                agent, c.command, c.params, timeout=to, serializer=serializer, _flags=F_TRACKED, _options=options
             )
-            corr = self._corr
-            accepted = self._pending[corr].accepted
-            assert accepted is not None and self._loop is not None
-            # One future, one timer: an error before ACCEPTED fails ``accepted`` too.
-            timer = self._loop.call_later(to, _expire_accept, accepted, to)
-            try:
-                job_id = await accepted
-            except TimeoutError:
-                self._pending.pop(corr, None)
-                raise
-            finally:
-                timer.cancel()
+            accepted = self._pending[self._corr].accepted
+            assert accepted is not None
+            job_id = await accepted  # an error or the timeout before ACCEPTED fails it too
             return Job(self, job_id, fut, returns)
 
         call = Call("client", "execute", command, params, _target_name(agent))
@@ -950,11 +951,6 @@ async def _wait_done(fut: asyncio.Future[Any], timeout: float | None) -> None:
         fut.remove_done_callback(wake)
     if not fut.done():
         raise _NotYet
-
-
-def _expire_accept(accepted: asyncio.Future[int], timeout: float) -> None:
-    if not accepted.done():
-        accepted.set_exception(TimeoutError(f"job not accepted within {timeout} s"))
 
 
 def _target_name(target: Target) -> str:
