@@ -162,6 +162,7 @@ class Rig:
             queue_limit=QUEUE_LIMIT,
             default_queue_ms=60_000,
             seed=seed,
+            **PLANE_OPTIONS,
         )
         self.thread = threading.Thread(target=self._run, name=f"parity-{impl}", daemon=True)
         self.thread.start()
@@ -625,6 +626,18 @@ def check_script(script: list[tuple[int, ...]], seed: int) -> None:
 @pytest.mark.parametrize("seed", range(8))
 def test_parity_seeded(seed: int) -> None:
     check_script(seeded_script(seed), seed)
+
+
+# Extra DataPlane options for every rig (the per-client limits test sets them).
+PLANE_OPTIONS: dict[str, int] = {}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_parity_with_a_per_client_inflight_limit(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a limit of 2 requests in flight or queued per client, Expect both planes to refuse
+    # and count alike (the rate limit depends on the clock, so it is tested end to end instead)
+    monkeypatch.setitem(PLANE_OPTIONS, "client_max_inflight", 2)
+    check_script(seeded_script(seed + 100), seed)
 
 
 action = st.tuples(st.integers(0, len(ACTIONS) - 1), *(st.integers(0, (1 << 12) - 1) for _ in range(6)))

@@ -142,6 +142,10 @@ class Broker:
     agent's progress; ``dispatch_window`` is how long a job waits for an agent
     that can take it; terminal jobs are compacted after ``retention_age``
     seconds or beyond the newest ``retention_count``.
+
+    Per-client limits (0 = none): ``client_max_inflight`` requests in flight or
+    queued at once (TOO_MANY_REQUESTS beyond), and ``client_rate`` requests per
+    second with bursts of ``client_burst`` (RATE_LIMITED beyond).
     """
 
     def __init__(
@@ -160,6 +164,9 @@ class Broker:
         dispatch_window: float = 60.0,
         retention_age: float = 7 * 86400.0,
         retention_count: int = 1_000_000,
+        client_max_inflight: int = 0,
+        client_rate: float = 0.0,
+        client_burst: int = 0,
     ) -> None:
         if not endpoints:
             raise ValueError("a broker needs at least one endpoint")
@@ -173,6 +180,13 @@ class Broker:
         self.queue_limit = queue_limit
         self.queue_ms = int(queue_timeout * 1000)
         self.core = core or _core.core_impl()
+        if client_max_inflight < 0 or client_rate < 0 or client_burst < 0:
+            raise ValueError("client limits must be >= 0 (0 = no limit)")
+        self._limits = {
+            "client_max_inflight": client_max_inflight,
+            "client_rate": client_rate,
+            "client_burst": client_burst,
+        }
         self.id = uuid.uuid4().hex[:12]
         self._ctx = context or zmq.Context.instance()
         self._dp_mod = _core.load("_dataplane", self.core)
@@ -238,6 +252,7 @@ class Broker:
             max_frame_bytes=self.max_frame_bytes,
             queue_limit=self.queue_limit,
             default_queue_ms=self.queue_ms,
+            **self._limits,
         )
         self._stopped = loop.create_future()
         self._ctrl = AsyncSocket(cp, self._on_event, loop)

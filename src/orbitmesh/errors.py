@@ -38,6 +38,8 @@ class ErrorCode(IntEnum):
     BAD_QUERY = 209
     NO_SUCH_JOB = 210
     SHUTTING_DOWN = 211
+    TOO_MANY_REQUESTS = 212  # the client has its limit of requests in flight / queued
+    RATE_LIMITED = 213  # the client sends requests faster than its rate limit
     # 3xx: execution on the agent
     UNKNOWN_COMMAND = 300
     HANDLER_ERROR = 301

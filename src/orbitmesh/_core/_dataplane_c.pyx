@@ -97,7 +97,8 @@ cdef enum:
     C_STALE = 8
     C_UNROUTABLE = 9
     C_AGENTS_LOST = 10
-    N_COUNTERS = 11
+    C_LIMITED = 11
+    N_COUNTERS = 12
     E_BAD_FRAMES = 104
     E_FRAME_TOO_LARGE = 105
     E_BAD_ROUTE = 106
@@ -105,6 +106,8 @@ cdef enum:
     E_NOT_REGISTERED = 200
     E_NO_SUCH_AGENT = 203
     E_NO_AGENT_AVAILABLE = 204
+    E_TOO_MANY_REQUESTS = 212
+    E_RATE_LIMITED = 213
     E_QUEUE_FULL = 205
     E_DEADLINE_EXCEEDED = 206
     E_AGENT_LOST = 207
@@ -137,6 +140,9 @@ cdef struct Peer:
     uint32_t inflight   # requests dispatched and not yet answered
     uint32_t gen        # bumped when the slot is reused, so stale entries are told apart
     int64_t last_seen   # monotonic ms of its last message
+    uint32_t pending    # its own untracked requests in flight or queued (as a client)
+    double tokens       # rate-limit bucket
+    int64_t refill      # monotonic ms the bucket was last topped up
     string rid          # ROUTER routing id
     string name         # agent name
     vector[string] keys  # typed route keys (type byte + key) it is indexed under, name first
@@ -195,6 +201,9 @@ cdef class DataPlane:
     cdef uint64_t _max_frame
     cdef uint64_t _queue_limit
     cdef int64_t _default_queue_ms
+    cdef uint32_t _max_pending             # per-client limit on requests in flight or queued; 0 = none
+    cdef double _rate                      # per-client requests per second; 0 = no limit
+    cdef double _burst                     # the bucket's size
     cdef uint64_t _rng
     cdef cbool _running
     cdef uint64_t _counters[N_COUNTERS]
@@ -248,6 +257,9 @@ cdef class DataPlane:
         queue_limit=10_000,
         default_queue_ms=30_000,
         seed=None,
+        client_max_inflight=0,
+        client_rate=0.0,
+        client_burst=0,
     ):
         cdef int i
         if heartbeat_ms <= 0 or liveness < 2:
@@ -262,6 +274,9 @@ cdef class DataPlane:
         self._max_frame = max_frame_bytes
         self._queue_limit = queue_limit
         self._default_queue_ms = default_queue_ms
+        self._max_pending = client_max_inflight
+        self._rate = client_rate
+        self._burst = float(client_burst or max(1, int(client_rate)))
         self._rng = (<uint64_t>(seed if seed is not None else _mono_ms())) * 6364136223846793005ULL + 1442695040888963407ULL
         if self._rng == 0:
             self._rng = 88172645463325252ULL
@@ -475,7 +490,19 @@ cdef class DataPlane:
         if om_hdr_flags(hdr) & F_TRACKED:
             self._up_error(code, corr, job, text, om_hdr_aux(hdr))
         else:
+            if self._max_pending:
+                self._count(rid, -1)
             self._send_error(rid, code, corr, job, NULL, 0, text)
+
+    cdef void _count(self, const string& rid, int delta) noexcept nogil:
+        cdef unordered_map[string, uint32_t].iterator it = self._by_rid.find(rid)
+        cdef Peer* p
+        if it == self._by_rid.end():
+            return
+        p = &self._peers[deref(it).second]
+        if delta < 0 and p.pending == 0:
+            return
+        p.pending += delta
 
     cdef void _up_in(self, uint8_t ev, int first) noexcept nogil:
         """Send [ev, self._in[first:]...] to the control plane."""
@@ -555,6 +582,10 @@ cdef class DataPlane:
         p.capacity = capacity
         p.inflight = inflight
         p.last_seen = _mono_ms()
+        p.refill = p.last_seen
+        p.tokens = self._burst
+        if it == self._by_rid.end():
+            p.pending = 0
         p.rid = rid
         p.name = self._str(&self._in[3])
         p.keys.clear()
@@ -678,6 +709,7 @@ cdef class DataPlane:
         cdef uint64_t corr
         cdef uint8_t kind
         cdef char buf[128]
+        cdef int64_t now
         self._counters[C_RECEIVED] += 1
         if n < 2:
             self._malformed(rid, E_BAD_FRAMES, 0, string(b"message has no header frame"))
@@ -722,6 +754,21 @@ cdef class DataPlane:
         if kind == K_REQUEST or kind == K_RAW:
             if n < (4 if kind == K_REQUEST else 3):
                 self._malformed(rid, E_BAD_FRAMES, corr, string(b"request needs route and command frames"))
+                return
+            if self._rate > 0:
+                now = _mono_ms()
+                p.tokens = p.tokens + <double>(now - p.refill) * self._rate / 1000.0
+                if p.tokens > self._burst:
+                    p.tokens = self._burst
+                p.refill = now
+                if p.tokens < 1.0:
+                    self._counters[C_LIMITED] += 1
+                    self._send_error(rid, E_RATE_LIMITED, corr, 0, NULL, 0, string(b"request rate limit reached"))
+                    return
+                p.tokens -= 1.0
+            if self._max_pending and not (om_hdr_flags(hdr) & F_TRACKED) and p.pending >= self._max_pending:
+                self._counters[C_LIMITED] += 1
+                self._send_error(rid, E_TOO_MANY_REQUESTS, corr, 0, NULL, 0, string(b"too many requests in flight"))
                 return
             route = self._data(&self._in[2])
             if om_hdr_flags(hdr) & F_TRACKED or (self._size(&self._in[2]) >= 1 and route[0] == R_LABELS):
@@ -858,6 +905,8 @@ cdef class DataPlane:
         cdef const unsigned char* route
         cdef QItem item
         cdef int i
+        if self._max_pending and not (om_hdr_flags(hdr) & F_TRACKED):
+            self._count(rid, 1)  # every path that ends this request counts it back
         if target == -2:
             self._refuse(rid, hdr, code, self._text)
             return
@@ -962,6 +1011,8 @@ cdef class DataPlane:
             agent = &self._peers[e.agent]
             if agent.used and agent.gen == e.agent_gen and agent.inflight > 0:
                 agent.inflight -= 1
+        if self._max_pending and not e.tracked:
+            self._count(e.client, -1)
         self._release_entry(index)
 
     cdef int64_t _lookup(self, zmq_msg_t* token) noexcept nogil:

@@ -70,6 +70,7 @@ COUNTERS = (
     "stale_replies",
     "unroutable",
     "agents_lost",
+    "limited",
 )
 
 _META = struct.Struct("<BIi")
@@ -121,9 +122,12 @@ class _Peer:
         "inflight",
         "last_seen",
         "name",
+        "pending",
+        "refill",
         "rid",
         "role",
         "state",
+        "tokens",
     )
 
     def __init__(self, rid: bytes, role: int, capacity: int, name: bytes, now: int) -> None:
@@ -138,6 +142,9 @@ class _Peer:
         self.caps: list[bytes] = []
         self.groups: list[bytes] = []
         self.commands: list[bytes] = []
+        self.pending = 0  # its own untracked requests in flight or queued (as a client)
+        self.tokens = 0.0  # rate-limit bucket
+        self.refill = now
 
     def has_credit(self) -> bool:
         return self.state == STATE_ALIVE and not self.draining and self.inflight < self.capacity
@@ -189,6 +196,9 @@ class DataPlane:
         queue_limit: int = 10_000,
         default_queue_ms: int = 30_000,
         seed: int | None = None,
+        client_max_inflight: int = 0,
+        client_rate: float = 0.0,
+        client_burst: int = 0,
     ) -> None:
         if heartbeat_ms <= 0 or liveness < 2:
             raise ValueError("heartbeat_ms must be > 0 and liveness >= 2")
@@ -213,6 +223,10 @@ class DataPlane:
         self._seq = 0
         self._counters = [0] * len(COUNTERS)
         self._running = False
+        # Per-client limits (0 = none): requests in flight or queued, and a token bucket.
+        self._max_pending = client_max_inflight
+        self._rate = client_rate
+        self._burst = float(client_burst or max(1, int(client_rate)))
 
     # ------------------------------------------------------------------ loop
 
@@ -275,7 +289,14 @@ class DataPlane:
         if hdr[4] & Flag.TRACKED:
             self._up([EV_JOB, b"", *_error_frames(code, corr, job, b"", message, _AUX.unpack_from(hdr, 8)[0])])
         else:
+            if self._max_pending:
+                self._count(rid, -1)
             self._send_error(rid, code, corr, job, b"", message)
+
+    def _count(self, rid: bytes, delta: int) -> None:
+        peer = self._peers.get(rid)
+        if peer is not None and peer.pending + delta >= 0:
+            peer.pending += delta
 
     def _up(self, frames: list[bytes]) -> None:
         self._counters[3] += 1
@@ -306,8 +327,10 @@ class DataPlane:
         if old is not None:
             self._unindex(old, fail_queued=False)
         peer = _Peer(rid, role, capacity, frames[3], _now_ms())
+        peer.tokens = self._burst
         if old is not None:
             peer.inflight = old.inflight
+            peer.pending = old.pending
         self._peers[rid] = peer
         if role == Role.AGENT:
             peer.caps = [c for c in frames[4].split(b"\0") if c]
@@ -423,6 +446,19 @@ class DataPlane:
             if n < (4 if kind == Kind.REQUEST else 3):
                 self._malformed(rid, ErrorCode.BAD_FRAMES, corr, "request needs route and command frames")
                 return
+            if self._rate > 0:
+                now = _now_ms()
+                peer.tokens = min(self._burst, peer.tokens + (now - peer.refill) * self._rate / 1000)
+                peer.refill = now
+                if peer.tokens < 1:
+                    self._counters[11] += 1
+                    self._send_error(rid, ErrorCode.RATE_LIMITED, corr, 0, b"", "request rate limit reached")
+                    return
+                peer.tokens -= 1
+            if self._max_pending and not hdr[4] & Flag.TRACKED and peer.pending >= self._max_pending:
+                self._counters[11] += 1
+                self._send_error(rid, ErrorCode.TOO_MANY_REQUESTS, corr, 0, b"", "too many requests in flight")
+                return
             route = frames[2]
             if hdr[4] & Flag.TRACKED or (len(route) >= 1 and route[0] == Route.LABELS):
                 self._up([EV_MSG, *frames])
@@ -464,6 +500,8 @@ class DataPlane:
         hdr = frames[0]
         corr, job, deadline = struct.unpack_from("<QQQ", hdr, 16)
         tracked = bool(hdr[4] & Flag.TRACKED)
+        if self._max_pending and not tracked:
+            self._count(rid, 1)  # every path that ends this request counts it back
         route = frames[1]
         target = self._select(route, frames)
         if isinstance(target, tuple):
@@ -571,6 +609,8 @@ class DataPlane:
             agent = self._peers.get(entry.agent)
             if agent is not None and agent.inflight > 0:
                 agent.inflight -= 1
+            if self._max_pending and not entry.tracked:
+                self._count(entry.client, -1)
 
     def _lookup(self, token: bytes) -> tuple[int, _Entry] | None:
         if len(token) != TOKEN_SIZE:
