@@ -151,3 +151,34 @@ def test_version():
         main(["--version"])
     assert info.value.code == 0
     assert om.__version__ in out.getvalue()
+
+
+def test_keys_and_a_secured_broker_from_the_command_line(tmp_path):
+    keys_dir = tmp_path / "broker-keys"
+    # Given a keypair made with `orbitmesh keys generate`
+    code, out = _run(["keys", "generate", "ops", "--out", str(tmp_path)])
+    assert code == 0 and (tmp_path / "ops.key_secret").exists()
+    ops_id = out.split()[0]
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    broker = _spawn("broker", endpoint, "--heartbeat", "0.2", "--store", "memory://", "--keys", str(keys_dir))
+    try:
+        server_key = keys_dir / "broker.key"
+        deadline = time.monotonic() + 10
+        while not server_key.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        creds = ["--key", str(tmp_path / "ops.key_secret"), "--server-key", str(server_key), "--timeout", "0.6"]
+        # When it connects before being accepted, Expect a clear failure and the key pending
+        err = io.StringIO()
+        from contextlib import redirect_stderr
+
+        with redirect_stderr(err):
+            code, _ = _run(["agents", "--broker", endpoint, *creds])
+        assert code == 2 and "NOT_CONNECTED" in err.getvalue()
+        code, out = _run(["keys", "list", "--keys", str(keys_dir)])
+        assert code == 0 and f"pending   {ops_id[:16]}" in out
+        # When the operator accepts it, Expect the same command to work, with no restart
+        assert _run(["keys", "accept", ops_id[:10], "--keys", str(keys_dir)])[0] == 0
+        code, out = _run(["agents", "--broker", endpoint, *creds])
+        assert code == 0 and "no agents" in out
+    finally:
+        _stop(broker)

@@ -27,6 +27,7 @@ from ._wire import HDR, error_message, header
 from .errors import CancelledError, ErrorCode, OrbitMeshError, SerializationError
 from .middleware import Call, Middleware, build_chain
 from .protocol import F_RAW_REPLY, F_STREAM, F_TRACKED, Kind, Role
+from .security import PeerKeys
 from .serializers import SERIALIZER_MASK, RawSerializer, Serializer, SerializerSet
 
 log = logging.getLogger("orbitmesh.agent")
@@ -110,8 +111,9 @@ class Agent:
 
     ``capacity`` is how many requests it runs at once (the broker never sends
     more); ``capabilities``, ``groups`` and ``labels`` are what selectors match.
-    ``middleware`` wraps every handler call, first one outermost. Start with
-    ``await agent.start()`` (or ``async with``); it reconnects by itself.
+    ``middleware`` wraps every handler call, first one outermost. ``keys``
+    (a :class:`~orbitmesh.security.PeerKeys`) for a broker that requires CURVE.
+    Start with ``await agent.start()`` (or ``async with``); it reconnects by itself.
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class Agent:
         executor: concurrent.futures.Executor | None = None,
         context: zmq.Context[Any] | None = None,
         reconnect_max: float = 5.0,
+        keys: PeerKeys | None = None,
     ) -> None:
         if not name or "\0" in name:
             raise ValueError("agent name must be a non-empty string without NUL")
@@ -145,6 +148,7 @@ class Agent:
         self._executor = executor
         self._context = context
         self._reconnect_max = reconnect_max
+        self._keys = keys
         self._handlers: dict[bytes, _Handler] = {}
         self._raw: Callable[..., Any] | None = None
         self._running: dict[bytes, asyncio.Task[Any]] = {}
@@ -252,6 +256,7 @@ class Agent:
             load=lambda: self.inflight,
             context=self._context,
             reconnect_max=self._reconnect_max,
+            socket_options=self._keys.socket_options() if self._keys else None,
         )
         try:
             await self._conn.connect(timeout, retry_refused=name_wait)

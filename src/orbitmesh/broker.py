@@ -31,6 +31,7 @@ from .errors import ErrorCode, OrbitMeshError
 from .jobs import JobManager
 from .models import AgentInfo, JobState
 from .protocol import F_DRAIN, F_TRACKED, Kind, Role, Route, Strategy
+from .security import CurveAdmission, is_loopback
 from .storage import JobRecord, JobStore, check_durability, open_store
 
 log = logging.getLogger("orbitmesh.broker")
@@ -146,6 +147,11 @@ class Broker:
     Per-client limits (0 = none): ``client_max_inflight`` requests in flight or
     queued at once (TOO_MANY_REQUESTS beyond), and ``client_rate`` requests per
     second with bursts of ``client_burst`` (RATE_LIMITED beyond).
+
+    Security: with ``keys_dir`` the broker is a CURVE server (its keypair and
+    the peers' key store live there; see ``orbitmesh.security``) and admits
+    only accepted keys. Binding a non-loopback endpoint without it is refused
+    unless ``allow_plaintext=True``, which is logged.
     """
 
     def __init__(
@@ -167,12 +173,22 @@ class Broker:
         client_max_inflight: int = 0,
         client_rate: float = 0.0,
         client_burst: int = 0,
+        keys_dir: str | os.PathLike[str] | None = None,
+        allow_plaintext: bool = False,
     ) -> None:
         if not endpoints:
             raise ValueError("a broker needs at least one endpoint")
         if heartbeat_interval <= 0 or liveness < 2:
             raise ValueError("heartbeat_interval must be > 0 and liveness >= 2")
         self._requested = list(endpoints)
+        exposed = [ep for ep in endpoints if not is_loopback(ep)]
+        if exposed and keys_dir is None and not allow_plaintext:
+            raise ValueError(
+                f"refusing plaintext on non-loopback endpoints {exposed}: give keys_dir= for CURVE, "
+                "or allow_plaintext=True to run unencrypted and unauthenticated"
+            )
+        self._exposed_plaintext = bool(exposed) and keys_dir is None
+        self.security = CurveAdmission(keys_dir) if keys_dir is not None else None
         self.endpoints: list[str] = []
         self.heartbeat_ms = max(1, int(heartbeat_interval * 1000))
         self.liveness = liveness
@@ -220,8 +236,13 @@ class Broker:
             return
         loop = asyncio.get_running_loop()
         self._loop = loop
+        if self._exposed_plaintext:
+            log.warning("broker %s runs PLAINTEXT on a non-loopback endpoint (allow_plaintext=True)", self.id)
         router = self._ctx.socket(zmq.ROUTER)
         self._sockets.append(router)
+        if self.security is not None:
+            self.security.start(self._ctx)
+            self.security.apply(router)
         try:
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             router.setsockopt(zmq.LINGER, 0)
@@ -233,6 +254,8 @@ class Broker:
                 self.endpoints.append(router.getsockopt_string(zmq.LAST_ENDPOINT))
         except zmq.ZMQError:
             self._close_sockets()
+            if self.security is not None:
+                self.security.stop()
             raise
         ctrl_ep = f"inproc://orbitmesh-ctrl-{self.id}-{os.getpid()}"
         cp = self._ctx.socket(zmq.PAIR)
@@ -323,6 +346,8 @@ class Broker:
         for s in self._sockets:
             s.close(linger=0)
         self._sockets.clear()
+        if self.security is not None:
+            self.security.stop()
 
     async def __aenter__(self) -> Broker:
         await self.start()

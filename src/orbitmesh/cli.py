@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -11,7 +12,8 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -21,6 +23,7 @@ from .client import MeshClient
 from .errors import OrbitMeshError
 from .models import JobInfo, JobState
 from .runtime import run, tune_gc_for_server
+from .security import Keypair, KeyStore, PeerKeys, key_id
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
         help="job store URL: lmdb://DIR (default ./orbitmesh-data), sqlite://FILE, redis://..., memory://",
     )
     b.add_argument("--durability", choices=["sync", "batch", "none"], default="sync")
+    b.add_argument("--keys", metavar="DIR", help="CURVE: the broker's keypair and the peers' key store")
+    b.add_argument("--allow-plaintext", action="store_true", help="permit a non-loopback endpoint without --keys")
+    b.add_argument("--client-max-inflight", type=int, default=0, help="per-client requests in flight (0: no limit)")
+    b.add_argument("--client-rate", type=float, default=0.0, help="per-client requests/s (0: no limit)")
 
     a = sub.add_parser("agent", help="run an agent serving handlers")
     a.add_argument("--broker", default="tcp://127.0.0.1:5555")
@@ -56,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--group", action="append", default=[])
     a.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     a.add_argument("--capacity", type=int, default=64)
+    _key_options(a)
 
     q = sub.add_parser("agents", help="list the agents registered with a broker")
     q.add_argument("--broker", default="tcp://127.0.0.1:5555")
@@ -63,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--group")
     q.add_argument("--json", action="store_true")
     q.add_argument("--timeout", type=float, default=5.0)
+    _key_options(q)
 
     j = sub.add_parser("jobs", help="list, show, cancel or wait for tracked jobs")
     j.add_argument("action", choices=["list", "show", "cancel", "wait"])
@@ -75,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--cursor", type=int, help="list jobs older than this id")
     j.add_argument("--timeout", type=float, default=30.0, help="seconds (wait; and every query)")
     j.add_argument("--json", action="store_true")
+    _key_options(j)
+
+    k = sub.add_parser("keys", help="CURVE keys: generate a keypair; list, accept, reject, revoke peers' keys")
+    k.add_argument("action", choices=["generate", "list", "accept", "reject", "revoke"])
+    k.add_argument("name", nargs="?", help="generate: the file name; accept/reject/revoke: key id (prefix) or Z85 key")
+    k.add_argument("--keys", metavar="DIR", default="orbitmesh-keys", help="the broker's keys directory")
+    k.add_argument("--out", metavar="DIR", default=".", help="generate: where to write NAME.key / NAME.key_secret")
 
     d = sub.add_parser("demo", help="embedded broker, three agents and a client, with a summary")
     d.add_argument("--tcp", action="store_true", help="use tcp on 127.0.0.1 instead of inproc")
@@ -92,6 +108,51 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p
+
+
+@contextlib.asynccontextmanager
+async def _connect(args: argparse.Namespace) -> AsyncIterator[MeshClient]:
+    """A client for the query commands; connecting is bounded by ``--timeout`` too."""
+    client = MeshClient(args.broker, timeout=args.timeout, keys=_peer_keys(args))
+    await client.connect(args.timeout)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def _key_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--key", metavar="FILE", help="CURVE: this peer's NAME.key_secret")
+    parser.add_argument("--server-key", metavar="FILE", help="CURVE: the broker's broker.key")
+
+
+def _peer_keys(args: argparse.Namespace) -> PeerKeys | None:
+    if not args.key and not args.server_key:
+        return None
+    if not (args.key and args.server_key):
+        raise SystemExit("--key and --server-key go together")
+    return PeerKeys(Keypair.load(args.key), Keypair.load(args.server_key).public)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    if args.action == "generate":
+        if not args.name:
+            raise SystemExit("orbitmesh keys generate needs a NAME")
+        keys = Keypair.generate()
+        public_file, secret_file = keys.save(args.out, args.name)
+        print(f"{key_id(keys.public)}  {keys.public.decode()}\nwrote {public_file} and {secret_file}")
+        return 0
+    store = KeyStore(Path(args.keys) / "peers")
+    if args.action == "list":
+        for state, rows in store.list().items():
+            for kid, public, note in rows:
+                print(f"{state:9} {kid[:16]}  {public}  {note}")
+        return 0
+    if not args.name:
+        raise SystemExit(f"orbitmesh keys {args.action} needs a key id (a unique prefix will do)")
+    getattr(store, args.action)(args.name)
+    print(f"{args.action}ed {args.name}")
+    return 0
 
 
 def _load_handlers(agent: Agent, specs: Sequence[str]) -> None:
@@ -133,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 queue_timeout=args.queue_timeout,
                 store=args.store,
                 durability=args.durability,
+                keys_dir=args.keys,
+                allow_plaintext=args.allow_plaintext,
+                client_max_inflight=args.client_max_inflight,
+                client_rate=args.client_rate,
             )
 
             async def start_broker() -> None:
@@ -150,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 groups=args.group,
                 labels=labels,
                 capacity=args.capacity,
+                keys=_peer_keys(args),
             )
             _load_handlers(agent, args.handlers)
 
@@ -162,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run(_agents(args))
         elif args.cmd == "jobs":
             return run(_jobs(args))
+        elif args.cmd == "keys":
+            return _keys(args)
         elif args.cmd == "demo":
             from .demo import run_demo
 
@@ -195,7 +263,7 @@ def _job_json(info: JobInfo) -> dict[str, Any]:
 async def _jobs(args: argparse.Namespace) -> int:
     if args.action != "list" and args.job_id is None:
         raise SystemExit(f"orbitmesh jobs {args.action} needs a job id")
-    async with MeshClient(args.broker, timeout=args.timeout) as client:
+    async with _connect(args) as client:
         if args.action == "list":
             rows = await client.list_jobs(
                 state=args.state, agent=args.agent, command=args.command, limit=args.limit, cursor=args.cursor
@@ -224,7 +292,7 @@ async def _jobs(args: argparse.Namespace) -> int:
 
 
 async def _agents(args: argparse.Namespace) -> int:
-    async with MeshClient(args.broker, timeout=args.timeout) as client:
+    async with _connect(args) as client:
         rows = await client.agents(capability=args.capability, group=args.group)
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))

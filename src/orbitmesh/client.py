@@ -33,6 +33,7 @@ from .errors import (
 from .middleware import Call, Middleware, build_chain
 from .models import AgentInfo, Event, JobInfo, JobState
 from .protocol import F_RAW_REPLY, F_STREAM, F_TRACKED, Kind, Role, Route, Strategy
+from .security import PeerKeys
 from .serializers import RawSerializer, Serializer, SerializerSet
 
 log = logging.getLogger("orbitmesh.client")
@@ -287,6 +288,7 @@ class MeshClient:
     ``timeout`` (s) is the default for every call; ``serializer`` names the
     default payload serializer ("msgpack", "json", "raw" or a plugin);
     ``middleware`` wraps invoke / execute / send_raw, first one outermost.
+    ``keys`` (a :class:`~orbitmesh.security.PeerKeys`) for a broker that requires CURVE.
     """
 
     def __init__(
@@ -299,8 +301,10 @@ class MeshClient:
         serializers: Sequence[Serializer] = (),
         middleware: Sequence[Middleware] = (),
         context: zmq.Context[Any] | None = None,
+        keys: PeerKeys | None = None,
     ) -> None:
         self.broker = broker
+        self._keys = keys
         self.name = name
         self.timeout = timeout
         self._serializers = SerializerSet(list(serializers))
@@ -335,6 +339,7 @@ class MeshClient:
             on_ready=self._on_ready,
             load=lambda: len(self._pending),
             context=self._context,
+            socket_options=self._keys.socket_options() if self._keys else None,
         )
         await self._conn.connect(timeout)
         return self

@@ -1,0 +1,111 @@
+"""CURVE + ZAP admission over real tcp sockets on 127.0.0.1: only accepted keys get in,
+unknown keys wait as pending, the store is read at every handshake (no restart)."""
+
+from __future__ import annotations
+
+import pytest
+
+import orbitmesh as om
+from orbitmesh.security import Keypair, KeyStore, PeerKeys, is_loopback, key_id
+
+from .mesh import FAST
+
+
+def test_only_accepted_keys_get_in(arun, ctx, core_impl, tmp_path):
+    keys_dir = tmp_path / "keys"
+
+    async def main():
+        broker = om.Broker("tcp://127.0.0.1:0", core=core_impl, context=ctx, keys_dir=keys_dir, **FAST)
+        await broker.start()
+        try:
+            assert broker.security is not None
+            server = broker.security.keys.public
+            store = KeyStore(keys_dir / "peers")
+            agent_keys, client_keys, stranger = Keypair.generate(), Keypair.generate(), Keypair.generate()
+            store.accept(agent_keys.public)
+            store.accept(client_keys.public)
+            agent = om.Agent("secure", broker.endpoints[0], context=ctx, keys=PeerKeys(agent_keys, server))
+
+            @agent.handler
+            async def hello(name: str) -> str:
+                return f"hello {name}"
+
+            await agent.start(timeout=5)
+            try:
+                # Given accepted keys, Expect the call to work end to end (encrypted)
+                client = om.MeshClient(broker.endpoints[0], context=ctx, keys=PeerKeys(client_keys, server))
+                await client.connect(timeout=5)
+                assert await client.invoke("secure", "hello", ["you"]) == "hello you"
+                await client.close()
+                # An unknown key gets nothing: no WELCOME, and it waits in pending
+                intruder = om.MeshClient(broker.endpoints[0], context=ctx, keys=PeerKeys(stranger, server))
+                with pytest.raises(om.NotConnectedError):
+                    await intruder.connect(timeout=0.6)
+                assert store.state(stranger.public) == "pending"
+                assert key_id(stranger.public) in [row[0] for row in store.list()["pending"]]
+                # Without keys at all: nothing either
+                bare = om.MeshClient(broker.endpoints[0], context=ctx)
+                with pytest.raises(om.NotConnectedError):
+                    await bare.connect(timeout=0.4)
+                # A wrong idea of the server's key: nothing
+                wrong = om.MeshClient(
+                    broker.endpoints[0], context=ctx, keys=PeerKeys(client_keys, Keypair.generate().public)
+                )
+                with pytest.raises(om.NotConnectedError):
+                    await wrong.connect(timeout=0.4)
+                # When an operator accepts the pending key, Expect it in at once, no broker restart
+                store.accept(key_id(stranger.public)[:12])
+                late = om.MeshClient(broker.endpoints[0], context=ctx, keys=PeerKeys(stranger, server))
+                await late.connect(timeout=5)
+                assert await late.invoke("secure", "hello", ["late"]) == "hello late"
+                await late.close()
+                # And a revoked or rejected key is refused again for new connections
+                store.revoke(stranger.public)
+                again = om.MeshClient(broker.endpoints[0], context=ctx, keys=PeerKeys(stranger, server))
+                with pytest.raises(om.NotConnectedError):
+                    await again.connect(timeout=0.6)
+                # (no keys or a wrong server key fail the handshake itself, before ZAP is asked)
+                assert store.state(stranger.public) == "revoked" and broker.security.refused == 2
+            finally:
+                await agent.stop()
+        finally:
+            await broker.stop()
+
+    arun(main())
+
+
+def test_keypair_files_round_trip(tmp_path):
+    keys = Keypair.generate()
+    public_file, secret_file = keys.save(tmp_path, "agent-1")
+    assert Keypair.load(secret_file) == keys
+    assert Keypair.load(public_file) == Keypair(keys.public)
+    assert oct(secret_file.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(om.OrbitMeshError, match="cannot read key file"):
+        Keypair.load(tmp_path / "missing.key")
+
+
+def test_plaintext_is_refused_off_loopback():
+    # A broker that would listen beyond this machine without CURVE is refused before it binds
+    with pytest.raises(ValueError, match="refusing plaintext"):
+        om.Broker("tcp://0.0.0.0:5555")
+    om.Broker("tcp://0.0.0.0:5555", allow_plaintext=True)  # an explicit opt-in (logged at start)
+    om.Broker("tcp://127.0.0.1:5555", "ipc:///tmp/x.sock", "inproc://x")  # loopback needs none
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "loopback"),
+    [
+        ("inproc://a", True),
+        ("ipc:///tmp/a", True),
+        ("tcp://127.0.0.1:1", True),
+        ("tcp://127.9.9.9:1", True),
+        ("tcp://[::1]:1", True),
+        ("tcp://localhost:1", True),
+        ("tcp://0.0.0.0:1", False),
+        ("tcp://*:1", False),
+        ("tcp://10.1.2.3:1", False),
+        ("tcp://eth0:1", False),
+    ],
+)
+def test_is_loopback(endpoint, loopback):
+    assert is_loopback(endpoint) is loopback
