@@ -349,3 +349,31 @@ def test_full_job_log_is_a_clear_error_to_the_client(arun, ctx, core_impl, tmp_p
             assert await client.invoke("agent-0", "echo", {"value": 2}) == 2
 
     arun(main())
+
+
+def test_retention_by_age(arun, ctx, core_impl):
+    async def main():
+        kw = {"retention_age": 0.3}
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), broker_kw=kw, setup=job_handlers({})) as (
+            _,
+            _,
+            client,
+        ):
+            # Given finished jobs and one still waiting (delayed), When they age past retention
+            done = [await client.execute("agent-0", "add", [i, 0]) for i in range(3)]
+            for job in done:
+                await job.result(timeout=5)
+            waiting = await client.execute("agent-0", "add", [1, 1], delay=3.0)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                left = {j.id for j in await client.list_jobs()}
+                if not left & {j.id for j in done}:
+                    break
+                await asyncio.sleep(0.2)
+            # Expect the finished ones compacted away, the unfinished one kept
+            assert left == {waiting.id}
+            with pytest.raises(om.RoutingError):
+                await client.get_job(done[0].id)
+            assert (await waiting.cancel()).state == JobState.CANCELLED
+
+    arun(main())
