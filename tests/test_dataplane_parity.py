@@ -34,8 +34,8 @@ HDR = struct.Struct("<2sBBHHIIQQQ")
 META = struct.Struct("<BIi")
 TOKEN = struct.Struct("<II")
 OP_SEND, OP_REG, OP_UNREG, OP_INJECT, OP_STOP = (bytes([i]) for i in range(1, 6))
-EV_MSG, EV_LOST, EV_JOB, EV_DISPATCHED, EV_STATE, EV_LOAD, EV_STOPPED = range(1, 8)
-EV_NAMES = {1: "MSG", 2: "LOST", 3: "JOB", 4: "DISPATCHED", 5: "STATE", 6: "LOAD", 7: "STOPPED"}
+EV_MSG, EV_LOST, EV_JOB, EV_DISPATCHED, EV_STATE, EV_LOAD, EV_STOPPED, EV_HELLO = range(1, 9)
+EV_NAMES = {1: "MSG", 2: "LOST", 3: "JOB", 4: "DISPATCHED", 5: "STATE", 6: "LOAD", 7: "STOPPED", 8: "HELLO"}
 
 MAX_FRAME = 2048  # max_frame_bytes; the ROUTER's MAXMSGSIZE is this + 1024, as in broker.py
 QUEUE_LIMIT = 6
@@ -188,10 +188,10 @@ class Rig:
 
     def _recv_control_hello(self) -> bytes:
         if not self.control.poll(int(WAIT * 1000)):
-            raise AssertionError(f"{self.impl}: no EV_MSG for the monitor's HELLO")
+            raise AssertionError(f"{self.impl}: no EV_HELLO for the monitor's HELLO")
         frames = self.control.recv_multipart()
-        assert frames[0][0] == EV_MSG and frames[2][3] == Kind.HELLO, frames
-        return frames[1]
+        assert frames[0][0] == EV_HELLO and frames[3][3] == Kind.HELLO, frames
+        return frames[2]
 
     def close(self) -> dict[str, int] | str:
         """Stop the data plane; its EV_STOPPED counters (or what went wrong)."""
@@ -241,9 +241,12 @@ class Rig:
         if who == "control":
             ev = frames[0][0]
             rec: tuple[Any, ...] = (EV_NAMES.get(ev, ev),)
-            if ev == EV_MSG and len(frames) > 1 and frames[1] not in self.label:
-                self.rid[self.sender], self.label[frames[1]] = frames[1], self.sender
-            if ev in (EV_MSG, EV_LOST, EV_JOB, EV_DISPATCHED, EV_STATE) and len(frames) > 1:
+            if ev == EV_HELLO and len(frames) > 2:
+                # [ev, user id (empty: no CURVE here), rid, hdr, ...]
+                if frames[2] not in self.label:
+                    self.rid[self.sender], self.label[frames[2]] = frames[2], self.sender
+                rec += (frames[1], self._name(frames[2]), *frames[3:])
+            elif ev in (EV_MSG, EV_LOST, EV_JOB, EV_DISPATCHED, EV_STATE) and len(frames) > 1:
                 rec += (self._name(frames[1]), *frames[2:])
             else:
                 rec += tuple(frames[1:])

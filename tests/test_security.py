@@ -3,6 +3,8 @@ unknown keys wait as pending, the store is read at every handshake (no restart).
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 import orbitmesh as om
@@ -109,3 +111,51 @@ def test_plaintext_is_refused_off_loopback():
 )
 def test_is_loopback(endpoint, loopback):
     assert is_loopback(endpoint) is loopback
+
+
+def test_revoked_key_loses_its_live_session_and_names_stay_with_their_keys(arun, ctx, core_impl, tmp_path):
+    keys_dir = tmp_path / "keys"
+
+    async def main():
+        broker = om.Broker("tcp://127.0.0.1:0", core=core_impl, context=ctx, keys_dir=keys_dir, **FAST)
+        await broker.start()
+        try:
+            assert broker.security is not None
+            server = broker.security.keys.public
+            store = KeyStore(keys_dir / "peers")
+            first, second, client_keys = Keypair.generate(), Keypair.generate(), Keypair.generate()
+            for k in (first, second, client_keys):
+                store.accept(k.public)
+            client = om.MeshClient(broker.endpoints[0], context=ctx, keys=PeerKeys(client_keys, server), timeout=5)
+            await client.connect(timeout=5)
+            agent = om.Agent("worker", broker.endpoints[0], context=ctx, keys=PeerKeys(first, server))
+
+            @agent.handler
+            async def ping() -> str:
+                return "pong"
+
+            await agent.start(timeout=5)
+            try:
+                assert await client.invoke("worker", "ping") == "pong"
+                # When its key is revoked while it is connected,
+                # Expect its session closed within a couple of heartbeats
+                store.revoke(first.public)
+                deadline = asyncio.get_running_loop().time() + 3
+                while [a.name for a in await client.agents()] and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.05)
+                assert await client.agents() == []
+                with pytest.raises(om.RoutingError) as info:
+                    await client.invoke("worker", "ping")
+                assert info.value.code == om.ErrorCode.NO_SUCH_AGENT
+            finally:
+                await agent.stop(drain_timeout=0.5)
+            # The name "worker" is bound to the first key: another accepted key cannot take it
+            impostor = om.Agent("worker", broker.endpoints[0], context=ctx, keys=PeerKeys(second, server))
+            with pytest.raises(om.RoutingError) as taken:
+                await impostor.start(timeout=5)
+            assert taken.value.code == om.ErrorCode.NAME_TAKEN and "another key" in taken.value.message
+            await client.close()
+        finally:
+            await broker.stop()
+
+    arun(main())

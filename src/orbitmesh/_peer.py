@@ -239,7 +239,7 @@ class PeerConnection:
                 else:
                     log.warning("broker refused registration: %s", err)
                 return
-            if code == ErrorCode.NOT_REGISTERED:
+            if code in (ErrorCode.NOT_REGISTERED, ErrorCode.KEY_REVOKED):
                 # The broker restarted and forgot us: register again at once
                 # (what was in flight is failed by on_lost).
                 if self.ready:

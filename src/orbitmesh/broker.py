@@ -226,6 +226,7 @@ class Broker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timers: set[asyncio.TimerHandle] = set()
         self._labels_rr = -1  # round-robin cursor for label selection
+        self._keys_by_rid: dict[bytes, bytes] = {}  # live sessions' CURVE keys (with security)
         self.running = False
 
     # ------------------------------------------------------------ lifecycle
@@ -413,6 +414,9 @@ class Broker:
                 self._on_state(frames[1], frames[2][0])
             elif ev == 6:
                 self._on_load(frames[1], frames[2] if len(frames) > 2 else b"")
+            elif ev == 8:
+                fields = HDR.unpack(frames[3])
+                self._on_hello(frames[2], fields[7], frames[3:], user=frames[1])
             elif ev == 7:
                 self._on_load(b"", frames[1])
                 if self._stopped is not None and not self._stopped.done():
@@ -431,9 +435,29 @@ class Broker:
             agent = self._agents.get(rid)
             if agent is not None:
                 agent.inflight = inflight
+        if self.security is not None and self._keys_by_rid:
+            self._evict_revoked()
         if counters:
             values = struct.unpack(f"<{len(counters) // 8}Q", counters)
             self._counters = dict(zip(self._dp_mod.COUNTERS, values, strict=False))
+
+    def _evict_revoked(self) -> None:
+        """Every heartbeat: close the sessions whose key is no longer accepted."""
+        assert self.security is not None and self._ctrl is not None
+        for rid, key in list(self._keys_by_rid.items()):
+            if self.security.store.state(key) == "accepted":
+                continue
+            del self._keys_by_rid[rid]
+            self._error(rid, ErrorCode.KEY_REVOKED, 0, "this session's key was revoked")
+            self._ctrl.send([self._dp_mod.OP["UNREG"], rid])
+            self._clients.discard(rid)
+            self._subscribers.pop(rid, None)
+            agent = self._agents.pop(rid, None)
+            if agent is not None:
+                if self._by_name.get(agent.info.name) is agent:
+                    del self._by_name[agent.info.name]
+                log.warning("agent %s disconnected: its key was revoked", agent.info.name)
+                self._publish("agent_left", {**agent.public(), "reason": "key revoked"})
 
     def _on_state(self, rid: bytes, state: int) -> None:
         agent = self._agents.get(rid)
@@ -442,6 +466,7 @@ class Broker:
             self._publish("agent_state", agent.public())
 
     def _on_lost(self, rid: bytes) -> None:
+        self._keys_by_rid.pop(rid, None)
         self._clients.discard(rid)
         self._subscribers.pop(rid, None)
         agent = self._agents.pop(rid, None)
@@ -456,9 +481,7 @@ class Broker:
     def _on_peer_message(self, rid: bytes, frames: list[bytes]) -> None:
         fields = HDR.unpack(frames[0])
         kind, flags, corr = fields[2], fields[3], fields[7]
-        if kind == Kind.HELLO:
-            self._on_hello(rid, corr, frames)
-        elif kind == Kind.QUERY:
+        if kind == Kind.QUERY:
             self._on_query(rid, corr, frames)
         elif kind in (Kind.REQUEST, Kind.RAW):
             self._on_request(rid, fields, frames)
@@ -467,7 +490,13 @@ class Broker:
         elif kind == Kind.EVENT:
             self._on_agent_event(rid, frames)
 
-    def _on_hello(self, rid: bytes, corr: int, frames: list[bytes]) -> None:
+    def _on_hello(self, rid: bytes, corr: int, frames: list[bytes], user: bytes = b"") -> None:
+        if self.security is not None:
+            # ``user`` is the connection's CURVE key, as the ZAP handler admitted it.
+            if not user or self.security.store.state(user) != "accepted":
+                self._error(rid, ErrorCode.KEY_REFUSED, corr, "this connection's key is not accepted")
+                return
+            self._keys_by_rid[rid] = user
         try:
             body = msgpack.unpackb(frames[2], raw=False) if len(frames) > 2 else None
             if not isinstance(body, dict):
@@ -499,6 +528,12 @@ class Broker:
         prior = self._agents.get(rid)
         if prior is not None and prior.info.name != name and self._by_name.get(prior.info.name) is prior:
             del self._by_name[prior.info.name]  # the same session, registering under a new name
+        key = self._keys_by_rid.get(rid)
+        if self.security is not None and key is not None:
+            bound = self.security.store.bind_name(name, key)
+            if bound is not None:
+                self._error(rid, ErrorCode.NAME_TAKEN, corr, f"agent name {name!r} is bound to another key")
+                return
         held = self._by_name.get(name)
         if held is not None and held.rid != rid:
             self._error(rid, ErrorCode.NAME_TAKEN, corr, f"agent name {name!r} is held by a live session")
@@ -542,6 +577,8 @@ class Broker:
         self._send(rid, [header(Kind.WELCOME, corr=corr), b"", msgpack.packb(body)])
 
     def _on_bye(self, rid: bytes, drain: bool) -> None:
+        if not drain:
+            self._keys_by_rid.pop(rid, None)
         agent = self._agents.get(rid)
         if agent is None:
             self._clients.discard(rid)

@@ -40,6 +40,8 @@ class ErrorCode(IntEnum):
     SHUTTING_DOWN = 211
     TOO_MANY_REQUESTS = 212  # the client has its limit of requests in flight / queued
     RATE_LIMITED = 213  # the client sends requests faster than its rate limit
+    KEY_REFUSED = 214  # HELLO on a connection whose CURVE key is not (or no longer) accepted
+    KEY_REVOKED = 215  # the session's key was revoked or rejected: the session is closed
     # 3xx: execution on the agent
     UNKNOWN_COMMAND = 300
     HANDLER_ERROR = 301

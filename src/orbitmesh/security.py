@@ -118,6 +118,19 @@ class KeyStore:
     def revoke(self, key: str | bytes) -> None:
         self._set(self._find(key) if isinstance(key, str) else key, "revoked", "revoked")
 
+    def bind_name(self, name: str, public: bytes) -> bytes | None:
+        """Bind an agent name to a key on first use; returns the key it is bound to if that
+        is another one (the caller refuses), else None."""
+        names = self.root / "names"
+        names.mkdir(exist_ok=True)
+        path = names / name.encode().hex()
+        try:
+            bound = path.read_text().strip().encode()
+        except FileNotFoundError:
+            path.write_text(public.decode() + "\n")
+            return None
+        return None if bound == public else bound
+
     def note_pending(self, public: bytes, note: str) -> None:
         """Record an unknown key that tried to connect (never demotes a known one)."""
         if self.state(public) is None:

@@ -126,6 +126,7 @@ cdef enum:
     EV_STATE = 5
     EV_LOAD = 6
     EV_STOPPED = 7
+    EV_HELLO = 8
 
 if len(COUNTERS) != N_COUNTERS:
     raise ImportError("orbitmesh._core._dataplane_c is out of step with _dataplane_py (COUNTERS)")
@@ -511,6 +512,16 @@ cdef class DataPlane:
         self._send_bytes(self._control, &e, 1, 1)
         self._send_parts(self._control, &self._in[first], self._nin - first)
 
+    cdef void _up_hello(self) noexcept nogil:
+        """EV_HELLO: [ev, user id, rid, hdr, ...]; the User-Id is the ZAP handler's (the CURVE key),
+        read from the connection's metadata, so no peer can forge it."""
+        cdef char e = EV_HELLO
+        cdef const char* uid = self._z.zmq_msg_gets(&self._in[1], b"User-Id")
+        self._counters[C_TO_CONTROL] += 1
+        self._send_bytes(self._control, &e, 1, 1)
+        self._send_bytes(self._control, uid, strlen(uid) if uid != NULL else 0, 1)
+        self._send_parts(self._control, &self._in[0], self._nin)
+
     cdef void _up_small(self, uint8_t ev, const string& a, const char* b, size_t bn, int nparts) noexcept nogil:
         """Send [ev, a] or [ev, a, b] to the control plane."""
         cdef char e = <char>ev
@@ -736,7 +747,7 @@ cdef class DataPlane:
         cdef unordered_map[string, uint32_t].iterator it = self._by_rid.find(rid)
         if it == self._by_rid.end():
             if kind == K_HELLO:
-                self._up_in(EV_MSG, 0)
+                self._up_hello()
             else:
                 self._send_error(rid, E_NOT_REGISTERED, corr, 0, NULL, 0, string(b"say HELLO first"))
             return
@@ -795,7 +806,10 @@ cdef class DataPlane:
                 self._unregister(rid, False)
             self._up_in(EV_MSG, 0)
             return
-        if kind == K_HELLO or kind == K_QUERY or kind == K_EVENT:
+        if kind == K_HELLO:
+            self._up_hello()
+            return
+        if kind == K_QUERY or kind == K_EVENT:
             self._up_in(EV_MSG, 0)
             return
         snprintf(buf, sizeof(buf), "a peer may not send kind %d", <int>kind)

@@ -26,6 +26,7 @@ data plane -> control
     EV_STATE    [ev, rid, state]              an agent's liveness state changed
     EV_LOAD     [ev, (rid_len u8, rid, inflight u32, capacity u32)*, counters]  every heartbeat
     EV_STOPPED  [ev, counters]                the loop ended; counters as <Q*N>
+    EV_HELLO    [ev, user_id, rid, hdr, ...]  a HELLO, with its connection's ZAP User-Id (or empty)
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ public_api = ["COUNTERS", "DataPlane", "EV", "OP", "STATE_ALIVE", "STATE_LOST", 
 
 OP_SEND, OP_REG, OP_UNREG, OP_INJECT, OP_STOP, OP_SIGNAL = (bytes([i]) for i in range(1, 7))
 OP = {"SEND": OP_SEND, "REG": OP_REG, "UNREG": OP_UNREG, "INJECT": OP_INJECT, "STOP": OP_STOP, "SIGNAL": OP_SIGNAL}
-EV_MSG, EV_LOST, EV_JOB, EV_DISPATCHED, EV_STATE, EV_LOAD, EV_STOPPED = (bytes([i]) for i in range(1, 8))
+EV_MSG, EV_LOST, EV_JOB, EV_DISPATCHED, EV_STATE, EV_LOAD, EV_STOPPED, EV_HELLO = (bytes([i]) for i in range(1, 9))
 EV = {
     "MSG": EV_MSG,
     "LOST": EV_LOST,
@@ -54,6 +55,7 @@ EV = {
     "STATE": EV_STATE,
     "LOAD": EV_LOAD,
     "STOPPED": EV_STOPPED,
+    "HELLO": EV_HELLO,
 }
 STATE_ALIVE, STATE_SUSPECT, STATE_LOST = 0, 1, 2
 
@@ -223,6 +225,7 @@ class DataPlane:
         self._seq = 0
         self._counters = [0] * len(COUNTERS)
         self._running = False
+        self._hello_user: zmq.Frame | None = None  # header part of the message being handled
         # Per-client limits (0 = none): requests in flight or queued, and a token bucket.
         self._max_pending = client_max_inflight
         self._rate = client_rate
@@ -253,10 +256,11 @@ class DataPlane:
             if self._running and self._router in events:
                 for _ in range(_BATCH):
                     try:
-                        frames = self._router.recv_multipart(zmq.NOBLOCK)
+                        raw = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._on_router(frames)
+                    self._hello_user = raw[1] if len(raw) > 1 else None
+                    self._on_router([f.bytes for f in raw])
             now = _now_ms()
             if self._queued:
                 self._expire_queue(_wall_ms())
@@ -432,7 +436,7 @@ class DataPlane:
         peer = self._peers.get(rid)
         if peer is None:
             if kind == Kind.HELLO:
-                self._up([EV_MSG, *frames])
+                self._up_hello(frames)
             else:
                 self._send_error(rid, ErrorCode.NOT_REGISTERED, corr, 0, b"", "say HELLO first")
             return
@@ -484,10 +488,24 @@ class DataPlane:
                 self._unregister(rid, lost=False)
             self._up([EV_MSG, *frames])
             return
+        if kind == Kind.HELLO:
+            self._up_hello(frames)
+            return
         if kind in _CONTROL_KINDS:
             self._up([EV_MSG, *frames])
             return
         self._malformed(rid, ErrorCode.UNEXPECTED_KIND, corr, f"a peer may not send kind {kind}")
+
+    def _up_hello(self, frames: list[bytes]) -> None:
+        """EV_HELLO: the HELLO with the User-Id the ZAP handler gave its connection (the CURVE
+        key; empty without security), which no peer can forge."""
+        user = b""
+        if self._hello_user is not None:
+            try:
+                user = str(self._hello_user.get("User-Id")).encode()
+            except zmq.ZMQError:
+                user = b""  # no such property: a connection without a security mechanism
+        self._up([EV_HELLO, user, *frames])
 
     def _malformed(self, rid: bytes, code: int, corr: int, message: str | bytes) -> None:
         self._counters[4] += 1

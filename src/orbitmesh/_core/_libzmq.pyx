@@ -29,6 +29,7 @@ from orbitmesh._core._zmqabi cimport (
     zmq_msg_send_fn,
     zmq_msg_size_fn,
     zmq_msg_t,
+    zmq_msg_gets_fn,
     zmq_poll_fn,
     zmq_strerror_fn,
     zmq_version_fn,
@@ -113,6 +114,7 @@ cdef tuple _bind():
     api.zmq_errno = <zmq_errno_fn>_sym(h, b"zmq_errno", path)
     api.zmq_strerror = <zmq_strerror_fn>_sym(h, b"zmq_strerror", path)
     api.zmq_version = <zmq_version_fn>_sym(h, b"zmq_version", path)
+    api.zmq_msg_gets = <zmq_msg_gets_fn>_sym(h, b"zmq_msg_gets", path)
 
     cdef int major = 0, minor = 0, patch = 0
     api.zmq_version(&major, &minor, &patch)

@@ -77,6 +77,7 @@ ctypedef int (*zmq_getsockopt_fn)(void* socket, int option, void* optval, size_t
 ctypedef int (*zmq_errno_fn)() noexcept nogil
 ctypedef const char* (*zmq_strerror_fn)(int errnum) noexcept nogil
 ctypedef void (*zmq_version_fn)(int* major, int* minor, int* patch) noexcept nogil
+ctypedef const char* (*zmq_msg_gets_fn)(const zmq_msg_t* msg, const char* prop) noexcept nogil
 
 
 ctypedef struct ZmqApi:
@@ -96,3 +97,4 @@ ctypedef struct ZmqApi:
     zmq_errno_fn zmq_errno
     zmq_strerror_fn zmq_strerror
     zmq_version_fn zmq_version
+    zmq_msg_gets_fn zmq_msg_gets
