@@ -377,3 +377,25 @@ def test_retention_by_age(arun, ctx, core_impl):
             assert (await waiting.cancel()).state == JobState.CANCELLED
 
     arun(main())
+
+
+def test_batch_durability_writes_everything_by_stop(arun, ctx, core_impl, tmp_path):
+    from orbitmesh.storage import LmdbStore
+
+    async def main():
+        # Given a broker whose job log flushes every few ms (batch mode)
+        kw = {"store": f"lmdb://{tmp_path}/jobs", "durability": "batch"}
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), broker_kw=kw, setup=job_handlers({})) as (
+            _,
+            _,
+            client,
+        ):
+            jobs = [await client.execute("agent-0", "add", [i, i]) for i in range(5)]
+            assert [await j.result(timeout=5) for j in jobs] == [0, 2, 4, 6, 8]
+        return [j.id for j in jobs]
+
+    ids = arun(main())
+    # Expect every outcome on disk once the broker has stopped, read back by a fresh store
+    with LmdbStore(tmp_path / "jobs", "sync") as store:
+        records = [store.get(i) for i in ids]
+    assert all(r is not None and r.state == om.JobState.SUCCEEDED for r in records)

@@ -14,7 +14,6 @@ from .protocol import Kind
 
 HDR = struct.Struct("<2sBBHHIIQQQ")
 _pack = HDR.pack
-U64 = struct.Struct("<Q")
 EMPTY = b""
 
 
@@ -27,11 +26,6 @@ def header(
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def deadline_ms(timeout: float | None) -> int:
-    """Absolute deadline (unix ms) for a timeout in seconds; 0 when there is none."""
-    return 0 if timeout is None else wall_ms() + max(1, int(timeout * 1000))
 
 
 def error_message(
@@ -77,4 +71,4 @@ def parse_error(code: int, frames: list[Any]) -> OrbitMeshError:
     return exc
 
 
-__all__ = ["HDR", "U64", "ErrorCode", "deadline_ms", "error_message", "header", "parse_error", "wall_ms"]
+__all__ = ["HDR", "ErrorCode", "error_message", "header", "parse_error", "wall_ms"]

@@ -40,7 +40,6 @@ log = logging.getLogger("orbitmesh.client")
 
 T = TypeVar("T")
 _STRATEGIES = {"least_loaded": Strategy.LEAST_LOADED, "round_robin": Strategy.ROUND_ROBIN, "random": Strategy.RANDOM}
-_END = object()
 _FOREVER = 10 * 365 * 86400.0  # pending entries that only their own protocol ends
 
 

@@ -11,7 +11,6 @@ from .base import JobRecord
 
 MAX_ID = 2**63 - 1  # SQLite's signed 64-bit INTEGER bounds every store
 UNFINISHED_STATES = tuple(s for s in JobState if not s.terminal)
-TERMINAL_STATES = tuple(s for s in JobState if s.terminal)
 
 
 def check_id(job_id: int) -> int:
