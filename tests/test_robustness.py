@@ -665,7 +665,10 @@ def test_broker_restart_on_the_same_port(arun, ctx, core_impl, gap):
                 try:
                     assert await client.invoke("phoenix", "echo", {"value": "after"}, timeout=1.0) == "after"
                     break
-                except (om.NotConnectedError, om.TimeoutError):
+                except (om.NotConnectedError, om.TimeoutError, om.AgentLostError):
+                    # On a loaded machine one 0.4 s stall of this single event loop (broker, agent
+                    # and client share it) makes each side declare the other gone once more while
+                    # they re-pair; that is recovery at work, not a failure of it.
                     pass
                 except om.RoutingError as exc:
                     if exc.code != ErrorCode.NO_SUCH_AGENT:
