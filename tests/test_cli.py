@@ -177,8 +177,21 @@ def test_keys_and_a_secured_broker_from_the_command_line(tmp_path):
         code, out = _run(["keys", "list", "--keys", str(keys_dir)])
         assert code == 0 and f"pending   {ops_id[:16]}" in out
         # When the operator accepts it, Expect the same command to work, with no restart
-        assert _run(["keys", "accept", ops_id[:10], "--keys", str(keys_dir)])[0] == 0
+        code, out = _run(["keys", "accept", ops_id[:10], "--role", "client", "--keys", str(keys_dir)])
+        assert code == 0 and "[client]" in out
         code, out = _run(["agents", "--broker", endpoint, *creds])
         assert code == 0 and "no agents" in out
+        code, out = _run(["keys", "list", "--keys", str(keys_dir)])
+        assert f"accepted  {ops_id[:16]}" in out and out.rstrip().endswith("[client]")
+        # When its policy says it is an agent key, Expect a query connection refused as FORBIDDEN
+        code, out = _run(["keys", "policy", ops_id[:10], "--role", "agent", "--keys", str(keys_dir)])
+        assert code == 0 and "[agent]" in out
+        with redirect_stderr(err):
+            code, _ = _run(["agents", "--broker", endpoint, *creds])
+        assert code == 2 and "FORBIDDEN" in err.getvalue()
+        # And a policy that makes no sense is refused with the reason
+        with redirect_stderr(io.StringIO()), pytest.raises(SystemExit) as bad:
+            _run(["keys", "policy", ops_id[:10], "--role", "admin", "--commands", "x.*", "--keys", str(keys_dir)])
+        assert "admin key is unrestricted" in str(bad.value)
     finally:
         _stop(broker)

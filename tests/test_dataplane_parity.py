@@ -28,10 +28,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from orbitmesh import _core
+from orbitmesh._core._dataplane_py import ACL_CHECKED, ACL_NO_REQUESTS
 from orbitmesh.protocol import Flag, Kind, Role, Route, Strategy
 
 HDR = struct.Struct("<2sBBHHIIQQQ")
-META = struct.Struct("<BIi")
+META = struct.Struct("<BII")
 TOKEN = struct.Struct("<II")
 OP_SEND, OP_REG, OP_UNREG, OP_INJECT, OP_STOP = (bytes([i]) for i in range(1, 6))
 EV_MSG, EV_LOST, EV_JOB, EV_DISPATCHED, EV_STATE, EV_LOAD, EV_STOPPED, EV_HELLO = range(1, 9)
@@ -331,9 +332,11 @@ def register(
     caps: list[bytes] | None = None,
     groups: list[bytes] | None = None,
     commands: list[bytes] | None = None,
+    acl: int = 0,
 ) -> dict[str, Any]:
-    """``peer`` says HELLO; the test, as the control plane, registers it (OP_REG) and welcomes it.
-    An agent is any peer given a capacity or keys; ``name`` defaults to the peer's label."""
+    """``peer`` says HELLO; the test, as the control plane, registers it (OP_REG, with ``acl``
+    flags) and welcomes it. An agent is any peer given a capacity or keys; ``name`` defaults to
+    the peer's label."""
     corr = rig.corr(peer)
     rig.send(peer, [hdr(Kind.HELLO, corr=corr), peer.encode()])
     got = rig.peer_barrier(peer)  # the EV_MSG of the HELLO taught the rig the peer's routing id
@@ -342,7 +345,7 @@ def register(
     agent = peer in AGENTS or capacity or caps or groups or commands
     role = Role.AGENT if agent else Role.CLIENT
     keys = [join(caps or []), join(groups or []), join(commands or [])]
-    reg = [META.pack(role, capacity, 0), peer.encode() if name is None else name, *keys]
+    reg = [META.pack(role, capacity, acl), peer.encode() if name is None else name, *keys]
     rig.control.send_multipart([OP_REG, rid, *reg])
     rig.control.send_multipart([OP_SEND, rid, hdr(Kind.WELCOME, corr=corr), b""])
     return _merge(got, rig.collect(peer, lambda f: f[0] == hdr(Kind.WELCOME, corr=corr)), rig.control_barrier())
@@ -353,10 +356,12 @@ def hello(rig: Rig, who: int, bits: int, *_: int) -> dict[str, Any]:
     peer = _open(rig, (*CLIENTS, *AGENTS), who)
     if peer is None:
         return {}
+    # Now and then a session whose key may send no requests, or whose requests go up for a check.
+    acl = {7: ACL_NO_REQUESTS, 6: ACL_CHECKED}.get(bits >> 9 & 7, 0)
     if peer in AGENTS:
         capacity, caps, groups, commands = agent_config(AGENTS.index(peer), bits)
-        return register(rig, peer, capacity=capacity, caps=caps, groups=groups, commands=commands)
-    return register(rig, peer)
+        return register(rig, peer, capacity=capacity, caps=caps, groups=groups, commands=commands, acl=acl)
+    return register(rig, peer, acl=acl)
 
 
 def _request_frames(rig: Rig, peer: str, raw: bool, r: int, s: int, k: int, flags: int) -> list[bytes]:
@@ -553,6 +558,20 @@ def inject(rig: Rig, who: int, r: int, s: int, k: int, flags: int, *_: int) -> d
     return rig.control_barrier()
 
 
+def replay(rig: Rig, who: int, r: int, s: int, k: int, pick: int, *_: int) -> dict[str, Any]:
+    """A client sends a REQUEST again with a corr it used before (or 0): a replay."""
+    peer = _open(rig, CLIENTS, who)
+    if peer is None:
+        return {}
+    frames = _request_frames(rig, peer, False, r, s, k, 0)
+    used = rig.corrs[peer]
+    corr = used[-(1 + pick % min(3, len(used)))] if used and pick % 4 else 0
+    fields = list(HDR.unpack(frames[0]))
+    fields[7] = corr
+    rig.send(peer, [HDR.pack(*fields), *frames[1:]])
+    return rig.peer_barrier(peer)
+
+
 def crash(rig: Rig, who: int, *_: int) -> dict[str, Any]:
     """A peer's connection drops without BYE: its routing id becomes unreachable."""
     peer = (*AGENTS, *CLIENTS)[who % 7]
@@ -567,8 +586,8 @@ def crash(rig: Rig, who: int, *_: int) -> dict[str, Any]:
     return rig.control_barrier()
 
 
-ACTIONS = (hello, request, raw, burst, reply, signal, malformed, bye, unreg, inject, crash)
-WEIGHTS = (4, 14, 3, 4, 18, 5, 6, 2, 2, 4, 1)
+ACTIONS = (hello, request, raw, burst, reply, signal, malformed, bye, unreg, inject, crash, replay)
+WEIGHTS = (4, 14, 3, 4, 18, 5, 6, 2, 2, 4, 1, 2)
 
 
 GOOD = ("name-0", "name-1", "name-2", "name-3", "cap-gpu", "cap-cpu", "cap-solo", "group-g1", "group-g2", "command")

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 import orbitmesh as om
+from orbitmesh.acl import Policy
 from orbitmesh.security import Keypair, KeyStore, PeerKeys, is_loopback, key_id
 
 from .mesh import FAST
@@ -25,7 +26,7 @@ def test_only_accepted_keys_get_in(arun, ctx, core_impl, tmp_path):
             store = KeyStore(keys_dir / "peers")
             agent_keys, client_keys, stranger = Keypair.generate(), Keypair.generate(), Keypair.generate()
             store.accept(agent_keys.public)
-            store.accept(client_keys.public)
+            store.accept(client_keys.public, Policy("client"))
             agent = om.Agent("secure", broker.endpoints[0], context=ctx, keys=PeerKeys(agent_keys, server))
 
             @agent.handler
@@ -56,7 +57,7 @@ def test_only_accepted_keys_get_in(arun, ctx, core_impl, tmp_path):
                 with pytest.raises(om.NotConnectedError):
                     await wrong.connect(timeout=0.4)
                 # When an operator accepts the pending key, Expect it in at once, no broker restart
-                store.accept(key_id(stranger.public)[:12])
+                store.accept(key_id(stranger.public)[:12], Policy("client"))
                 late = om.MeshClient(broker.endpoints[0], context=ctx, keys=PeerKeys(stranger, server))
                 await late.connect(timeout=5)
                 assert await late.invoke("secure", "hello", ["late"]) == "hello late"
@@ -124,8 +125,9 @@ def test_revoked_key_loses_its_live_session_and_names_stay_with_their_keys(arun,
             server = broker.security.keys.public
             store = KeyStore(keys_dir / "peers")
             first, second, client_keys = Keypair.generate(), Keypair.generate(), Keypair.generate()
-            for k in (first, second, client_keys):
+            for k in (first, second):
                 store.accept(k.public)
+            store.accept(client_keys.public, Policy("client"))
             client = om.MeshClient(broker.endpoints[0], context=ctx, keys=PeerKeys(client_keys, server), timeout=5)
             await client.connect(timeout=5)
             agent = om.Agent("worker", broker.endpoints[0], context=ctx, keys=PeerKeys(first, server))

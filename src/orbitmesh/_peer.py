@@ -20,7 +20,7 @@ from ._aio import AsyncSocket
 from ._core import frame
 from ._wire import HDR, header, parse_error
 from .errors import ErrorCode, NotConnectedError, OrbitMeshError, ProtocolError
-from .protocol import F_DRAIN, Kind
+from .protocol import F_DRAIN, VERSION, Kind
 
 log = logging.getLogger("orbitmesh.peer")
 
@@ -55,7 +55,7 @@ class PeerConnection:
         socket_options: dict[int, Any] | None = None,
     ) -> None:
         self.endpoint = endpoint
-        self._hello = hello
+        self._hello = {**hello, "protocol": VERSION}  # the highest protocol version we speak
         self._role = role
         self._on_message = on_message
         self._on_lost = on_lost
@@ -239,7 +239,9 @@ class PeerConnection:
                 else:
                     log.warning("broker refused registration: %s", err)
                 return
-            if code in (ErrorCode.NOT_REGISTERED, ErrorCode.KEY_REVOKED):
+            if code in (ErrorCode.NOT_REGISTERED, ErrorCode.KEY_REVOKED) or (
+                code == ErrorCode.FORBIDDEN and fields[7] == 0  # the broker closed the session
+            ):
                 # The broker restarted and forgot us: register again at once
                 # (what was in flight is failed by on_lost).
                 if self.ready:

@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -960,8 +961,13 @@ def _raw_om_client(s: Settings, endpoint: str, payload: bytes, children: dict[st
     with _dealer(endpoint) as sock:
         _raw_hello(sock, Role.CLIENT, {"role": "client", "name": "bench-raw-client"})
         route = frame.pack_route(Route.NAME, Strategy.LEAST_LOADED, RAW_AGENT_NAME.encode())
-        request = [header(Kind.REQUEST), route, COMMAND.encode(), msgpack.packb(payload)]
-        return _measure_sync(s, functools.partial(sock.send_multipart, request), _raw_reply_receiver(sock), children)
+        tail = [route, COMMAND.encode(), msgpack.packb(payload)]
+        corrs = itertools.count(1)  # each request's corr must increase within the session
+
+        def send() -> None:
+            sock.send_multipart([header(Kind.REQUEST, corr=next(corrs)), *tail])
+
+        return _measure_sync(s, send, _raw_reply_receiver(sock), children)
 
 
 def _set_latency(figures: Figures, samples: list[int]) -> None:

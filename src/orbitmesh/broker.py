@@ -27,20 +27,31 @@ import zmq
 from . import _core
 from ._aio import AsyncSocket
 from ._wire import HDR, error_message, header
+from .acl import ADMIN, RAW_COMMAND, Policy, in_reach
 from .errors import ErrorCode, OrbitMeshError
 from .jobs import JobManager
 from .models import AgentInfo, JobState
-from .protocol import F_DRAIN, F_TRACKED, Kind, Role, Route, Strategy
+from .protocol import F_DRAIN, F_TRACKED, VERSION, Kind, Role, Route, Strategy
 from .security import CurveAdmission, is_loopback
 from .storage import JobRecord, JobStore, check_durability, open_store
 
 log = logging.getLogger("orbitmesh.broker")
 
-_META = struct.Struct("<BIi")
+_META = struct.Struct("<BII")
 _LOAD = struct.Struct("<II")
 _NAME_MAX = 200
 _LIST_MAX = 256
 _STATE_NAMES = {0: "alive", 1: "suspect"}
+
+
+@dataclass
+class _Session:
+    """A secured session: its CURVE key, the key's policy, and how it registered."""
+
+    key: bytes
+    policy: Policy
+    role: str = ""  # "agent" / "client", once registered
+    reg: list[bytes] = field(default_factory=list)  # its OP_REG frames, re-sent when the policy changes
 
 
 @dataclass
@@ -151,7 +162,10 @@ class Broker:
     Security: with ``keys_dir`` the broker is a CURVE server (its keypair and
     the peers' key store live there; see ``orbitmesh.security``) and admits
     only accepted keys. Binding a non-loopback endpoint without it is refused
-    unless ``allow_plaintext=True``, which is logged.
+    unless ``allow_plaintext=True``, which is logged. Each accepted key has a
+    policy (role, command patterns, agent selectors: ``orbitmesh.acl``), read
+    at HELLO and re-checked every heartbeat. A peer whose HELLO offers a
+    protocol version below ``min_protocol`` is refused (no downgrade).
     """
 
     def __init__(
@@ -175,6 +189,7 @@ class Broker:
         client_burst: int = 0,
         keys_dir: str | os.PathLike[str] | None = None,
         allow_plaintext: bool = False,
+        min_protocol: int = VERSION,
     ) -> None:
         if not endpoints:
             raise ValueError("a broker needs at least one endpoint")
@@ -188,6 +203,9 @@ class Broker:
                 "or allow_plaintext=True to run unencrypted and unauthenticated"
             )
         self._exposed_plaintext = bool(exposed) and keys_dir is None
+        if not 1 <= min_protocol <= VERSION:
+            raise ValueError(f"min_protocol must be from 1 to {VERSION} (the newest this broker speaks)")
+        self.min_protocol = min_protocol
         self.security = CurveAdmission(keys_dir) if keys_dir is not None else None
         self.endpoints: list[str] = []
         self.heartbeat_ms = max(1, int(heartbeat_interval * 1000))
@@ -226,7 +244,10 @@ class Broker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timers: set[asyncio.TimerHandle] = set()
         self._labels_rr = -1  # round-robin cursor for label selection
-        self._keys_by_rid: dict[bytes, bytes] = {}  # live sessions' CURVE keys (with security)
+        self._swept: object = None  # the key-store snapshot the last session sweep applied
+        # With security: each live session's policy, HELLO role and data-plane registration.
+        self._sessions: dict[bytes, _Session] = {}
+        self._forbidden = 0  # requests and queries the control plane refused (FORBIDDEN)
         self.running = False
 
     # ------------------------------------------------------------ lifecycle
@@ -371,6 +392,7 @@ class Broker:
     def stats(self) -> dict[str, int]:
         """Data-plane counters (as of the last heartbeat tick) plus registry sizes."""
         out = dict(self._counters)
+        out["forbidden"] = out.get("forbidden", 0) + self._forbidden
         out.update(agents=len(self._agents), clients=len(self._clients))
         if self.jobs is not None:
             out.update(self.jobs.stats())
@@ -435,29 +457,52 @@ class Broker:
             agent = self._agents.get(rid)
             if agent is not None:
                 agent.inflight = inflight
-        if self.security is not None and self._keys_by_rid:
-            self._evict_revoked()
+        if self.security is not None and self._sessions:
+            self._sweep_sessions()
         if counters:
             values = struct.unpack(f"<{len(counters) // 8}Q", counters)
             self._counters = dict(zip(self._dp_mod.COUNTERS, values, strict=False))
 
-    def _evict_revoked(self) -> None:
-        """Every heartbeat: close the sessions whose key is no longer accepted."""
+    def _sweep_sessions(self) -> None:
+        """Every heartbeat: apply key-store changes to live sessions. A key no longer accepted
+        loses its session (KEY_REVOKED); a policy that no longer allows the session's role
+        closes it (FORBIDDEN); a changed policy takes effect at once otherwise."""
         assert self.security is not None and self._ctrl is not None
-        for rid, key in list(self._keys_by_rid.items()):
-            if self.security.store.state(key) == "accepted":
+        try:
+            snap = self.security.store.snapshot()
+        except OSError as exc:
+            log.error("key store unreadable, sessions left as they are: %s", exc)
+            return
+        if snap is self._swept:
+            return  # nothing changed since the last sweep
+        self._swept = snap
+        for rid, sess in list(self._sessions.items()):
+            if snap.state(sess.key) != "accepted":
+                self._close_session(rid, ErrorCode.KEY_REVOKED, "this session's key was revoked", "key revoked")
                 continue
-            del self._keys_by_rid[rid]
-            self._error(rid, ErrorCode.KEY_REVOKED, 0, "this session's key was revoked")
-            self._ctrl.send([self._dp_mod.OP["UNREG"], rid])
-            self._clients.discard(rid)
-            self._subscribers.pop(rid, None)
-            agent = self._agents.pop(rid, None)
-            if agent is not None:
-                if self._by_name.get(agent.info.name) is agent:
-                    del self._by_name[agent.info.name]
-                log.warning("agent %s disconnected: its key was revoked", agent.info.name)
-                self._publish("agent_left", {**agent.public(), "reason": "key revoked"})
+            policy = snap.policy(sess.key)
+            if policy == sess.policy or not sess.role:
+                continue
+            refusal = policy.hello_refusal(sess.role)
+            if refusal is not None:
+                self._close_session(rid, ErrorCode.FORBIDDEN, f"policy changed: {refusal}", "policy changed")
+                continue
+            before = sess.policy.session_flags(sess.role)
+            sess.policy = policy
+            after = policy.session_flags(sess.role)
+            if after != before and sess.reg:
+                role, capacity, _ = _META.unpack(sess.reg[2])
+                sess.reg[2] = _META.pack(role, capacity, after)
+                self._ctrl.send(list(sess.reg))
+
+    def _close_session(self, rid: bytes, code: int, message: str, reason: str) -> None:
+        assert self._ctrl is not None
+        self._error(rid, code, 0, message)
+        self._ctrl.send([self._dp_mod.OP["UNREG"], rid])
+        agent = self._forget(rid)
+        if agent is not None:
+            log.warning("agent %s disconnected: %s", agent.info.name, reason)
+            self._publish("agent_left", {**agent.public(), "reason": reason})
 
     def _on_state(self, rid: bytes, state: int) -> None:
         agent = self._agents.get(rid)
@@ -465,14 +510,19 @@ class Broker:
             agent.state = _STATE_NAMES.get(state, "alive")
             self._publish("agent_state", agent.public())
 
-    def _on_lost(self, rid: bytes) -> None:
-        self._keys_by_rid.pop(rid, None)
+    def _forget(self, rid: bytes) -> _Agent | None:
+        """Drop a peer from the registry; returns the agent it was, if one."""
+        self._sessions.pop(rid, None)
         self._clients.discard(rid)
         self._subscribers.pop(rid, None)
         agent = self._agents.pop(rid, None)
+        if agent is not None and self._by_name.get(agent.info.name) is agent:
+            del self._by_name[agent.info.name]
+        return agent
+
+    def _on_lost(self, rid: bytes) -> None:
+        agent = self._forget(rid)
         if agent is not None:
-            if self._by_name.get(agent.info.name) is agent:
-                del self._by_name[agent.info.name]
             log.warning("agent %s lost", agent.info.name)
             self._publish("agent_lost", agent.public())
 
@@ -491,30 +541,60 @@ class Broker:
             self._on_agent_event(rid, frames)
 
     def _on_hello(self, rid: bytes, corr: int, frames: list[bytes], user: bytes = b"") -> None:
+        snap = None
         if self.security is not None:
             # ``user`` is the connection's CURVE key, as the ZAP handler admitted it.
-            if not user or self.security.store.state(user) != "accepted":
+            snap = self.security.store.snapshot()
+            if not user or snap.state(user) != "accepted":
                 self._error(rid, ErrorCode.KEY_REFUSED, corr, "this connection's key is not accepted")
                 return
-            self._keys_by_rid[rid] = user
         try:
             body = msgpack.unpackb(frames[2], raw=False) if len(frames) > 2 else None
             if not isinstance(body, dict):
                 raise ValueError("HELLO body must be a msgpack map")
             role = body.get("role")
-            if role == "agent":
-                self._register_agent(rid, corr, body)
-            elif role == "client":
-                self._clients.add(rid)
-                meta = _META.pack(Role.CLIENT, 0, 0)
-                self._send_reg(rid, meta, str(body.get("name", "")).encode()[:_NAME_MAX], [], [], [])
-                self._welcome(rid, corr)
-            else:
+            if role not in ("agent", "client"):
                 raise ValueError(f"role must be 'agent' or 'client', not {role!r}")
+            offered = body.get("protocol", VERSION)
+            if not isinstance(offered, int) or isinstance(offered, bool):
+                raise ValueError("protocol must be an integer version")
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             self._error(rid, ErrorCode.BAD_HELLO, corr, f"bad HELLO: {exc}")
+            return
+        if offered < self.min_protocol:
+            self._error(
+                rid,
+                ErrorCode.UNSUPPORTED_VERSION,
+                corr,
+                f"peer speaks protocol up to v{offered}; this broker requires v{self.min_protocol} or newer",
+            )
+            return
+        policy = ADMIN
+        if snap is not None:
+            policy = snap.policy(user)
+            refusal = policy.hello_refusal(role)
+            if refusal is not None:
+                self._forbidden += 1
+                self._error(rid, ErrorCode.FORBIDDEN, corr, refusal)
+                return
+            self._sessions[rid] = _Session(user, policy)
+        flags = policy.session_flags(role)
+        try:
+            if role == "agent":
+                self._register_agent(rid, corr, body, flags)
+            else:
+                self._clients.add(rid)
+                meta = _META.pack(Role.CLIENT, 0, flags)
+                self._send_reg(rid, meta, str(body.get("name", "")).encode()[:_NAME_MAX], [], [], [])
+                self._welcome(rid, corr)
+        except (ValueError, TypeError) as exc:
+            self._error(rid, ErrorCode.BAD_HELLO, corr, f"bad HELLO: {exc}")
+            return
+        sess = self._sessions.get(rid)
+        if sess is not None:
+            sess.role = role
 
-    def _register_agent(self, rid: bytes, corr: int, body: dict[str, Any]) -> None:
+    def _register_agent(self, rid: bytes, corr: int, body: dict[str, Any], flags: int = 0) -> None:
         name = body.get("name")
         if not isinstance(name, str) or not name or "\0" in name or len(name) > _NAME_MAX:
             raise ValueError(f"agent name must be a non-empty string without NUL, at most {_NAME_MAX} chars")
@@ -528,9 +608,9 @@ class Broker:
         prior = self._agents.get(rid)
         if prior is not None and prior.info.name != name and self._by_name.get(prior.info.name) is prior:
             del self._by_name[prior.info.name]  # the same session, registering under a new name
-        key = self._keys_by_rid.get(rid)
-        if self.security is not None and key is not None:
-            bound = self.security.store.bind_name(name, key)
+        sess = self._sessions.get(rid)
+        if self.security is not None and sess is not None:
+            bound = self.security.store.bind_name(name, sess.key)
             if bound is not None:
                 self._error(rid, ErrorCode.NAME_TAKEN, corr, f"agent name {name!r} is bound to another key")
                 return
@@ -543,7 +623,7 @@ class Broker:
         agent = _Agent(rid, info)
         self._agents[rid] = agent
         self._by_name[name] = agent
-        self._send_reg(rid, _META.pack(Role.AGENT, capacity, 0), name.encode(), caps, groups, commands)
+        self._send_reg(rid, _META.pack(Role.AGENT, capacity, flags), name.encode(), caps, groups, commands)
         self._welcome(rid, corr)
         if self.jobs is not None:
             self.jobs.agent_joined(name)
@@ -555,17 +635,19 @@ class Broker:
     ) -> None:
         if self._ctrl is not None:
             join = b"\0".join
-            self._ctrl.send(
-                [
-                    self._dp_mod.OP["REG"],
-                    rid,
-                    meta,
-                    name,
-                    join(c.encode() for c in caps),
-                    join(g.encode() for g in groups),
-                    join(c.encode() for c in commands),
-                ]
-            )
+            frames = [
+                self._dp_mod.OP["REG"],
+                rid,
+                meta,
+                name,
+                join(c.encode() for c in caps),
+                join(g.encode() for g in groups),
+                join(c.encode() for c in commands),
+            ]
+            self._ctrl.send(frames)
+            sess = self._sessions.get(rid)
+            if sess is not None:
+                sess.reg = frames
 
     def _welcome(self, rid: bytes, corr: int) -> None:
         body = {
@@ -573,12 +655,13 @@ class Broker:
             "heartbeat_ms": self.heartbeat_ms,
             "liveness": self.liveness,
             "broker": self.id,
+            "protocol": VERSION,  # the version this session speaks (the newest both sides do)
         }
         self._send(rid, [header(Kind.WELCOME, corr=corr), b"", msgpack.packb(body)])
 
     def _on_bye(self, rid: bytes, drain: bool) -> None:
         if not drain:
-            self._keys_by_rid.pop(rid, None)
+            self._sessions.pop(rid, None)
         agent = self._agents.get(rid)
         if agent is None:
             self._clients.discard(rid)
@@ -608,26 +691,86 @@ class Broker:
 
     def _on_request(self, rid: bytes, fields: tuple[Any, ...], frames: list[bytes]) -> None:
         flags, corr = fields[3], fields[7]
+        sess = self._sessions.get(rid)
+        if sess is not None and (sess.policy.restricted or not sess.policy.may_send(sess.role)):
+            route = self._authorize(sess.policy, sess.role, fields[2], frames)
+            if isinstance(route, OrbitMeshError):
+                if route.code == ErrorCode.FORBIDDEN:
+                    self._forbidden += 1
+                self._error(rid, route.code, corr, route.message)
+                return
+            frames = [frames[0], route, *frames[2:]]
         if flags & F_TRACKED:
             assert self.jobs is not None
             self.jobs.submit(rid, fields, frames)
             return
-        resolved = self._resolve_labels(frames[1])
+        command = frames[2].decode("utf-8", "replace") if fields[2] == Kind.REQUEST and len(frames) > 2 else ""
+        resolved = self._resolve_labels(frames[1], command)
         if isinstance(resolved, OrbitMeshError):
             self._error(rid, resolved.code, corr, resolved.message)
             return
         assert self._ctrl is not None
         self._ctrl.send([self._dp_mod.OP["INJECT"], rid, frames[0], resolved, *frames[2:]])
 
+    def _authorize(self, policy: Policy, role: str, kind: int, frames: list[bytes]) -> bytes | OrbitMeshError:
+        """Check a request against its key's policy; returns the route to use (narrowed to
+        the agents in reach), or the refusal."""
+        if not policy.may_send(role):
+            return OrbitMeshError("this key may not send requests", code=ErrorCode.FORBIDDEN)
+        command = frames[2].decode("utf-8", "replace") if kind == Kind.REQUEST else RAW_COMMAND
+        if not policy.command_allowed(command):
+            return OrbitMeshError(f"command {command!r} is not allowed for this key", code=ErrorCode.FORBIDDEN)
+        route = frames[1]
+        if not policy.agents:
+            return route
+        if len(route) < 2:
+            return OrbitMeshError("bad route frame", code=ErrorCode.BAD_ROUTE)
+        if route[0] == Route.NAME:
+            name = route[2:].decode("utf-8", "replace")
+            agent = self._by_name.get(name)
+            ok = policy.agent_allowed(agent.info) if agent is not None else policy.name_in_reach(name)
+            if not ok:
+                return OrbitMeshError(f"agent {name!r} is not within this key's reach", code=ErrorCode.FORBIDDEN)
+            return route
+        spec = self._route_spec(route)
+        if isinstance(spec, OrbitMeshError):
+            return spec
+        prior = spec.get("acl") or []
+        if not isinstance(prior, list):
+            return OrbitMeshError("bad label selector: acl must be a list", code=ErrorCode.BAD_ROUTE)
+        spec["acl"] = [*prior, list(policy.agents)]
+        packed: bytes = msgpack.packb(spec)
+        return bytes((Route.LABELS, route[1])) + packed
+
+    @staticmethod
+    def _route_spec(route: bytes) -> dict[str, Any] | OrbitMeshError:
+        """A selector route (capability, group, command, labels) as a label-selector map."""
+        rtype, key = route[0], route[2:]
+        if rtype == Route.LABELS:
+            try:
+                spec = msgpack.unpackb(key, raw=False)
+            except Exception as exc:
+                return OrbitMeshError(f"bad label selector: {exc}", code=ErrorCode.BAD_ROUTE)
+            if not isinstance(spec, dict):
+                return OrbitMeshError("bad label selector: selector must be a map", code=ErrorCode.BAD_ROUTE)
+            return dict(spec)
+        if rtype == Route.CAPABILITY:
+            return {"capability": key.decode("utf-8", "replace")}
+        if rtype == Route.GROUP:
+            return {"group": key.decode("utf-8", "replace")}
+        if rtype == Route.COMMAND:
+            return {"serving": True}
+        return OrbitMeshError(f"unknown route type {rtype}", code=ErrorCode.BAD_ROUTE)
+
     def _agent_session(self, name: str) -> int | None:
         agent = self._by_name.get(name)
         return agent.info.session if agent is not None else None
 
-    def _resolve_labels(self, route: bytes) -> bytes | OrbitMeshError:
+    def _resolve_labels(self, route: bytes, command: str) -> bytes | OrbitMeshError:
         """A LABELS route becomes a NAME route to the agent chosen here; others pass as they are."""
         if not route or route[0] != Route.LABELS:
             return route
-        chosen = self._choose_agent(route, "")
+        chosen = self._choose_agent(route, command)
         if isinstance(chosen, OrbitMeshError):
             return chosen
         return bytes((Route.NAME, 0)) + chosen.encode()
@@ -646,6 +789,8 @@ class Broker:
             return name
         want: dict[str, str] = {}
         cap = group = None
+        serving = rtype == Route.COMMAND
+        acl: list[list[str]] = []
         if rtype == Route.LABELS:
             try:
                 spec = msgpack.unpackb(key, raw=False)
@@ -653,6 +798,12 @@ class Broker:
                     raise ValueError("selector must be a map")
                 want = _labels(spec.get("labels"))
                 cap, group = spec.get("capability"), spec.get("group")
+                serving = bool(spec.get("serving", False))
+                acl = spec.get("acl") or []
+                if not isinstance(acl, list) or not all(
+                    isinstance(g, list) and all(isinstance(x, str) for x in g) for g in acl
+                ):
+                    raise ValueError("acl must be a list of lists of agent selectors")
             except Exception as exc:
                 return OrbitMeshError(f"bad label selector: {exc}", code=ErrorCode.BAD_ROUTE)
         elif rtype == Route.CAPABILITY:
@@ -668,11 +819,17 @@ class Broker:
             and labels_match(a.info.labels, want)
             and (cap is None or cap in a.info.capabilities)
             and (group is None or group in a.info.groups)
-            and (rtype != Route.COMMAND or command in a.info.commands)
+            and (not serving or command in a.info.commands)
+            and (not acl or in_reach(acl, a.info))
         ]
         if not matches:
-            what = f"labels {want}" if rtype == Route.LABELS else f"{cap or group or command!r}"
-            return OrbitMeshError(f"no agent matches {what}", code=ErrorCode.NO_AGENT_AVAILABLE)
+            parts = [f"labels {want}"] if want else []
+            parts += [f"capability {cap!r}"] if cap is not None else []
+            parts += [f"group {group!r}"] if group is not None else []
+            parts += [f"command {command!r}"] if serving else []
+            what = ", ".join(parts) or "the selector"
+            reach = " within this key's reach" if acl else ""
+            return OrbitMeshError(f"no agent matches {what}{reach}", code=ErrorCode.NO_AGENT_AVAILABLE)
         if strategy == Strategy.RANDOM:
             chosen = random.choice(matches)
         elif strategy == Strategy.ROUND_ROBIN:
@@ -695,25 +852,53 @@ class Broker:
             handler = getattr(self, f"_q_{op}", None)
             if handler is None:
                 raise ValueError(f"unknown query op {op!r}")
+            sess = self._sessions.get(rid)
+            if sess is not None:
+                self._check_query(sess, op, q)
             result = handler(rid, corr, q)
         except (ValueError, TypeError, KeyError, OverflowError, msgpack.UnpackException) as exc:
             self._error(rid, ErrorCode.BAD_QUERY, corr, f"bad query: {exc}")
             return
         except OrbitMeshError as exc:
+            if exc.code == ErrorCode.FORBIDDEN:
+                self._forbidden += 1
             self._error(rid, exc.code, corr, exc.message)
             return
         if result is not _DEFERRED:
             self._reply(rid, corr, result)
 
+    @staticmethod
+    def _check_query(sess: _Session, op: str, q: dict[str, Any]) -> None:
+        """A secured session's query against its key's policy: stats are for admin keys; job
+        queries for sessions that may send requests, and (with command patterns) only about
+        jobs of the commands the key may run; job events only for unrestricted keys."""
+        policy = sess.policy
+        if op == "stats" and policy.role != "admin":
+            raise OrbitMeshError("stats need an admin key", code=ErrorCode.FORBIDDEN)
+        if op in ("job", "jobs", "wait", "cancel") and not policy.may_send(sess.role):
+            raise OrbitMeshError(f"this key may not query jobs ({op})", code=ErrorCode.FORBIDDEN)
+        if op == "jobs" and isinstance(q.get("command"), str) and not policy.command_allowed(q["command"]):
+            raise OrbitMeshError(f"command {q['command']!r} is not allowed for this key", code=ErrorCode.FORBIDDEN)
+        if op == "subscribe" and (policy.restricted or not policy.may_send(sess.role)):
+            topics = q.get("topics") or ["agent"]
+            if isinstance(topics, list) and any(t not in ("agent", "custom") for t in topics):
+                raise OrbitMeshError("this key may subscribe to agent and custom events only", code=ErrorCode.FORBIDDEN)
+
+    def _policy_of(self, rid: bytes) -> Policy | None:
+        sess = self._sessions.get(rid)
+        return sess.policy if sess is not None and sess.policy.restricted else None
+
     def _q_agents(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
         cap, group = q.get("capability"), q.get("group")
         want = _labels(q.get("labels"))
+        policy = self._policy_of(rid)
         return [
             a.public()
             for a in self._agents.values()
             if (cap is None or cap in a.info.capabilities)
             and (group is None or group in a.info.groups)
             and labels_match(a.info.labels, want)
+            and (policy is None or policy.agent_allowed(a.info))
         ]
 
     def _q_subscribe(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
@@ -731,16 +916,20 @@ class Broker:
             raise ValueError("job id must be an integer")
         return job_id
 
-    def _record(self, q: dict[str, Any]) -> JobRecord:
+    def _record(self, q: dict[str, Any], rid: bytes) -> JobRecord:
+        """The job a query names, if the asking session's key may see it."""
         assert self.jobs is not None
         job_id = self._job_id(q)
         rec = self.jobs.get(job_id)
         if rec is None:
             raise OrbitMeshError(f"no job {job_id}", code=ErrorCode.NO_SUCH_JOB)
+        policy = self._policy_of(rid)
+        if policy is not None and not policy.command_allowed(rec.command):
+            raise OrbitMeshError(f"job {job_id}'s command is not allowed for this key", code=ErrorCode.FORBIDDEN)
         return rec
 
     def _q_job(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
-        return job_public(self._record(q))
+        return job_public(self._record(q, rid))
 
     def _q_jobs(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
         assert self.jobs is not None
@@ -770,6 +959,9 @@ class Broker:
         assert self.jobs is not None
         try:
             page, next_cursor = self._list_jobs(q)
+            policy = self._policy_of(rid)
+            if policy is not None:  # a page may come out short; the cursor still goes on
+                page = [row for row in page if policy.command_allowed(row["command"])]
         except OrbitMeshError as exc:
             self._error(rid, exc.code, corr, exc.message)
             return
@@ -797,6 +989,8 @@ class Broker:
 
     def _q_cancel(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
         assert self.jobs is not None
+        if self._policy_of(rid) is not None:
+            self._record(q, rid)  # refuses a job this key may not see
         rec = self.jobs.cancel(self._job_id(q))
         if rec is None:
             raise OrbitMeshError(f"no job {q['id']}", code=ErrorCode.NO_SUCH_JOB)
@@ -804,7 +998,7 @@ class Broker:
 
     def _q_wait(self, rid: bytes, corr: int, q: dict[str, Any]) -> Any:
         assert self.jobs is not None and self._loop is not None
-        rec = self._record(q)
+        rec = self._record(q, rid)
         timeout_ms = q.get("timeout_ms", 30_000)
         if not isinstance(timeout_ms, int) or not 0 <= timeout_ms <= 365 * 86400_000:
             raise ValueError("timeout_ms must be an integer of milliseconds")

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .acl import ROLES, Policy
 from .agent import Agent
 from .broker import Broker
 from .client import MeshClient
 from .errors import OrbitMeshError
 from .models import JobInfo, JobState
 from .runtime import run, tune_gc_for_server
-from .security import Keypair, KeyStore, PeerKeys, key_id
+from .security import DEFAULT_POLICY, Keypair, KeyStore, PeerKeys, key_id
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,11 +87,24 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--json", action="store_true")
     _key_options(j)
 
-    k = sub.add_parser("keys", help="CURVE keys: generate a keypair; list, accept, reject, revoke peers' keys")
-    k.add_argument("action", choices=["generate", "list", "accept", "reject", "revoke"])
-    k.add_argument("name", nargs="?", help="generate: the file name; accept/reject/revoke: key id (prefix) or Z85 key")
+    k = sub.add_parser(
+        "keys", help="CURVE keys: generate a keypair; list, accept, reject, revoke peers' keys; set a key's policy"
+    )
+    k.add_argument("action", choices=["generate", "list", "accept", "reject", "revoke", "policy"])
+    k.add_argument("name", nargs="?", help="generate: the file name; the others: key id (a unique prefix) or Z85 key")
     k.add_argument("--keys", metavar="DIR", default="orbitmesh-keys", help="the broker's keys directory")
     k.add_argument("--out", metavar="DIR", default=".", help="generate: where to write NAME.key / NAME.key_secret")
+    k.add_argument("--role", choices=list(ROLES), default="agent", help="accept / policy: the key's role")
+    k.add_argument(
+        "--commands", metavar="GLOB,...", default="", help="accept / policy: commands the key may request (any)"
+    )
+    k.add_argument(
+        "--agents",
+        metavar="SEL,...",
+        default="",
+        help="accept / policy: agents in reach: NAME-GLOB, group=G, capability=C, label.K=GLOB (any)",
+    )
+    k.add_argument("--may-request", action="store_true", help="accept / policy: an agent key may also send requests")
 
     d = sub.add_parser("demo", help="embedded broker, three agents and a client, with a summary")
     d.add_argument("--tcp", action="store_true", help="use tcp on 127.0.0.1 instead of inproc")
@@ -144,12 +158,31 @@ def _keys(args: argparse.Namespace) -> int:
         return 0
     store = KeyStore(Path(args.keys) / "peers")
     if args.action == "list":
+        snap = store.snapshot()
         for state, rows in store.list().items():
             for kid, public, note in rows:
-                print(f"{state:9} {kid[:16]}  {public}  {note}")
+                shown = f"  [{snap.policies.get(kid, DEFAULT_POLICY).describe()}]" if state == "accepted" else ""
+                print(f"{state:9} {kid[:16]}  {public}  {note}{shown}")
         return 0
     if not args.name:
         raise SystemExit(f"orbitmesh keys {args.action} needs a key id (a unique prefix will do)")
+    if args.action in ("accept", "policy"):
+        try:
+            policy = Policy(
+                args.role,
+                tuple(c for c in args.commands.split(",") if c),
+                tuple(a for a in args.agents.split(",") if a),
+                args.may_request,
+            )
+        except ValueError as exc:
+            raise SystemExit(f"orbitmesh keys {args.action}: {exc}") from None
+        if args.action == "accept":
+            store.accept(args.name, policy)
+            print(f"accepted {args.name} [{policy.describe()}]")
+        else:
+            store.set_policy(args.name, policy)
+            print(f"policy of {args.name} is now [{policy.describe()}]")
+        return 0
     getattr(store, args.action)(args.name)
     print(f"{args.action}ed {args.name}")
     return 0

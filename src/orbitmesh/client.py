@@ -823,7 +823,11 @@ class MeshClient:
         queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
         entry = (set(topics), queue)
         self._subscriptions.append(entry)
-        await self._query({"op": "subscribe", "topics": list(topics)})
+        try:
+            await self._query({"op": "subscribe", "topics": list(topics)})
+        except BaseException:
+            self._subscriptions.remove(entry)  # refused (or cancelled): nothing to deliver to
+            raise
         return _EventIter(self, entry)
 
     # ------------------------------------------------------------- inbound

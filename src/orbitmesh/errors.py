@@ -42,6 +42,8 @@ class ErrorCode(IntEnum):
     RATE_LIMITED = 213  # the client sends requests faster than its rate limit
     KEY_REFUSED = 214  # HELLO on a connection whose CURVE key is not (or no longer) accepted
     KEY_REVOKED = 215  # the session's key was revoked or rejected: the session is closed
+    FORBIDDEN = 216  # the session's key may not do this (role, command patterns, agent selectors)
+    REPLAYED = 217  # a REQUEST / RAW whose corr does not increase within the session: a replay
     # 3xx: execution on the agent
     UNKNOWN_COMMAND = 300
     HANDLER_ERROR = 301
@@ -167,6 +169,12 @@ class StorageError(OrbitMeshError):
         self.path = path
 
 
+class ForbiddenError(RoutingError):
+    """The broker refused: this key's role or policy does not allow the request."""
+
+    code = ErrorCode.FORBIDDEN
+
+
 class MiddlewareError(OrbitMeshError):
     """A middleware hook failed; the original exception is ``__cause__``."""
 
@@ -182,6 +190,7 @@ for _c in ErrorCode:
     else:
         _BY_CODE[_c] = OrbitMeshError
 _BY_CODE[ErrorCode.AGENT_LOST] = AgentLostError
+_BY_CODE[ErrorCode.FORBIDDEN] = ForbiddenError
 _BY_CODE[ErrorCode.HANDLER_ERROR] = RemoteError
 _BY_CODE[ErrorCode.UNKNOWN_COMMAND] = RemoteError
 _BY_CODE[ErrorCode.NO_RAW_HANDLER] = RemoteError
@@ -207,6 +216,7 @@ __all__ = [
     "AgentLostError",
     "CancelledError",
     "ErrorCode",
+    "ForbiddenError",
     "MiddlewareError",
     "NotConnectedError",
     "OrbitMeshError",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +25,14 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
+from .acl import Policy
 from .errors import ErrorCode, OrbitMeshError
 
 log = logging.getLogger("orbitmesh.security")
 
 ZAP_DOMAIN = "orbitmesh"
 STATES = ("accepted", "pending", "rejected", "revoked")
+DEFAULT_POLICY = Policy("agent")
 
 
 @dataclass(frozen=True)
@@ -79,26 +82,87 @@ def key_id(public: bytes) -> str:
 
 
 class KeyStore:
-    """Peers' public keys by state, one file each under ``root/<state>/<key id>``."""
+    """Peers' public keys by state, one file each under ``root/<state>/<key id>``, and each
+    key's :class:`~orbitmesh.acl.Policy` under ``root/policy/<key id>`` (JSON).
+
+    Reads for admission go through :meth:`snapshot`, which lists the directories only when
+    one of them changed (so the broker's per-heartbeat sweep costs a few ``stat`` calls, not
+    one per session). A key with no policy file has the least privilege that still runs a
+    fleet: role ``agent``.
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        for state in STATES:
+        for state in (*STATES, "policy"):
             (self.root / state).mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._sig: tuple[int, ...] = ()
+        self._trusted = False
+        self._snap: _Snapshot = _Snapshot({}, {})
 
     def state(self, public: bytes) -> str | None:
-        """The state of a key, or None if it was never seen."""
+        """The state of a key, or None if it was never seen (read from disk now)."""
         kid = key_id(public)
         for state in STATES:
             if (self.root / state / kid).exists():
                 return state
         return None
 
+    def policy(self, public: bytes) -> Policy:
+        """A key's policy (read from disk now)."""
+        return self._read_policy(self.root / "policy" / key_id(public))
+
+    @staticmethod
+    def _read_policy(path: Path) -> Policy:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return DEFAULT_POLICY
+        try:
+            return Policy.loads(text)
+        except ValueError as exc:
+            # A damaged policy grants nothing beyond the default; say so loudly.
+            log.error("policy file %s is invalid (%s): using role agent", path, exc)
+            return DEFAULT_POLICY
+
+    def _signature(self) -> tuple[int, ...]:
+        return tuple(os.stat(self.root / d).st_mtime_ns for d in (*STATES, "policy"))
+
+    def snapshot(self) -> _Snapshot:
+        """States and policies of every key, re-read only when a directory changed.
+
+        A directory changed less than a second ago may change again within the file
+        system's timestamp granularity without its mtime moving (the "racy" case, as in
+        git's index), so such a signature is not trusted: the store is read again next time.
+        """
+        now = time.time()
+        sig = self._signature()
+        with self._lock:
+            if sig == self._sig and self._trusted:
+                return self._snap
+            states: dict[str, str] = {}
+            for state in STATES:
+                for p in (self.root / state).iterdir():
+                    states[p.name] = state
+            policies = {p.name: self._read_policy(p) for p in (self.root / "policy").iterdir() if "." not in p.name}
+            self._snap = _Snapshot(states, policies)
+            self._sig = sig
+            self._trusted = now - max(sig) / 1e9 > 1.0
+            return self._snap
+
     def _set(self, public: bytes, state: str, note: str = "") -> None:
         kid = key_id(public)
         for other in STATES:
             (self.root / other / kid).unlink(missing_ok=True)
         (self.root / state / kid).write_text(f"{public.decode()}\n{time.time():.3f} {note}\n")
+
+    def set_policy(self, key: str | bytes, policy: Policy) -> None:
+        """Write a key's policy (atomically: a reader sees the old or the new one)."""
+        kid = key_id(self._find(key) if isinstance(key, str) else key)
+        final = self.root / "policy" / kid
+        tmp = self.root / "policy" / f"{kid}.tmp"
+        tmp.write_text(policy.dumps() + "\n")
+        os.replace(tmp, final)
 
     def _find(self, key: str) -> bytes:
         """A key by its Z85 text, its hex id, or a unique prefix of the id."""
@@ -109,8 +173,11 @@ class KeyStore:
             raise OrbitMeshError(f"{len(matches)} keys match {key!r}", code=ErrorCode.BAD_QUERY)
         return matches[0].read_text().split("\n", 1)[0].encode()
 
-    def accept(self, key: str | bytes) -> None:
-        self._set(self._find(key) if isinstance(key, str) else key, "accepted", "accepted")
+    def accept(self, key: str | bytes, policy: Policy | None = None) -> None:
+        """Accept a key with ``policy`` (default: role agent); the policy is written first."""
+        public = self._find(key) if isinstance(key, str) else key
+        self.set_policy(public, policy or DEFAULT_POLICY)
+        self._set(public, "accepted", "accepted")
 
     def reject(self, key: str | bytes) -> None:
         self._set(self._find(key) if isinstance(key, str) else key, "rejected", "rejected")
@@ -146,6 +213,20 @@ class KeyStore:
                 rows.append((p.name, public, note.strip()))
             out[state] = rows
         return out
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The key store as of one read: state and policy by key id."""
+
+    states: dict[str, str]
+    policies: dict[str, Policy]
+
+    def state(self, public: bytes) -> str | None:
+        return self.states.get(key_id(public))
+
+    def policy(self, public: bytes) -> Policy:
+        return self.policies.get(key_id(public), DEFAULT_POLICY)
 
 
 class CurveAdmission:
@@ -185,7 +266,7 @@ class CurveAdmission:
     def callback(self, domain: str, public: bytes) -> bool:
         """ZAP: admit accepted keys only; remember unknown ones as pending."""
         try:
-            state = self.store.state(public)
+            state = self.store.snapshot().state(public)
             if state == "accepted":
                 return True
             if state is None:

@@ -49,11 +49,34 @@ from orbitmesh._core._zmqabi cimport (
     zmq_pollitem_t,
 )
 
-from orbitmesh._core._dataplane_py import COUNTERS, EV, OP, STATE_ALIVE, STATE_LOST, STATE_SUSPECT, pack_reg_meta
+from orbitmesh._core._dataplane_py import (
+    ACL_CHECKED as _ACL_CHECKED,
+    ACL_NO_REQUESTS as _ACL_NO_REQUESTS,
+    COUNTERS,
+    EV,
+    OP,
+    STATE_ALIVE,
+    STATE_LOST,
+    STATE_SUSPECT,
+    pack_reg_meta,
+)
 from orbitmesh._core._frame_py import header_error_message
 from orbitmesh.errors import ErrorCode
 
-public_api = ["COUNTERS", "DataPlane", "EV", "OP", "STATE_ALIVE", "STATE_LOST", "STATE_SUSPECT", "pack_reg_meta"]
+public_api = [
+    "ACL_CHECKED",
+    "ACL_NO_REQUESTS",
+    "COUNTERS",
+    "DataPlane",
+    "EV",
+    "OP",
+    "STATE_ALIVE",
+    "STATE_LOST",
+    "STATE_SUSPECT",
+    "pack_reg_meta",
+]
+ACL_CHECKED = _ACL_CHECKED
+ACL_NO_REQUESTS = _ACL_NO_REQUESTS
 
 # Kinds, flags, route types, roles and error codes, as in protocol.py / errors.py.
 cdef enum:
@@ -98,7 +121,11 @@ cdef enum:
     C_UNROUTABLE = 9
     C_AGENTS_LOST = 10
     C_LIMITED = 11
-    N_COUNTERS = 12
+    C_FORBIDDEN = 12
+    C_REPLAYED = 13
+    N_COUNTERS = 14
+    A_NO_REQUESTS = 0x1
+    A_CHECKED = 0x2
     E_BAD_FRAMES = 104
     E_FRAME_TOO_LARGE = 105
     E_BAD_ROUTE = 106
@@ -108,6 +135,8 @@ cdef enum:
     E_NO_AGENT_AVAILABLE = 204
     E_TOO_MANY_REQUESTS = 212
     E_RATE_LIMITED = 213
+    E_FORBIDDEN = 216
+    E_REPLAYED = 217
     E_QUEUE_FULL = 205
     E_DEADLINE_EXCEEDED = 206
     E_AGENT_LOST = 207
@@ -128,8 +157,8 @@ cdef enum:
     EV_STOPPED = 7
     EV_HELLO = 8
 
-if len(COUNTERS) != N_COUNTERS:
-    raise ImportError("orbitmesh._core._dataplane_c is out of step with _dataplane_py (COUNTERS)")
+if len(COUNTERS) != N_COUNTERS or (_ACL_NO_REQUESTS, _ACL_CHECKED) != (A_NO_REQUESTS, A_CHECKED):
+    raise ImportError("orbitmesh._core._dataplane_c is out of step with _dataplane_py (COUNTERS, ACL flags)")
 
 
 cdef struct Peer:
@@ -142,6 +171,8 @@ cdef struct Peer:
     uint32_t gen        # bumped when the slot is reused, so stale entries are told apart
     int64_t last_seen   # monotonic ms of its last message
     uint32_t pending    # its own untracked requests in flight or queued (as a client)
+    uint32_t acl        # ACL_* flags from the control plane
+    uint64_t last_corr  # corr of its last REQUEST / RAW: each must be greater
     double tokens       # rate-limit bucket
     int64_t refill      # monotonic ms the bucket was last topped up
     string rid          # ROUTER routing id
@@ -568,6 +599,7 @@ cdef class DataPlane:
             return
         cdef uint8_t role = meta[0]
         cdef uint32_t capacity = meta[1] | (<uint32_t>meta[2] << 8) | (<uint32_t>meta[3] << 16) | (<uint32_t>meta[4] << 24)
+        cdef uint32_t acl = meta[5] | (<uint32_t>meta[6] << 8) | (<uint32_t>meta[7] << 16) | (<uint32_t>meta[8] << 24)
         cdef uint32_t slot, inflight = 0
         cdef unordered_map[string, uint32_t].iterator it = self._by_rid.find(rid)
         cdef int t
@@ -597,6 +629,8 @@ cdef class DataPlane:
         p.tokens = self._burst
         if it == self._by_rid.end():
             p.pending = 0
+            p.last_corr = 0
+        p.acl = acl
         p.rid = rid
         p.name = self._str(&self._in[3])
         p.keys.clear()
@@ -766,6 +800,17 @@ cdef class DataPlane:
             if n < (4 if kind == K_REQUEST else 3):
                 self._malformed(rid, E_BAD_FRAMES, corr, string(b"request needs route and command frames"))
                 return
+            if p.acl & A_NO_REQUESTS:
+                self._counters[C_FORBIDDEN] += 1
+                self._send_error(rid, E_FORBIDDEN, corr, 0, NULL, 0, string(b"this key may not send requests"))
+                return
+            if corr <= p.last_corr:
+                self._counters[C_REPLAYED] += 1
+                snprintf(buf, sizeof(buf), "request corr %llu is not above the session's last (%llu): a replay",
+                         <unsigned long long>corr, <unsigned long long>p.last_corr)
+                self._send_error(rid, E_REPLAYED, corr, 0, NULL, 0, string(<const char*>buf))
+                return
+            p.last_corr = corr
             if self._rate > 0:
                 now = _mono_ms()
                 p.tokens = p.tokens + <double>(now - p.refill) * self._rate / 1000.0
@@ -782,7 +827,8 @@ cdef class DataPlane:
                 self._send_error(rid, E_TOO_MANY_REQUESTS, corr, 0, NULL, 0, string(b"too many requests in flight"))
                 return
             route = self._data(&self._in[2])
-            if om_hdr_flags(hdr) & F_TRACKED or (self._size(&self._in[2]) >= 1 and route[0] == R_LABELS):
+            if (om_hdr_flags(hdr) & F_TRACKED or (self._size(&self._in[2]) >= 1 and route[0] == R_LABELS)
+                    or p.acl & A_CHECKED):
                 self._up_in(EV_MSG, 0)
             else:
                 self._route_request(rid, &self._in[1], n - 1)

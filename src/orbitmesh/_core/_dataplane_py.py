@@ -12,7 +12,9 @@ Control protocol (first frame: one op byte):
 control -> data plane
     OP_SEND     [op, rid, frames...]          send frames to a peer
     OP_REG      [op, rid, meta, name, caps, groups, commands]
-                meta = <BIi: role, capacity, reserved>; lists are NUL-joined
+                meta = <BII: role, capacity, acl flags>; lists are NUL-joined
+                acl flags: 1 = refuse this peer's REQUEST / RAW (FORBIDDEN),
+                2 = send them to the control plane (EV_MSG) for a policy check
     OP_UNREG    [op, rid]                     forget a peer; its in-flight fail AGENT_LOST
     OP_INJECT   [op, rid, hdr, route, ...]    route a request as if ``rid`` sent it
     OP_STOP     [op]
@@ -42,7 +44,18 @@ from ..errors import ErrorCode
 from ..protocol import HEADER_SIZE, MAX_FRAMES, TOKEN_SIZE, Flag, Kind, Role, Route, Strategy
 from ._frame_py import check_header, header_error_message
 
-public_api = ["COUNTERS", "DataPlane", "EV", "OP", "STATE_ALIVE", "STATE_LOST", "STATE_SUSPECT", "pack_reg_meta"]
+public_api = [
+    "ACL_CHECKED",
+    "ACL_NO_REQUESTS",
+    "COUNTERS",
+    "DataPlane",
+    "EV",
+    "OP",
+    "STATE_ALIVE",
+    "STATE_LOST",
+    "STATE_SUSPECT",
+    "pack_reg_meta",
+]
 
 OP_SEND, OP_REG, OP_UNREG, OP_INJECT, OP_STOP, OP_SIGNAL = (bytes([i]) for i in range(1, 7))
 OP = {"SEND": OP_SEND, "REG": OP_REG, "UNREG": OP_UNREG, "INJECT": OP_INJECT, "STOP": OP_STOP, "SIGNAL": OP_SIGNAL}
@@ -73,9 +86,13 @@ COUNTERS = (
     "unroutable",
     "agents_lost",
     "limited",
+    "forbidden",
+    "replayed",
 )
+ACL_NO_REQUESTS = 0x1
+ACL_CHECKED = 0x2
 
-_META = struct.Struct("<BIi")
+_META = struct.Struct("<BII")
 _HDR_ERR = struct.Struct("<2sBBHHIIQQQ")
 _LOAD = struct.Struct("<II")
 _Q = struct.Struct("<Q")
@@ -95,9 +112,9 @@ def _seed_rng(seed: int) -> int:
     return x or 88172645463325252
 
 
-def pack_reg_meta(role: int, capacity: int) -> bytes:
+def pack_reg_meta(role: int, capacity: int, acl: int = 0) -> bytes:
     """The ``meta`` frame of OP_REG."""
-    return _META.pack(role, capacity, 0)
+    return _META.pack(role, capacity, acl)
 
 
 def _now_ms() -> int:
@@ -116,12 +133,14 @@ def _error_frames(code: int, corr: int, job: int, route: bytes, message: str | b
 
 class _Peer:
     __slots__ = (
+        "acl",
         "caps",
         "capacity",
         "commands",
         "draining",
         "groups",
         "inflight",
+        "last_corr",
         "last_seen",
         "name",
         "pending",
@@ -133,6 +152,8 @@ class _Peer:
     )
 
     def __init__(self, rid: bytes, role: int, capacity: int, name: bytes, now: int) -> None:
+        self.acl = 0  # ACL_* flags from the control plane
+        self.last_corr = 0  # the corr of its last REQUEST / RAW: each must be greater
         self.rid = rid
         self.role = role
         self.capacity = capacity
@@ -326,15 +347,17 @@ class DataPlane:
 
     def _register(self, frames: list[bytes]) -> None:
         rid = frames[1]
-        role, capacity, _ = _META.unpack(frames[2])
+        role, capacity, acl = _META.unpack(frames[2])
         old = self._peers.get(rid)
         if old is not None:
             self._unindex(old, fail_queued=False)
         peer = _Peer(rid, role, capacity, frames[3], _now_ms())
         peer.tokens = self._burst
+        peer.acl = acl
         if old is not None:
             peer.inflight = old.inflight
             peer.pending = old.pending
+            peer.last_corr = old.last_corr
         self._peers[rid] = peer
         if role == Role.AGENT:
             peer.caps = [c for c in frames[4].split(b"\0") if c]
@@ -450,6 +473,22 @@ class DataPlane:
             if n < (4 if kind == Kind.REQUEST else 3):
                 self._malformed(rid, ErrorCode.BAD_FRAMES, corr, "request needs route and command frames")
                 return
+            if peer.acl & ACL_NO_REQUESTS:
+                self._counters[12] += 1
+                self._send_error(rid, ErrorCode.FORBIDDEN, corr, 0, b"", "this key may not send requests")
+                return
+            if corr <= peer.last_corr:
+                self._counters[13] += 1
+                self._send_error(
+                    rid,
+                    ErrorCode.REPLAYED,
+                    corr,
+                    0,
+                    b"",
+                    f"request corr {corr} is not above the session's last ({peer.last_corr}): a replay",
+                )
+                return
+            peer.last_corr = corr
             if self._rate > 0:
                 now = _now_ms()
                 peer.tokens = min(self._burst, peer.tokens + (now - peer.refill) * self._rate / 1000)
@@ -464,7 +503,7 @@ class DataPlane:
                 self._send_error(rid, ErrorCode.TOO_MANY_REQUESTS, corr, 0, b"", "too many requests in flight")
                 return
             route = frames[2]
-            if hdr[4] & Flag.TRACKED or (len(route) >= 1 and route[0] == Route.LABELS):
+            if hdr[4] & Flag.TRACKED or (len(route) >= 1 and route[0] == Route.LABELS) or peer.acl & ACL_CHECKED:
                 self._up([EV_MSG, *frames])
             else:
                 self._route_request(rid, frames[1:], injected=False)
