@@ -21,6 +21,8 @@ import zmq
 
 import orbitmesh as om
 from orbitmesh import ErrorCode
+from orbitmesh._wire import header
+from orbitmesh.protocol import F_TRACKED, Kind
 
 from .conftest import endpoint_for, subprocess_env
 from .mesh import FAST, mesh
@@ -871,3 +873,72 @@ def test_graceful_stop_drains(arun, ctx, core_impl):
             await events.aclose()
 
     arun(main())
+
+
+def test_a_job_redelivered_while_running_survives_the_next_broker_loss(arun, ctx):
+    """A tracked job still running when it is delivered again (a broker restart) runs under a new
+    token; when the broker is then lost once more, the agent must not cancel it as untracked work
+    (it did: the old token still pointed at the task, and the job ended CANCELLED)."""
+
+    async def main():
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        agent = om.Agent("steady", f"tcp://127.0.0.1:{port}", context=ctx)
+        runs: list[str] = []
+
+        @agent.handler
+        async def slow(seconds: float) -> str:
+            runs.append("start")
+            await asyncio.sleep(seconds)
+            return "done"
+
+        loop = asyncio.get_running_loop()
+
+        def welcome(rid: bytes, frames: list[bytes]) -> None:
+            body = {"session": 1, "heartbeat_ms": 100, "liveness": 4, "broker": "fake", "protocol": 1}
+            corr = HDR.unpack(frames[0])[7]
+            router.send_multipart([rid, header(Kind.WELCOME, corr=corr), b"", msgpack.packb(body)])
+
+        def recv(kinds: set[int], timeout: float = 5.0, serve: bool = False) -> tuple[bytes, list[bytes]]:
+            """The broker side: the next message of one of ``kinds``; with ``serve``, welcome
+            every HELLO and heartbeat the newest session meanwhile."""
+            end = time.monotonic() + timeout
+            rid = b""
+            while time.monotonic() < end:
+                if router.poll(50):
+                    rid, *frames = router.recv_multipart()
+                    if frames[0][3] in kinds:
+                        return rid, frames
+                    if serve and frames[0][3] == Kind.HELLO:
+                        welcome(rid, frames)
+                if serve and rid:
+                    router.send_multipart([rid, header(Kind.HEARTBEAT), b""])
+            raise AssertionError(f"no message of kinds {kinds}")
+
+        def deliver(rid: bytes, token: bytes, lease: int) -> None:
+            hdr = header(Kind.REQUEST, flags=F_TRACKED, aux=lease, corr=7, job=7)
+            router.send_multipart([rid, hdr, token, b"slow", msgpack.packb({"seconds": 1.5})])
+
+        start = loop.create_task(agent.start(timeout=5))
+        try:
+            rid, frames = await loop.run_in_executor(None, recv, {Kind.HELLO})
+            welcome(rid, frames)
+            await start
+            # Given a tracked job running under token A, delivered again under token B
+            deliver(rid, struct.pack("<II", 1, 1), 1)
+            await loop.run_in_executor(None, recv, {Kind.RUNNING})
+            deliver(rid, struct.pack("<II", 2, 1), 2)
+            await loop.run_in_executor(None, recv, {Kind.RUNNING})
+            # When the broker falls silent past the liveness window (the agent reconnects)
+            rid, frames = await loop.run_in_executor(None, recv, {Kind.HELLO})
+            welcome(rid, frames)
+            # Expect the job to go on and answer once, a REPLY (never an ERROR CANCELLED)
+            rid, frames = await loop.run_in_executor(None, recv, {Kind.REPLY, Kind.ERROR}, 5.0, True)
+            assert frames[0][3] == Kind.REPLY, frames
+            assert msgpack.unpackb(frames[2]) == "done" and runs == ["start"]
+        finally:
+            await agent.stop(drain_timeout=0.5)
+            router.close(0)
+
+    arun(main(), timeout=30)

@@ -310,9 +310,10 @@ class Agent:
     def _on_broker_lost(self) -> None:
         # Answers for untracked work cannot reach anyone now: stop it. Tracked jobs run on;
         # the broker delivers them again when it is back, and gets the remembered answer.
-        tracked = {bytes(d[0]) for d in self._jobs_running.values()}
-        for token, task in list(self._running.items()):
-            if token not in tracked:
+        # By task, not by token: a job delivered again while it runs is held under both.
+        tracked = {self._running.get(bytes(d[0])) for d in self._jobs_running.values()}
+        for task in list(self._running.values()):
+            if task not in tracked:
                 task.cancel()
 
     # ------------------------------------------------------------- inbound
