@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -82,6 +83,53 @@ def test_live_name_is_refused_until_released(arun, ctx, core_impl):
             finally:
                 await third.stop()
             await events.aclose()
+
+    arun(main())
+
+
+def test_the_same_agent_on_a_fresh_connection_replaces_its_old_session(arun, ctx, core_impl):
+    """A HELLO that is slow to be answered makes an agent reconnect on a fresh socket while its
+    first HELLO may still register: the agent's own new session must replace that one, not be
+    refused NAME_TAKEN until liveness expires it (jobs sent to it meanwhile were lost)."""
+    from orbitmesh._wire import HDR, header
+    from orbitmesh.protocol import Kind, Role
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("tcp"), 0, setup=no_handlers) as (broker, _, client):
+            events = await client.subscribe(["agent"])
+            loop = asyncio.get_running_loop()
+            socks = []
+
+            def hello(instance: str) -> tuple[zmq.Socket[Any], int, int]:
+                sock = ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.RCVTIMEO, 3000)
+                sock.connect(broker.endpoints[0])
+                socks.append(sock)
+                body = {"role": "agent", "name": "twin", "commands": ["x"], "instance": instance}
+                sock.send_multipart([header(Kind.HELLO, aux=Role.AGENT, corr=1), b"", msgpack.packb(body)])
+                fields = HDR.unpack(sock.recv_multipart()[0])
+                return sock, fields[2], fields[4]
+
+            try:
+                _, kind, _ = await loop.run_in_executor(None, hello, "instance-a")
+                assert kind == Kind.WELCOME
+                first_session = (await client.agents())[0].session
+                # When the same instance says HELLO on a new connection, Expect it in at once
+                _, kind, _ = await loop.run_in_executor(None, hello, "instance-a")
+                assert kind == Kind.WELCOME
+                [agent] = await client.agents()
+                assert agent.session > first_session
+                ev = await next_event(events, {"agent_left"}, 2.0)
+                assert ev.data["reason"] == "replaced by a new connection"
+                # Another agent (another instance, or none) still gets NAME_TAKEN
+                for other in ("instance-b", ""):
+                    _, kind, code = await loop.run_in_executor(None, hello, other)
+                    assert (kind, code) == (Kind.ERROR, ErrorCode.NAME_TAKEN)
+            finally:
+                for sock in socks:
+                    sock.close(0)
+                await events.aclose()
 
     arun(main())
 

@@ -153,6 +153,7 @@ class Agent:
         self._raw: Callable[..., Any] | None = None
         self._running: dict[bytes, asyncio.Task[Any]] = {}
         self._streams: dict[bytes, _Stream] = {}
+        self._instance = os.urandom(16).hex()  # this agent object: its reconnects may replace its session
         self._jobs_running: dict[int, list[Any]] = {}  # tracked job -> [token, corr, lease] of its newest delivery
         self._jobs_done: OrderedDict[int, list[Any]] = OrderedDict()  # tracked job -> its successful answer
         self._progress_timer: asyncio.TimerHandle | None = None
@@ -246,6 +247,7 @@ class Agent:
             "commands": self.commands,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "instance": self._instance,
         }
         self._conn = PeerConnection(
             self.broker,

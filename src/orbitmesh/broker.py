@@ -61,6 +61,7 @@ class _Agent:
     state: str = "alive"
     inflight: int = 0
     joined: float = field(default_factory=time.time)
+    instance: str = ""  # the agent process's own id (HELLO "instance"): its reconnects may replace it
 
     def public(self) -> dict[str, Any]:
         d = self.info.to_dict()
@@ -614,13 +615,24 @@ class Broker:
             if bound is not None:
                 self._error(rid, ErrorCode.NAME_TAKEN, corr, f"agent name {name!r} is bound to another key")
                 return
+        instance = body.get("instance")
+        instance = instance if isinstance(instance, str) and len(instance) <= 64 else ""
         held = self._by_name.get(name)
         if held is not None and held.rid != rid:
-            self._error(rid, ErrorCode.NAME_TAKEN, corr, f"agent name {name!r} is held by a live session")
-            return
+            if not (instance and held.instance == instance):
+                self._error(rid, ErrorCode.NAME_TAKEN, corr, f"agent name {name!r} is held by a live session")
+                return
+            # The same agent on a fresh connection (its old one is gone, or going: a HELLO that
+            # was slow to be answered): the new session replaces the old one now, rather than
+            # refusing the agent until liveness expires a session nobody will use again.
+            assert self._ctrl is not None
+            self._ctrl.send([self._dp_mod.OP["UNREG"], held.rid])
+            self._forget(held.rid)
+            log.info("agent %s reconnected: its new session replaces the old one", name)
+            self._publish("agent_left", {**held.public(), "reason": "replaced by a new connection"})
         self._session += 1
         info = AgentInfo(name, tuple(caps), tuple(groups), labels, tuple(commands), capacity, 0, "alive", self._session)
-        agent = _Agent(rid, info)
+        agent = _Agent(rid, info, instance=instance)
         self._agents[rid] = agent
         self._by_name[name] = agent
         self._send_reg(rid, _META.pack(Role.AGENT, capacity, flags), name.encode(), caps, groups, commands)
