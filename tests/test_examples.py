@@ -22,6 +22,14 @@ EXAMPLES = {
         "execute_on_all: 3 ok, 1 failed",
         "events on shutdown: agent_left x4",
     ],
+    "secure_fleet": [
+        "edge-1 refused; pending keys: 1",
+        "edge-1 accepted and connected",
+        "operator: edge-1: 42% used",
+        "operator reboot -> FORBIDDEN: command 'admin.reboot' is not allowed for this key",
+        "admin: edge-1: rebooting",
+        "after revoke: 0 agents; forbidden so far: 1",
+    ],
 }
 
 

@@ -7,6 +7,7 @@ serve handlers, and an asyncio client (plus a blocking facade).
 from __future__ import annotations
 
 from ._core import core_impl
+from .acl import Policy
 from .agent import Agent, command
 from .broker import Broker
 from .client import Job, MeshClient, Outcome, Select, Stream, coerce
@@ -29,6 +30,7 @@ from .errors import (
 from .middleware import Call, LoggingMiddleware, MetricsMiddleware, Middleware
 from .models import AgentInfo, Event, JobInfo, JobState
 from .runtime import new_event_loop, run
+from .security import Keypair, KeyStore, PeerKeys
 from .serializers import JsonSerializer, MsgpackSerializer, RawSerializer, Serializer
 from .sync import BlockingClient
 
@@ -65,6 +67,11 @@ __all__ = [
     "MsgpackSerializer",
     "RawSerializer",
     "Serializer",
+    # security
+    "Keypair",
+    "KeyStore",
+    "PeerKeys",
+    "Policy",
     # errors
     "AgentLostError",
     "CancelledError",
