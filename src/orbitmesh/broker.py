@@ -369,9 +369,12 @@ class Broker:
         return [AgentInfo.from_dict(a.public()) for a in self._agents.values()]
 
     def stats(self) -> dict[str, int]:
-        """Data-plane counters (as of the last heartbeat tick) plus registry sizes."""
+        """Data-plane counters (as of the last heartbeat tick) plus registry sizes; with security,
+        ``keys_refused``: CURVE handshakes the ZAP handler refused (unknown, rejected, revoked keys)."""
         out = dict(self._counters)
         out.update(agents=len(self._agents), clients=len(self._clients))
+        if self.security is not None:
+            out["keys_refused"] = self.security.refused
         if self.jobs is not None:
             out.update(self.jobs.stats())
         return out
