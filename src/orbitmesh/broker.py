@@ -762,7 +762,7 @@ class Broker:
             if q.get(name) is not None and not isinstance(q[name], str):
                 raise ValueError(f"{name} must be a string")
         limit, cursor, since = q.get("limit", 100), q.get("cursor"), q.get("since")
-        if not isinstance(limit, int) or not 1 <= limit <= 10_000:
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000:
             raise ValueError("limit must be an integer from 1 to 10000")
         if cursor is not None and (not isinstance(cursor, int) or isinstance(cursor, bool)):
             raise ValueError("cursor must be a job id")
