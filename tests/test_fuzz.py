@@ -1,6 +1,6 @@
-"""A short run of the coverage-guided fuzz harness for the frame codec (fuzz/fuzz_decoders.py),
-and proof that it can fail: with a bug planted in the pure twin it must find an input that
-shows it. The long run is documented in docs/security.md ("Fuzzing").
+"""Short runs of the coverage-guided fuzz harnesses: the frame codec (fuzz/fuzz_decoders.py), with
+proof that it can fail (a bug planted in the pure twin must be found), and the broker's HELLO /
+QUERY handling (fuzz/fuzz_control.py). The long runs are in docs/security.md ("Fuzzing").
 
 atheris is a test dependency wherever it publishes wheels (Linux x86_64, CPython < 3.14, as the
 marker in pyproject.toml says); there its absence is a failure, elsewhere the tests skip.
@@ -22,6 +22,7 @@ from .conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "fuzz" / "fuzz_decoders.py"
+CONTROL = ROOT / "fuzz" / "fuzz_control.py"
 SEEDS = ROOT / "fuzz" / "corpus"
 RUN_SECONDS = 8
 MIN_RUNS = 5_000  # ~40k runs/s on an idle core; a loaded 2-core CI machine still does far more
@@ -33,12 +34,14 @@ if importlib.util.find_spec("atheris") is None:
     pytest.skip("atheris publishes no wheel for this platform", allow_module_level=True)
 
 
-def run_harness(tmp_path: Path, *args: str, plant: bool = False, timeout: float = 90) -> tuple[int, str]:
-    """Run the harness in a child process (atheris.Fuzz never returns); (exit code, output)."""
+def run_harness(
+    tmp_path: Path, *args: str, plant: bool = False, timeout: float = 90, harness: Path = HARNESS
+) -> tuple[int, str]:
+    """Run a harness in a child process (atheris.Fuzz never returns); (exit code, output)."""
     env = subprocess_env(ORBITMESH_FUZZ_PLANT="1" if plant else "0")
     env.pop("ORBITMESH_NO_EXTENSIONS", None)  # the harness compares the compiled twin with the pure one
     proc = subprocess.run(
-        [sys.executable, str(HARNESS), *args],
+        [sys.executable, str(harness), *args],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -106,3 +109,22 @@ def test_planted_bug_is_found_and_the_crash_replays(tmp_path):
     rc, out = run_harness(tmp_path, str(crashes[0]))
     assert rc == 0, out[-3000:]
     assert re.search(r"Executed .*crash-", out), out[-3000:]
+
+
+def test_short_control_fuzz_run_finds_nothing(tmp_path):
+    corpus = tmp_path / "control-corpus"
+    corpus.mkdir()
+    # Given HELLO and QUERY bodies built by the fuzzer, sent to a live broker for a fixed time
+    rc, out = run_harness(
+        tmp_path,
+        "-max_total_time=5",
+        "-seed=1",
+        f"-artifact_prefix={tmp_path}/",
+        str(corpus),
+        harness=CONTROL,
+    )
+    # Expect every one answered with a known code, nothing logged, and a meaningful number of them
+    assert rc == 0, out[-3000:]
+    done = re.search(r"Done (\d+) runs in (\d+) second", out)
+    assert done is not None and int(done.group(1)) >= 1_000, out[-3000:]
+    assert len(list(corpus.iterdir())) >= 20  # coverage feedback from the broker's bytecode
