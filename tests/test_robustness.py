@@ -444,6 +444,7 @@ def test_hostile_hello_and_query_bodies(arun, ctx, core_impl):
                     (msgpack.packb({"op": "job", "id": "x"}), ErrorCode.BAD_QUERY),
                     (msgpack.packb({"op": "job", "id": 12345}), ErrorCode.NO_SUCH_JOB),
                     (msgpack.packb({"op": "jobs", "limit": "x"}), ErrorCode.BAD_QUERY),
+                    (msgpack.packb({"op": "jobs", "limit": True}), ErrorCode.BAD_QUERY),  # was never answered
                     (msgpack.packb({"op": "jobs", "limit": float("inf")}), ErrorCode.BAD_QUERY),
                     (msgpack.packb({"op": "wait", "id": 12345}), ErrorCode.NO_SUCH_JOB),
                     (msgpack.packb({"op": "wait", "id": job.id, "timeout_ms": "soon"}), ErrorCode.BAD_QUERY),

@@ -4,6 +4,7 @@ unknown keys wait as pending, the store is read at every handshake (no restart).
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -157,6 +158,47 @@ def test_revoked_key_loses_its_live_session_and_names_stay_with_their_keys(arun,
                 await impostor.start(timeout=5)
             assert taken.value.code == om.ErrorCode.NAME_TAKEN and "another key" in taken.value.message
             await client.close()
+        finally:
+            await broker.stop()
+
+    arun(main())
+
+
+def test_stalled_handshakes_are_dropped_and_pending_keys_are_bounded(arun, ctx, core_impl, tmp_path):
+    import socket
+
+    async def main():
+        broker = om.Broker(
+            "tcp://127.0.0.1:0", core=core_impl, context=ctx, keys_dir=tmp_path / "keys", handshake_timeout=0.5, **FAST
+        )
+        await broker.start()
+        loop = asyncio.get_running_loop()
+        try:
+            assert broker.security is not None
+            # Given a connection that sends half a ZMTP greeting and stalls
+            host, port = broker.endpoints[0].rsplit("/", 1)[1].rsplit(":", 1)
+
+            def stall() -> float:
+                t0 = time.monotonic()
+                with socket.create_connection((host, int(port)), timeout=5) as s:
+                    s.sendall(b"\xff\x00\x00\x00\x00")
+                    while s.recv(4096):  # the broker's own greeting, then EOF when it drops us
+                        pass
+                return time.monotonic() - t0
+
+            # Expect the broker to drop it after the handshake timeout, not libzmq's 30 s
+            assert await loop.run_in_executor(None, stall) < 3.0
+            # Given a flood of fresh unknown keys, Expect the pending list to stop growing at its cap
+            store = broker.security.store
+            store.max_pending = 3
+            server = broker.security.keys.public
+            for _ in range(6):
+                stranger = om.MeshClient(
+                    broker.endpoints[0], context=ctx, keys=PeerKeys(Keypair.generate(), server), timeout=1
+                )
+                with pytest.raises(om.NotConnectedError):
+                    await stranger.connect(timeout=0.3)
+            assert len(store.list()["pending"]) == 3 and broker.security.refused >= 6
         finally:
             await broker.stop()
 

@@ -166,7 +166,9 @@ class Broker:
     unless ``allow_plaintext=True``, which is logged. Each accepted key has a
     policy (role, command patterns, agent selectors: ``orbitmesh.acl``), read
     at HELLO and re-checked every heartbeat. A peer whose HELLO offers a
-    protocol version below ``min_protocol`` is refused (no downgrade).
+    protocol version below ``min_protocol`` is refused (no downgrade). A
+    connection that has not finished its ZMTP / CURVE handshake within
+    ``handshake_timeout`` seconds is dropped.
     """
 
     def __init__(
@@ -191,6 +193,7 @@ class Broker:
         keys_dir: str | os.PathLike[str] | None = None,
         allow_plaintext: bool = False,
         min_protocol: int = VERSION,
+        handshake_timeout: float = 5.0,
     ) -> None:
         if not endpoints:
             raise ValueError("a broker needs at least one endpoint")
@@ -207,6 +210,9 @@ class Broker:
         if not 1 <= min_protocol <= VERSION:
             raise ValueError(f"min_protocol must be from 1 to {VERSION} (the newest this broker speaks)")
         self.min_protocol = min_protocol
+        if handshake_timeout <= 0:
+            raise ValueError("handshake_timeout must be > 0 seconds")
+        self.handshake_ms = int(handshake_timeout * 1000)
         self.security = CurveAdmission(keys_dir) if keys_dir is not None else None
         self.endpoints: list[str] = []
         self.heartbeat_ms = max(1, int(heartbeat_interval * 1000))
@@ -272,6 +278,9 @@ class Broker:
             router.setsockopt(zmq.SNDHWM, 100_000)
             router.setsockopt(zmq.RCVHWM, 100_000)
             router.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes + 1024)
+            # A connection that stalls in its handshake is dropped after this (libzmq's default,
+            # 30 s, lets half-open connections pile up file descriptors).
+            router.setsockopt(zmq.HANDSHAKE_IVL, self.handshake_ms)
             for ep in self._requested:
                 await _bind(router, ep)
                 self.endpoints.append(router.getsockopt_string(zmq.LAST_ENDPOINT))
@@ -391,10 +400,13 @@ class Broker:
         return [AgentInfo.from_dict(a.public()) for a in self._agents.values()]
 
     def stats(self) -> dict[str, int]:
-        """Data-plane counters (as of the last heartbeat tick) plus registry sizes."""
+        """Data-plane counters (as of the last heartbeat tick) plus registry sizes; with security,
+        ``keys_refused``: CURVE handshakes the ZAP handler refused (unknown, rejected, revoked keys)."""
         out = dict(self._counters)
         out["forbidden"] = out.get("forbidden", 0) + self._forbidden
         out.update(agents=len(self._agents), clients=len(self._clients))
+        if self.security is not None:
+            out["keys_refused"] = self.security.refused
         if self.jobs is not None:
             out.update(self.jobs.stats())
         return out
@@ -960,7 +972,7 @@ class Broker:
             if q.get(name) is not None and not isinstance(q[name], str):
                 raise ValueError(f"{name} must be a string")
         limit, cursor, since = q.get("limit", 100), q.get("cursor"), q.get("since")
-        if not isinstance(limit, int) or not 1 <= limit <= 10_000:
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000:
             raise ValueError("limit must be an integer from 1 to 10000")
         if cursor is not None and (not isinstance(cursor, int) or isinstance(cursor, bool)):
             raise ValueError("cursor must be a job id")

@@ -198,10 +198,17 @@ class KeyStore:
             return None
         return None if bound == public else bound
 
-    def note_pending(self, public: bytes, note: str) -> None:
-        """Record an unknown key that tried to connect (never demotes a known one)."""
-        if self.state(public) is None:
-            self._set(public, "pending", note)
+    max_pending = 1000  # unknown keys recorded at most: fresh keypairs cost an attacker nothing
+
+    def note_pending(self, public: bytes, note: str) -> bool:
+        """Record an unknown key that tried to connect (never demotes a known one); False if
+        the pending list is full (the key is refused all the same, just not recorded)."""
+        if self.state(public) is not None:
+            return True
+        if sum(1 for _ in (self.root / "pending").iterdir()) >= self.max_pending:
+            return False
+        self._set(public, "pending", note)
+        return True
 
     def list(self) -> dict[str, list[tuple[str, str, str]]]:
         """Per state: (key id, Z85 public key, note) for every key."""
@@ -269,9 +276,11 @@ class CurveAdmission:
             state = self.store.snapshot().state(public)
             if state == "accepted":
                 return True
-            if state is None:
-                self.store.note_pending(public, "first seen")
             self.refused += 1
+            if state is None and not self.store.note_pending(public, "first seen"):
+                if self.refused % 1000 == 1:  # a flood of fresh keys: say so, not once per key
+                    log.warning("pending keys full (%d): unknown keys refused unrecorded", self.store.max_pending)
+                return False
             log.warning("refused CURVE key %s (%s)", key_id(public)[:16], state or "unknown, now pending")
         except OSError as exc:  # a key store we cannot read admits no one
             log.error("key store unreadable: %s", exc)
