@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--allow-plaintext", action="store_true", help="permit a non-loopback endpoint without --keys")
     b.add_argument("--client-max-inflight", type=int, default=0, help="per-client requests in flight (0: no limit)")
     b.add_argument("--client-rate", type=float, default=0.0, help="per-client requests/s (0: no limit)")
+    b.add_argument("--client-burst", type=int, default=0, help="per-client burst above the rate (0: the rate)")
+    b.add_argument(
+        "--handshake-timeout", type=float, default=5.0, help="seconds a connection may take to finish its handshake"
+    )
+    b.add_argument("--max-frame-bytes", type=int, default=64 * 1024 * 1024, help="largest frame accepted")
 
     a = sub.add_parser("agent", help="run an agent serving handlers")
     a.add_argument("--broker", default="tcp://127.0.0.1:5555")
@@ -231,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 allow_plaintext=args.allow_plaintext,
                 client_max_inflight=args.client_max_inflight,
                 client_rate=args.client_rate,
+                client_burst=args.client_burst,
+                handshake_timeout=args.handshake_timeout,
+                max_frame_bytes=args.max_frame_bytes,
             )
 
             async def start_broker() -> None:
