@@ -417,3 +417,34 @@ def test_hostile_label_routes_from_a_restricted_key_get_bad_route(arun, ctx, cor
             await mesh.close()
 
     arun(main())
+
+
+def test_refused_hellos_leave_no_session_behind(arun, ctx, core_impl, tmp_path):
+    async def main():
+        mesh = Mesh(ctx, core_impl, tmp_path / "keys")
+        await mesh.broker.start()
+        loop = asyncio.get_running_loop()
+        try:
+            await mesh.agent("gpu-1", Policy("agent"))
+            socks = [_raw_dealer(ctx, mesh, Policy("admin")) for _ in range(6)]
+            try:
+                # Given HELLOs refused for their body, their name, or their role's policy
+                for i, sock in enumerate(socks):
+                    extra: dict[str, Any] = [{"name": "gpu-1"}, {"capacity": 0}, {"name": ""}][i % 3]
+                    kind, code, _ = await loop.run_in_executor(None, lambda s=sock, e=extra: _hello(s, "agent", **e))
+                    assert (kind, code) in ((Kind.ERROR, ErrorCode.NAME_TAKEN), (Kind.ERROR, ErrorCode.BAD_HELLO))
+                # Expect only the live agent's session kept (refused peers are never reported lost)
+                assert len(mesh.broker._sessions) == 1
+                # And a session that is refused on a second HELLO keeps what it had
+                kind, _, _ = await loop.run_in_executor(None, _hello, socks[0], "client")
+                assert kind == Kind.WELCOME and len(mesh.broker._sessions) == 2
+                kind, code, _ = await loop.run_in_executor(None, lambda: _hello(socks[0], "agent", name="gpu-1"))
+                assert (kind, code) == (Kind.ERROR, ErrorCode.NAME_TAKEN)
+                assert len(mesh.broker._sessions) == 2
+            finally:
+                for sock in socks:
+                    sock.close(0)
+        finally:
+            await mesh.close()
+
+    arun(main())

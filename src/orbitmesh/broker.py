@@ -590,24 +590,36 @@ class Broker:
                 self._forbidden += 1
                 self._error(rid, ErrorCode.FORBIDDEN, corr, refusal)
                 return
-            self._sessions[rid] = _Session(user, policy)
+            known = self._sessions.get(rid)
+            if known is None or known.key != user:
+                self._sessions[rid] = _Session(user, policy)
+            else:
+                known.policy = policy  # a HELLO again on the same connection
         flags = policy.session_flags(role)
+        registered = False
         try:
             if role == "agent":
-                self._register_agent(rid, corr, body, flags)
+                registered = self._register_agent(rid, corr, body, flags)
             else:
                 self._clients.add(rid)
                 meta = _META.pack(Role.CLIENT, 0, flags)
                 self._send_reg(rid, meta, str(body.get("name", "")).encode()[:_NAME_MAX], [], [], [])
                 self._welcome(rid, corr)
+                registered = True
         except (ValueError, TypeError) as exc:
             self._error(rid, ErrorCode.BAD_HELLO, corr, f"bad HELLO: {exc}")
-            return
         sess = self._sessions.get(rid)
-        if sess is not None:
+        if sess is None:
+            return
+        if registered:
             sess.role = role
+        elif rid not in self._agents and rid not in self._clients:
+            # Refused (BAD_HELLO, NAME_TAKEN) and never registered: the data plane does not know
+            # this peer and will never report it lost, so its session must not stay behind.
+            del self._sessions[rid]
 
-    def _register_agent(self, rid: bytes, corr: int, body: dict[str, Any], flags: int = 0) -> None:
+    def _register_agent(self, rid: bytes, corr: int, body: dict[str, Any], flags: int = 0) -> bool:
+        """Register (or re-register) an agent session; False if refused (the peer was told)."""
         name = body.get("name")
         if not isinstance(name, str) or not name or "\0" in name or len(name) > _NAME_MAX:
             raise ValueError(f"agent name must be a non-empty string without NUL, at most {_NAME_MAX} chars")
@@ -626,14 +638,14 @@ class Broker:
             bound = self.security.store.bind_name(name, sess.key)
             if bound is not None:
                 self._error(rid, ErrorCode.NAME_TAKEN, corr, f"agent name {name!r} is bound to another key")
-                return
+                return False
         instance = body.get("instance")
         instance = instance if isinstance(instance, str) and len(instance) <= 64 else ""
         held = self._by_name.get(name)
         if held is not None and held.rid != rid:
             if not (instance and held.instance == instance):
                 self._error(rid, ErrorCode.NAME_TAKEN, corr, f"agent name {name!r} is held by a live session")
-                return
+                return False
             # The same agent on a fresh connection (its old one is gone, or going: a HELLO that
             # was slow to be answered): the new session replaces the old one now, rather than
             # refusing the agent until liveness expires a session nobody will use again.
@@ -653,6 +665,7 @@ class Broker:
             self.jobs.agent_joined(name)
         log.info("agent %s joined (capacity %d, commands %s)", name, capacity, ", ".join(commands) or "-")
         self._publish("agent_joined", agent.public())
+        return True
 
     def _send_reg(
         self, rid: bytes, meta: bytes, name: bytes, caps: list[str], groups: list[str], commands: list[str]
