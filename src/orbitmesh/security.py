@@ -251,6 +251,7 @@ class CurveAdmission:
         self.store = KeyStore(self.dir / "peers")
         self._auth: ThreadAuthenticator | None = None
         self.refused = 0
+        self._logged_at = -1.0
 
     def start(self, context: zmq.Context[Any]) -> None:
         """Start the ZAP handler on ``context`` (the broker's)."""
@@ -277,11 +278,12 @@ class CurveAdmission:
             if state == "accepted":
                 return True
             self.refused += 1
-            if state is None and not self.store.note_pending(public, "first seen"):
-                if self.refused % 1000 == 1:  # a flood of fresh keys: say so, not once per key
-                    log.warning("pending keys full (%d): unknown keys refused unrecorded", self.store.max_pending)
-                return False
-            log.warning("refused CURVE key %s (%s)", key_id(public)[:16], state or "unknown, now pending")
+            recorded = state is not None or self.store.note_pending(public, "first seen")
+            now = time.monotonic()
+            if now - self._logged_at >= 1.0:  # a flood of refusals is one line a second, not one each
+                self._logged_at = now
+                what = state or ("unknown, now pending" if recorded else "unknown; pending keys full, not recorded")
+                log.warning("refused CURVE key %s (%s); %d refused so far", key_id(public)[:16], what, self.refused)
         except OSError as exc:  # a key store we cannot read admits no one
             log.error("key store unreadable: %s", exc)
         return False
