@@ -39,6 +39,7 @@ from .serializers import RawSerializer, Serializer, SerializerSet
 log = logging.getLogger("orbitmesh.client")
 
 T = TypeVar("T")
+_ACCEPTED = int(Kind.ACCEPTED)
 _STRATEGIES = {"least_loaded": Strategy.LEAST_LOADED, "round_robin": Strategy.ROUND_ROBIN, "random": Strategy.RANDOM}
 _FOREVER = 10 * 365 * 86400.0  # pending entries that only their own protocol ends
 
@@ -176,9 +177,14 @@ class Job:
 
     async def result(self, timeout: float | None = None) -> Any:
         """Wait for the job's result; raises its error, or TimeoutError."""
+        fut = self._fut
         try:
-            await _wait_done(self._fut, timeout)
-            value = self._fut.result()
+            if not fut.done():
+                if timeout is None:
+                    await asyncio.shield(fut)  # a cancelled wait leaves the result to a later one
+                else:
+                    await _wait_done(fut, timeout)
+            value = fut.result()
         except _NotYet:
             raise TimeoutError(f"job {self.id} did not finish within {timeout} s") from None
         except NotConnectedError:
@@ -584,6 +590,17 @@ class MeshClient:
         if idempotency_key is not None:
             opts["key"] = idempotency_key
         options = msgpack.packb(opts) if opts else None
+        if not self._middleware:
+            # The pipelining fast path: no Call, no closure, no coroutine besides this one.
+            conn = self._conn
+            if conn is None or not conn.ready:
+                await self._wait_ready(to)
+            fut = self.submit(
+                agent, command, params, timeout=to, serializer=serializer, _flags=F_TRACKED, _options=options
+            )
+            accepted = self._pending[self._corr].accepted
+            assert accepted is not None
+            return Job(self, await accepted, fut, returns)
 
         async def endpoint(c: Call) -> Job:
             await self._wait_ready(to)
@@ -598,10 +615,8 @@ class MeshClient:
             return Job(self, job_id, fut, returns)
 
         call = Call("client", "execute", command, params, _target_name(agent))
-        if self._middleware:
-            job: Job = await build_chain(self._middleware, endpoint)(call)
-            return job
-        return await endpoint(call)
+        job: Job = await build_chain(self._middleware, endpoint)(call)
+        return job
 
     def stream(
         self,
@@ -836,6 +851,10 @@ class MeshClient:
             if kind == Kind.EVENT:
                 self._on_event(frames)
             return
+        if kind == _ACCEPTED:  # first: a job's second message, every execute has one
+            if p.accepted is not None and not p.accepted.done():
+                p.accepted.set_result(fields[8])
+            return
         if kind == Kind.REPLY:
             del self._pending[corr]
             fut = p.fut
@@ -870,9 +889,6 @@ class MeshClient:
                 p.fut.set_result(None)
             if p.waiter is not None and not p.waiter.done():
                 p.waiter.set_result(None)
-        elif kind == Kind.ACCEPTED:
-            if p.accepted is not None and not p.accepted.done():
-                p.accepted.set_result(fields[8])
         elif kind == Kind.RUNNING:
             p.token = frames[1]
 
