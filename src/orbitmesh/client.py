@@ -169,19 +169,32 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
 class Job:
     """A tracked job (from ``execute``): its ``id`` and a way to its result."""
 
-    def __init__(self, client: MeshClient, job_id: int, fut: asyncio.Future[Any], returns: Any) -> None:
+    def __init__(
+        self, client: MeshClient, job_id: int, fut: asyncio.Future[Any], returns: Any, pending: _Pending | None = None
+    ) -> None:
         self.client = client
         self.id = job_id
         self._fut = fut
         self._returns = returns
+        self._pending = pending  # its outcome also wakes ``pending.waiter``
 
     async def result(self, timeout: float | None = None) -> Any:
         """Wait for the job's result; raises its error, or TimeoutError."""
         fut = self._fut
         try:
             if not fut.done():
-                if timeout is None:
-                    await asyncio.shield(fut)  # a cancelled wait leaves the result to a later one
+                p = self._pending
+                if timeout is None and p is not None and p.waiter is None:
+                    # The reply handler wakes this waiter itself: one hop, and a cancelled wait
+                    # cancels only the waiter, never the result a later call may still read.
+                    p.waiter = waiter = fut.get_loop().create_future()
+                    try:
+                        await waiter
+                    finally:
+                        if p.waiter is waiter:
+                            p.waiter = None
+                elif timeout is None:
+                    await asyncio.shield(fut)
                 else:
                     await _wait_done(fut, timeout)
             value = fut.result()
@@ -598,9 +611,9 @@ class MeshClient:
             fut = self.submit(
                 agent, command, params, timeout=to, serializer=serializer, _flags=F_TRACKED, _options=options
             )
-            accepted = self._pending[self._corr].accepted
-            assert accepted is not None
-            return Job(self, await accepted, fut, returns)
+            p = self._pending[self._corr]
+            assert p.accepted is not None
+            return Job(self, await p.accepted, fut, returns, p)
 
         async def endpoint(c: Call) -> Job:
             await self._wait_ready(to)
@@ -860,6 +873,9 @@ class MeshClient:
             fut = p.fut
             if fut.done():
                 return
+            waiter = p.waiter
+            if waiter is not None and p.items is None and not waiter.done():  # a Job.result() waiting
+                waiter.set_result(None)
             if p.kind == Kind.QUERY:
                 fut.set_result(msgpack.unpackb(frames[2], raw=False) if len(frames) > 2 else None)
             elif p.kind == Kind.RAW or fields[3] & F_RAW_REPLY:
