@@ -39,7 +39,10 @@ from .serializers import RawSerializer, Serializer, SerializerSet
 log = logging.getLogger("orbitmesh.client")
 
 T = TypeVar("T")
-_ACCEPTED = int(Kind.ACCEPTED)
+# The hot paths compare plain ints (an IntEnum attribute lookup costs ~150 ns).
+_ACCEPTED, _REPLY, _REQUEST, _QUERY, _RAW = (
+    int(k) for k in (Kind.ACCEPTED, Kind.REPLY, Kind.REQUEST, Kind.QUERY, Kind.RAW)
+)
 _STRATEGIES = {"least_loaded": Strategy.LEAST_LOADED, "round_robin": Strategy.ROUND_ROBIN, "random": Strategy.RANDOM}
 _FOREVER = 10 * 365 * 86400.0  # pending entries that only their own protocol ends
 
@@ -512,8 +515,8 @@ class MeshClient:
         corr = self._corr
         assert self._loop is not None
         fut = self._loop.create_future()
-        p = _Pending(fut, s, Kind.REQUEST)
-        hdr = header(Kind.REQUEST, (s.id << 8) | _flags, 0, _aux, corr, 0, wall_ms() + int(to * 1000))
+        p = _Pending(fut, s, _REQUEST)
+        hdr = header(_REQUEST, (s.id << 8) | _flags, 0, _aux, corr, 0, wall_ms() + int(to * 1000))
         frames = [hdr, self._route(agent), self._command(command), body]
         if _options:
             frames.append(_options)
@@ -868,7 +871,7 @@ class MeshClient:
             if p.accepted is not None and not p.accepted.done():
                 p.accepted.set_result(fields[8])
             return
-        if kind == Kind.REPLY:
+        if kind == _REPLY:
             del self._pending[corr]
             fut = p.fut
             if fut.done():
@@ -876,9 +879,9 @@ class MeshClient:
             waiter = p.waiter
             if waiter is not None and p.items is None and not waiter.done():  # a Job.result() waiting
                 waiter.set_result(None)
-            if p.kind == Kind.QUERY:
+            if p.kind == _QUERY:
                 fut.set_result(msgpack.unpackb(frames[2], raw=False) if len(frames) > 2 else None)
-            elif p.kind == Kind.RAW or fields[3] & F_RAW_REPLY:
+            elif p.kind == _RAW or fields[3] & F_RAW_REPLY:
                 fut.set_result(frames[2:])
             else:
                 try:
