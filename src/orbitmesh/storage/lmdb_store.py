@@ -422,6 +422,9 @@ class LmdbStore(JobStore):
         max_id = _U64.unpack(txn.get(_MAX_ID_KEY, db=meta))[0]
         top = max_id
         put, delete = txn.put, txn.delete
+        # A cursor's put skips Transaction.put's argument parsing (~0.1 us each, ~5 per record).
+        put_state, put_agent, put_command = (txn.cursor(db).put for db in (by_state, by_agent, by_command))
+        put_time, put_done, put_job = (txn.cursor(db).put for db in (by_time, by_done, jobs))
         codes = _STATE_CODE
         for rec in records:
             data = encode_record(rec)  # may raise midway: the caller aborts the whole txn
@@ -436,31 +439,31 @@ class LmdbStore(JobStore):
                 if raw is not None:
                     known = _indexed(JobRecord.from_bytes(raw))
             if known is None:
-                put(state, rid, db=by_state)
-                put(_str_key(agent), rid, db=by_agent)
-                put(_str_key(command), rid, db=by_command)
-                put(_time_key(created) + rid, b"", db=by_time)
+                put_state(state, rid)
+                put_agent(_str_key(agent), rid)
+                put_command(_str_key(command), rid)
+                put_time(_time_key(created) + rid, b"")
                 old_key = ""
             else:
                 old_state, old_agent, old_command, old_created, old_key, old_done = known
                 if old_state != state:
                     delete(old_state, rid, db=by_state)
-                    put(state, rid, db=by_state)
+                    put_state(state, rid)
                 if old_agent != agent:
                     delete(_str_key(old_agent), rid, db=by_agent)
-                    put(_str_key(agent), rid, db=by_agent)
+                    put_agent(_str_key(agent), rid)
                 if old_command != command:
                     delete(_str_key(old_command), rid, db=by_command)
-                    put(_str_key(command), rid, db=by_command)
+                    put_command(_str_key(command), rid)
                 if old_created != created:
                     delete(_time_key(old_created) + rid, b"", db=by_time)
-                    put(_time_key(created) + rid, b"", db=by_time)
+                    put_time(_time_key(created) + rid, b"")
                 if old_done and old_done != done:
                     delete(old_done, b"", db=by_done)
                 if old_key and old_key != key:
                     self._drop_key(txn, old_key, rid)
             if done and (known is None or known[5] != done):
-                put(done, b"", db=by_done)
+                put_done(done, b"")
             if key and key != old_key:  # a key this record did not hold yet
                 ikey = _str_key(key)
                 holder = txn.get(ikey, db=idem)
@@ -469,7 +472,7 @@ class LmdbStore(JobStore):
                 if holder is None:
                     put(ikey, rid, db=idem)
             cache[job_id] = (state, agent, command, created, key, done) if not done else None
-            put(rid, data, db=jobs)
+            put_job(rid, data)
             if job_id > top:
                 top = job_id
         for job_id in deletes:
