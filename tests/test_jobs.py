@@ -69,6 +69,24 @@ def test_job_lifecycle_is_logged(arun, ctx, core_impl):
     arun(main())
 
 
+def test_job_result_survives_a_cancelled_wait(arun, ctx, core_impl):
+    counts: dict[str, int] = {}
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), setup=job_handlers(counts)) as (_, _, client):
+            job = await client.execute("agent-0", "sleep", [0.2])
+            # When a wait for the result is cancelled (here by wait_for's timeout)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(job.result(), 0.02)
+            assert not job.done()
+            # Expect later waits, two at once, to get the result all the same
+            both = await asyncio.wait_for(asyncio.gather(job.result(), job.result(timeout=5)), 5)
+            assert both == ["agent-0", "agent-0"] and job.done()
+            assert await job.result() == "agent-0"
+
+    arun(main())
+
+
 def test_retries_with_backoff_then_success(arun, ctx, core_impl):
     counts: dict[str, int] = {}
 

@@ -331,6 +331,7 @@ class Broker:
             publish=self._publish,
             choose=self._choose_agent,
             agent_session=self._agent_session,
+            listening=self._has_subscribers,
             lease_s=self._job_lease,
             dispatch_window_s=self._dispatch_window,
             retention_age_s=self._retention[0],
@@ -422,6 +423,9 @@ class Broker:
 
     def _error(self, rid: bytes, code: int, corr: int, message: str, job: int = 0) -> None:
         self._send(rid, error_message(code, corr, message, job=job))
+
+    def _has_subscribers(self) -> bool:
+        return bool(self._subscribers)
 
     def _publish(self, topic: str, data: dict[str, Any]) -> None:
         if not self._subscribers:

@@ -41,7 +41,8 @@ class JobLog:
         self._loop = loop
         self._max_batch = max_batch
         self._flush_s = flush_ms / 1000
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._queue: list[tuple[JobRecord | int | None, Callback | None]] = []
         self._stopping = False
         self._failed: BaseException | None = None
@@ -58,9 +59,10 @@ class JobLog:
         if self._failed is not None:
             raise StorageError(f"job log is down: {self._failed}", code=ErrorCode.STORAGE_ERROR)
         snapshot = record.copy()
-        with self._cond:
-            self._queue.append((snapshot, done))
-            if len(self._queue) == 1:
+        with self._lock:  # the Condition's own lock: one C call in and out
+            queue = self._queue
+            queue.append((snapshot, done))
+            if len(queue) == 1:
                 self._cond.notify()
 
     def barrier(self, done: Callback) -> None:

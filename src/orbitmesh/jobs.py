@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -52,6 +52,23 @@ _FINAL_CODES = frozenset(
 )
 DIRTY_FLUSH_S = 0.25
 _NAME_ROUTE = bytes((Route.NAME,))
+# The hot path compares plain ints and module constants (an enum attribute costs 70-190 ns).
+_REQUEST, _ACCEPTED, _RUNNING, _REPLY, _ERROR = (
+    int(Kind.REQUEST),
+    int(Kind.ACCEPTED),
+    int(Kind.RUNNING),
+    int(Kind.REPLY),
+    int(Kind.ERROR),
+)
+_PENDING, _DISPATCHED, _RUNNING_STATE, _SUCCEEDED = (
+    JobState.PENDING,
+    JobState.DISPATCHED,
+    JobState.RUNNING,
+    JobState.SUCCEEDED,
+)
+_VALUE = {state: state.value for state in JobState}  # what a transition records
+_pack_header = HDR.pack
+_unpack_header = HDR.unpack
 _OPTION_KEYS = frozenset(
     ("max_attempts", "retry_initial", "retry_max", "non_retryable", "timeout", "delay", "run_at", "key")
 )
@@ -106,6 +123,9 @@ class JobOptions:
         return opts
 
 
+_NO_OPTIONS = JobOptions()  # shared by every job submitted without options: never modified
+
+
 def _num(data: dict[str, Any], name: str, kind: type, low: float, high: float) -> Any:
     value = data[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
@@ -118,15 +138,17 @@ def _num(data: dict[str, Any], name: str, kind: type, low: float, high: float) -
 Watcher = Callable[[JobRecord, bytes, int], None]
 
 
-@dataclass
 class _Live:
     """What the control plane keeps in memory about a live job (never persisted)."""
 
-    waiters: list[tuple[bytes, int]] = field(default_factory=list)  # execute callers: (client rid, corr)
-    watchers: list[tuple[bytes, int, Watcher]] = field(default_factory=list)  # wait queries
-    timer: asyncio.TimerHandle | None = None
-    waiting_since: float = 0.0  # first "no agent" refusal of this dispatch round
-    wait_rounds: int = 0  # "no agent" refusals so far in this round
+    __slots__ = ("timer", "wait_rounds", "waiters", "waiting_since", "watchers")
+
+    def __init__(self, waiters: list[tuple[bytes, int]] | None = None) -> None:
+        self.waiters: list[tuple[bytes, int]] = [] if waiters is None else waiters  # execute callers
+        self.watchers: list[tuple[bytes, int, Watcher]] = []  # wait queries
+        self.timer: asyncio.TimerHandle | None = None
+        self.waiting_since = 0.0  # first "no agent" refusal of this dispatch round
+        self.wait_rounds = 0  # "no agent" refusals so far in this round
 
 
 class JobManager:
@@ -144,6 +166,7 @@ class JobManager:
         publish: Callable[[str, dict[str, Any]], None],
         choose: Callable[[bytes, str], str | OrbitMeshError],
         agent_session: Callable[[str], int | None],
+        listening: Callable[[], bool] | None = None,
         lease_s: float = 5.0,
         dispatch_window_s: float = 60.0,
         retention_age_s: float = 7 * 86400.0,
@@ -155,6 +178,11 @@ class JobManager:
         self._send = send
         self._to_peer = to_peer
         self._publish = publish
+        # Whether anyone subscribed to events: when not, no event is even built.
+        self._listening: Callable[[], bool] = listening or (lambda: True)
+        self._op_inject = op["INJECT"]
+        self._routes: dict[str, bytes] = {}  # agent name -> its NAME route frame
+        self._names: dict[bytes, str] = {}  # a client's NAME route frame -> the agent name
         self._choose = choose
         self._agent_session = agent_session
         self.lease_s = lease_s
@@ -220,10 +248,10 @@ class JobManager:
         """A client's tracked REQUEST: frames = [hdr, route, command, params, options?]."""
         flags, corr = fields[3], fields[7]
         try:
-            if fields[2] != Kind.REQUEST or len(frames) < 3:
+            if fields[2] != _REQUEST or len(frames) < 3:
                 raise ValueError("a job is a REQUEST with a command")
             command = frames[2].decode()
-            opts = JobOptions.parse(frames[4] if len(frames) > 4 else None)
+            opts = JobOptions.parse(frames[4]) if len(frames) > 4 and frames[4] else _NO_OPTIONS
         except (ValueError, UnicodeDecodeError, msgpack.UnpackException) as exc:
             self._to_peer(rid, error_message(ErrorCode.BAD_PAYLOAD, corr, f"bad job request: {exc}"))
             return
@@ -235,10 +263,12 @@ class JobManager:
                 self._attach(existing, rid, corr)
                 return
         now = time.time()
+        job_id = self._next_id
+        route = frames[1]
         rec = JobRecord(
-            id=self._next_id,
+            id=job_id,
             command=command,
-            route=frames[1],
+            route=route,
             params=frames[3] if len(frames) > 3 else b"",
             flags=flags & 0x0F00,
             max_attempts=opts.max_attempts,
@@ -250,17 +280,24 @@ class JobManager:
             retry_initial=opts.retry_initial,
             retry_max=opts.retry_max,
             non_retryable=opts.non_retryable,
-            transitions=[(JobState.PENDING.value, now, "")],
+            transitions=[("PENDING", now, "")],
         )
-        chosen = self._choose(rec.route, command)
-        if isinstance(chosen, str):
-            rec.agent = chosen  # written with the job: a restart redelivers it to the same agent
-        self._next_id += 1
-        self._live[rec.id] = rec
-        self._mem[rec.id] = _Live(waiters=[(rid, corr)])
-        self._unwritten[rec.id] = []
+        # The agent is written with the job: a restart redelivers it to the same agent.
+        name = self._names.get(route)
+        if name is not None and self._agent_session(name) is not None:
+            rec.agent = name  # a NAME route to a registered agent, as _choose would say
+        else:
+            chosen = self._choose(route, command)
+            if isinstance(chosen, str):
+                rec.agent = chosen
+                if route[:1] == _NAME_ROUTE and len(self._names) < 4096:
+                    self._names[route] = chosen
+        self._next_id = job_id + 1
+        self._live[job_id] = rec
+        self._mem[job_id] = _Live([(rid, corr)])
         if opts.key:
-            self._by_key[opts.key] = rec.id
+            self._unwritten[job_id] = []  # submits of the same key wait here for ACCEPTED
+            self._by_key[opts.key] = job_id
         self.log.append(rec, lambda err: self._accepted(rec, rid, corr, err))
 
     def _attach(self, job_id: int, rid: bytes, corr: int) -> None:
@@ -279,7 +316,19 @@ class JobManager:
             self._answer(done, [(rid, corr)])
 
     def _accepted(self, rec: JobRecord, rid: bytes, corr: int, err: BaseException | None) -> None:
-        parked = [(rid, corr), *self._unwritten.pop(rec.id, [])]
+        job_id = rec.id
+        extra = self._unwritten.pop(job_id, None) if self._unwritten else None
+        if err is None and not extra:  # the common case
+            self._to_peer(rid, [_pack_header(b"OM", 1, _ACCEPTED, 0, 0, 0, 0, corr, job_id, 0), b""])
+            if self._listening():
+                self._publish("job_accepted", {"id": job_id, "command": rec.command})
+            if rec.state is _PENDING:  # not cancelled meanwhile
+                if rec.run_at <= 0:
+                    self._dispatch(job_id)
+                else:
+                    self._schedule(rec, rec.run_at)
+            return
+        parked = [(rid, corr), *(extra or ())]
         if err is not None:
             self._live.pop(rec.id, None)
             self._mem.pop(rec.id, None)
@@ -293,8 +342,9 @@ class JobManager:
             self._to_peer(r, [header(Kind.ACCEPTED, corr=c, job=rec.id), b""])
             if mem is not None and (r, c) != (rid, corr):
                 mem.waiters.append((r, c))
-        self._publish("job_accepted", {"id": rec.id, "command": rec.command})
-        if rec.state == JobState.PENDING:  # not cancelled meanwhile
+        if self._listening():
+            self._publish("job_accepted", {"id": rec.id, "command": rec.command})
+        if rec.state is _PENDING:  # not cancelled meanwhile
             self._schedule(rec, rec.run_at)
 
     # ------------------------------------------------------------ dispatch
@@ -312,12 +362,16 @@ class JobManager:
 
     def _dispatch(self, job_id: int) -> None:
         rec = self._live.get(job_id)
-        if rec is None or rec.state != JobState.PENDING:
+        if rec is None or rec.state is not _PENDING:
             return
         mem = self._mem[job_id]
         mem.timer = None
+        session = self._agent_session(rec.agent) if rec.agent else None
+        if session is not None:
+            self._send_job(rec, mem, session)
+            return
         now = time.time()
-        if rec.agent and self._agent_session(rec.agent) is None:
+        if rec.agent:
             # Its agent is not (back) here. After a restart, give it a lease's time to
             # re-register: it may hold the answer. Then choose again.
             mem.waiting_since = mem.waiting_since or now
@@ -338,9 +392,9 @@ class JobManager:
                 return
             rec.agent = chosen
             # Written before it is sent, so a restart knows which agent may hold the answer.
-            self.log.append(rec, lambda err: self._send_job(job_id))
+            self.log.append(rec, lambda err: self._send_chosen(job_id))
             return
-        self._send_job(job_id)
+        self._send_chosen(job_id)
 
     def agent_joined(self, name: str) -> None:
         """An agent (re-)registered: send it the jobs that were waiting for it."""
@@ -353,49 +407,68 @@ class JobManager:
                     mem.timer = None
                 self._dispatch(job_id)
 
-    def _send_job(self, job_id: int) -> None:
+    def _send_chosen(self, job_id: int) -> None:
+        """Send a job whose agent was just chosen (and logged), if it still waits for that."""
         rec = self._live.get(job_id)
-        if rec is None or rec.state != JobState.PENDING:
+        if rec is None or rec.state is not _PENDING:
             return
-        mem = self._mem[job_id]
+        self._send_job(rec, self._mem[job_id], self._agent_session(rec.agent) or 0)
+
+    def _send_job(self, rec: JobRecord, mem: _Live, session: int) -> None:
+        job_id = rec.id
+        agent = rec.agent
         rec.attempts += 1
-        rec.lease = (rec.lease + 1) & 0xFFFFFFFF or 1
-        hdr = header(Kind.REQUEST, rec.flags | F_TRACKED, 0, rec.lease, job_id, job_id, 0)
-        route = _NAME_ROUTE + b"\x00" + rec.agent.encode()
-        self._send([self._op["INJECT"], JOBS_RID, hdr, route, rec.command.encode(), rec.params])
+        rec.lease = lease = (rec.lease + 1) & 0xFFFFFFFF or 1
+        hdr = _pack_header(b"OM", 1, _REQUEST, rec.flags | F_TRACKED, 0, lease, 0, job_id, job_id, 0)
+        route = self._routes.get(agent)
+        if route is None:
+            route = _NAME_ROUTE + b"\x00" + agent.encode()
+            if len(self._routes) < 4096:
+                self._routes[agent] = route
+        self._send([self._op_inject, JOBS_RID, hdr, route, rec.command.encode(), rec.params])
         # From here the job is the agent's (or waits in the broker's queue for it).
         now = time.time()
-        rec.session = self._agent_session(rec.agent) or 0
+        rec.session = session
         rec.lease_expires = now + self.lease_s
         mem.waiting_since = 0.0
         mem.wait_rounds = 0
-        self._transition(rec, JobState.DISPATCHED, now, rec.agent)
-        self._touch(rec)
+        rec.state = _DISPATCHED
+        rec.updated = now
+        rec.transitions.append(("DISPATCHED", now, agent))
+        self._dirty[job_id] = rec  # _touch, inlined
+        if self._flusher is None:
+            self._flusher = self._loop.call_later(DIRTY_FLUSH_S, self._flush_dirty)
         if rec.timeout:
-            mem.timer = self._loop.call_later(rec.timeout, self._timed_out, job_id, rec.lease)
+            mem.timer = self._loop.call_later(rec.timeout, self._timed_out, job_id, lease)
 
     # ------------------------------------------------------------- answers
 
     def on_event(self, agent_rid: bytes, frames: list[bytes]) -> None:
         """A tracked job's RUNNING / REPLY / ERROR (from its agent, or from the data plane)."""
-        fields = HDR.unpack(frames[0])
-        kind, flags, code, lease, job_id = fields[2], fields[3], fields[4], fields[5], fields[8]
+        fields = _unpack_header(frames[0])
+        kind, lease, job_id = fields[2], fields[5], fields[8]
         rec = self._live.get(job_id)
         now = time.time()
         if rec is None or rec.lease != lease:
             self._late(job_id, kind, lease, now)
             return
-        if kind == Kind.RUNNING:
+        if kind == _RUNNING:
             rec.lease_expires = now + self.lease_s
-            if rec.state == JobState.DISPATCHED:
-                self._transition(rec, JobState.RUNNING, now, rec.agent)
-                self._touch(rec)
-                self._publish("job_running", {"id": rec.id, "agent": rec.agent})
-        elif kind == Kind.REPLY:
+            if rec.state is _DISPATCHED:
+                rec.state = _RUNNING_STATE
+                rec.updated = now
+                rec.transitions.append(("RUNNING", now, rec.agent))
+                self._dirty[job_id] = rec  # _touch: a flush is already due (set at dispatch)
+                if self._flusher is None:
+                    self._flusher = self._loop.call_later(DIRTY_FLUSH_S, self._flush_dirty)
+                if self._listening():
+                    self._publish("job_running", {"id": rec.id, "agent": rec.agent})
+        elif kind == _REPLY:
             rec.result = frames[2] if len(frames) > 2 else b""
-            rec.result_flags = flags & 0x0F00
-            self._finish(rec, JobState.SUCCEEDED, now)
-        elif kind == Kind.ERROR:
+            rec.result_flags = fields[3] & 0x0F00
+            self._finish(rec, _SUCCEEDED, now)
+        elif kind == _ERROR:
+            code = fields[4]
             message = frames[2].decode(errors="replace") if len(frames) > 2 else ""
             error_type = _error_type(frames)
             self._on_error(rec, code, message, error_type, now)
@@ -466,18 +539,23 @@ class JobManager:
             self._send([self._op["SIGNAL"], JOBS_RID, cancel, b""])
 
     def _finish(self, rec: JobRecord, state: JobState, now: float) -> None:
-        mem = self._mem.pop(rec.id, _Live())
+        job_id = rec.id
+        mem = self._mem.pop(job_id, None) or _Live()
         if mem.timer is not None:
             mem.timer.cancel()
-        self._live.pop(rec.id, None)
+        self._live.pop(job_id, None)
         rec.lease_expires = 0.0
-        self._transition(rec, state, now, rec.agent)
-        self._recent[rec.id] = rec
-        self._dirty.pop(rec.id, None)
+        rec.state = state
+        rec.updated = now
+        rec.transitions.append((_VALUE[state], now, rec.agent))
+        self._recent[job_id] = rec
+        if self._dirty:
+            self._dirty.pop(job_id, None)
         # Whoever waits hears the outcome once it is in the log: what a client saw can be
         # fetched again by id, even after a crash.
         self.log.append(rec, lambda err: self._finished(rec, mem, err))
-        self._publish("job_finished", {"id": rec.id, "state": state.value, "agent": rec.agent})
+        if self._listening():
+            self._publish("job_finished", {"id": job_id, "state": _VALUE[state], "agent": rec.agent})
 
     def _finished(self, rec: JobRecord, mem: _Live, err: BaseException | None) -> None:
         if self._recent.get(rec.id) is rec:
@@ -490,8 +568,9 @@ class JobManager:
 
     def _answer(self, rec: JobRecord, waiters: list[tuple[bytes, int]]) -> None:
         for rid, corr in waiters:
-            if rec.state == JobState.SUCCEEDED:
-                self._to_peer(rid, [header(Kind.REPLY, rec.result_flags, 0, 0, corr, rec.id), b"", rec.result or b""])
+            if rec.state is _SUCCEEDED:
+                hdr = _pack_header(b"OM", 1, _REPLY, rec.result_flags, 0, 0, 0, corr, rec.id, 0)
+                self._to_peer(rid, [hdr, b"", rec.result or b""])
             else:
                 code = rec.error_code or _STATE_CODES.get(rec.state, ErrorCode.HANDLER_ERROR)
                 frames = error_message(code, corr, rec.error or rec.state.value, job=rec.id)
@@ -523,7 +602,7 @@ class JobManager:
     def _transition(rec: JobRecord, state: JobState, now: float, note: str) -> None:
         rec.state = state
         rec.updated = now
-        rec.transitions.append((state.value, now, note))
+        rec.transitions.append((_VALUE[state], now, note))
 
     # ------------------------------------------------------------- queries
 

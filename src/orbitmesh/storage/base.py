@@ -18,7 +18,6 @@ import operator
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgpack
 
@@ -65,11 +64,10 @@ class JobRecord:
         return self.state.terminal
 
     def to_bytes(self) -> bytes:
-        """Compact encoding (msgpack array in field order; the store's format version covers it)."""
-        values: list[Any] = list(_GET_ALL(self))  # one C call for every field
-        values[_STATE_INDEX] = self.state.value
-        values[_NON_RETRYABLE_INDEX] = list(self.non_retryable)
-        return _PACK(values)  # type: ignore[no-any-return]
+        """Compact encoding (msgpack array in field order; the store's format version covers it).
+        One C call gathers the fields; ``state`` packs as its string value (JobState is a str
+        enum) and the ``non_retryable`` tuple as an array, as ``from_bytes`` reads them."""
+        return _PACK(_GET_ALL(self))  # type: ignore[no-any-return]
 
     def copy(self) -> JobRecord:
         """A snapshot: a shallow copy with its own transitions list (the rest is immutable)."""
