@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -171,10 +172,10 @@ class Tally:
 class Peer:
     """A DEALER with CURVE keys (or none), speaking the wire protocol by hand."""
 
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str, keys: PeerKeys | None) -> None:
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, keys: PeerKeys | None, reconnect_ms: int = 20) -> None:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 20)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, reconnect_ms)
         if keys is not None:
             for opt, value in keys.socket_options().items():
                 self.sock.setsockopt(opt, value)
@@ -320,7 +321,10 @@ class Soak:
         for t in self.threads:
             t.join(max(0.0, end - time.monotonic()))
             if t.is_alive():
-                stuck.append(t.name)
+                # Where it is stuck, for the failure message.
+                frames = sys._current_frames()
+                where = "".join(traceback.format_stack(frames[t.ident])[-4:]) if t.ident in frames else "?"
+                stuck.append(f"{t.name} at\n{where}")
         return stuck
 
     # ------------------------------------------------------------ the peers
@@ -448,7 +452,9 @@ class Soak:
         while self.running():
             what, keys = variants[i % len(variants)]
             i += 1
-            peer = Peer(self.ctx, self.endpoint, keys)
+            # Few reconnects per peer: the monitor's events pile up in an inproc pipe that libzmq's
+            # I/O thread blocks on when full, and disable_monitor() would then wait for it.
+            peer = Peer(self.ctx, self.endpoint, keys, reconnect_ms=1000)
             monitor = peer.sock.get_monitor_socket(events)
             try:
                 peer.send([hdr(HELLO, aux=1, corr=i), b"", msgpack.packb({"role": "client", "name": what})])
@@ -463,6 +469,8 @@ class Soak:
                     tally.problems.append(f"bad keys: a {what} peer got in: {outcome}, {got and got[:3]!r}")
                 tally.notes[what] += 1
             finally:
+                while monitor.poll(0):  # drain what the I/O thread queued, so nothing waits on it
+                    monitor.recv_multipart()
                 peer.sock.disable_monitor()
                 monitor.close(linger=0)
                 peer.close()
