@@ -42,11 +42,11 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from time import perf_counter, perf_counter_ns
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
@@ -59,6 +59,9 @@ from .client import MeshClient
 from .protocol import Kind, Role, Route, Strategy
 from .runtime import run, tune_gc_for_server
 
+if TYPE_CHECKING:
+    from .bench_workloads import Section
+
 AGENT_NAME = "bench-agent"
 RAW_AGENT_NAME = "bench-raw-agent"
 COMMAND = "noop"
@@ -70,8 +73,16 @@ PROXY_HWM = 100_000  # as the broker's ROUTER
 _BATCH = 256
 DURABILITY_MODES = ("sync", "batch", "none")
 STORES = ("lmdb", "sqlite", "memory")
-JOBS_TARGET_RATE = 20_000.0  # the issue's targets for durable jobs in sync mode: absolute
+JOBS_TARGET_RATE = 20_000.0  # issue 3's targets for durable jobs in sync mode: absolute
 JOBS_TARGET_RATIO = 0.3  # ... and relative to pipelined invoke round trips/s
+# Issue 5's targets (ratios to the baseline measured in the same run).
+INVOKE_TARGET = 0.8  # pipelined invoke round trips/s >= 0.8x raw echo through zmq.proxy
+P50_TARGET = 1.3  # invoke p50 <= 1.3x raw p50
+P99_TARGET = 2.0  # invoke p99 <= 2x raw p99
+BROKER_CPU_TARGET = 0.7  # broker CPU per forwarded message <= 0.7x zmq.proxy's
+JOBS_SYNC_TARGET = 0.4  # durable execute in sync mode >= 0.4x pipelined invoke
+WORKLOADS = ("invoke", "latency", "jobs", "stream", "raw", "fanout", "scale")
+RAW_SIZES = (1024, 65536, 1048576)
 
 
 # ------------------------------------------------------------------ settings and results
@@ -91,6 +102,10 @@ class Settings:
     quick: bool = False
     job_window: int = 1000
     store: str = "lmdb"
+    workloads: tuple[str, ...] = WORKLOADS
+    agents: int = 5000  # scale: agents connected at once
+    fanout_agents: int = 100
+    raw_sizes: tuple[int, ...] = RAW_SIZES
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -102,17 +117,57 @@ class Settings:
         if store not in STORES:
             raise ValueError(f"--store must be one of {', '.join(STORES)}")
         quick = bool(args.quick)
+        workloads = parse_workloads(getattr(args, "workloads", None))
+        agents = getattr(args, "agents", None) or (500 if quick else 5000)
+        fanout_agents = getattr(args, "fanout_agents", 100)
+        raw_sizes = parse_sizes(getattr(args, "raw_sizes", None))
+        if agents < 1 or fanout_agents < 1:
+            raise ValueError("--agents and --fanout-agents must be >= 1")
         return cls(
             size=args.size,
             window=args.window,
-            duration=0.5 if quick else args.duration,
+            duration=min(0.5, args.duration) if quick else args.duration,
             warmup=0.2 if quick else 0.3,
             latency_samples=2_000 if quick else 20_000,
             core=args.core or core_impl(),
             quick=quick,
             job_window=job_window,
             store=store,
+            workloads=workloads,
+            agents=agents,
+            fanout_agents=fanout_agents,
+            raw_sizes=raw_sizes,
         )
+
+
+def parse_workloads(text: str | None) -> tuple[str, ...]:
+    """``"invoke,raw"`` -> the named workloads in report order (all if empty); ValueError if unknown.
+    ``jobs`` brings ``invoke`` along: it is the jobs' baseline."""
+    if not text:
+        return WORKLOADS
+    names = {w.strip() for w in text.split(",") if w.strip()}
+    unknown = names - set(WORKLOADS)
+    if unknown or not names:
+        bad = ", ".join(sorted(unknown)) or "(none)"
+        raise ValueError(f"--workloads: unknown {bad}; choose from {','.join(WORKLOADS)}")
+    if "jobs" in names:
+        names.add("invoke")
+    return tuple(w for w in WORKLOADS if w in names)
+
+
+def parse_sizes(text: str | None) -> tuple[int, ...]:
+    """``"1k,64k,1m"`` or ``"1024,65536"`` -> byte sizes; ValueError on anything else."""
+    if not text:
+        return RAW_SIZES
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        scale = {"k": 1 << 10, "m": 1 << 20}.get(part[-1:], 1)
+        digits = part[:-1] if scale > 1 else part
+        if not digits.isdigit() or int(digits) * scale < 1:
+            raise ValueError(f"--raw-sizes: {part!r} is not a size (e.g. 1024, 64k, 1m)")
+        out.append(int(digits) * scale)
+    return tuple(out)
 
 
 @dataclass
@@ -157,11 +212,12 @@ class Row:
 
     @property
     def ratio(self) -> float:
+        """OrbitMesh / baseline; inf when there is no baseline (0)."""
         return self.orbitmesh / self.baseline if self.baseline else float("inf")
 
     @property
     def met_ratio(self) -> bool | None:
-        if self.target is None:
+        if self.target is None or not self.baseline:
             return None
         return self.ratio >= self.target if self.higher_is_better else self.ratio <= self.target
 
@@ -191,7 +247,7 @@ class Row:
         return {
             "label": self.label,
             "orbitmesh": self.orbitmesh,
-            "baseline": self.baseline,
+            "baseline": self.baseline or None,
             "ratio": self.ratio if math.isfinite(self.ratio) else None,
             "target": self.target_text() or None,
             "absolute_target": self.absolute_text() or None,
@@ -212,30 +268,55 @@ class Report:
     baseline: Figures  # raw pyzmq -> zmq.proxy -> raw pyzmq
     broker_core: str
     jobs: list[JobFigures] = field(default_factory=list)  # durable execute, one per durability mode
+    sections: list[Section] = field(default_factory=list)  # stream, raw, fanout, scale
 
     def rows(self) -> list[Row]:
-        """The figures side by side; the issue's targets on pipelined throughput and p50 latency."""
+        """Invoke and latency side by side with the baseline, with issue 5's targets."""
         om, raw, base = self.orbitmesh, self.raw, self.baseline
         oc, rc, bc = om.cpu_ns_per_round_trip, raw.cpu_ns_per_round_trip, base.cpu_ns_per_round_trip
         lower = {"higher_is_better": False}
         window = self.settings.window
-        return [
-            Row("pipelined", f"pipelined invoke, round trips/s (window {window})", om.rate, base.rate, 0.5),
-            Row("latency_p50", "latency p50, us (one in flight)", om.p50_us, base.p50_us, 2.0, **lower),
-            Row("latency_p99", "latency p99, us (one in flight)", om.p99_us, base.p99_us, **lower),
-            Row("broker_cpu", "broker CPU, ns / forwarded msg", oc["broker"] / 2, bc["broker"] / 2, **lower),
-            Row("agent_cpu", "agent CPU, ns / round trip", oc["agent"], bc["agent"], **lower),
-            Row("client_cpu", "client CPU, ns / round trip", oc["client"], bc["client"], **lower),
-            Row("raw_pipelined", "raw peers: round trips/s through the broker", raw.rate, base.rate),
-            Row("raw_latency_p50", "raw peers: latency p50, us", raw.p50_us, base.p50_us, **lower),
-            Row(
-                "raw_broker_cpu",
-                "raw peers: broker CPU, ns / forwarded msg",
-                rc["broker"] / 2,
-                bc["broker"] / 2,
-                **lower,
-            ),
-        ]
+        rows = []
+        if "invoke" in self.settings.workloads:
+            rows += [
+                Row(
+                    "pipelined",
+                    f"pipelined invoke, round trips/s (window {window})",
+                    om.rate,
+                    base.rate,
+                    INVOKE_TARGET,
+                ),
+                Row(
+                    "broker_cpu",
+                    "broker CPU, ns / forwarded msg",
+                    oc["broker"] / 2,
+                    bc["broker"] / 2,
+                    BROKER_CPU_TARGET,
+                    **lower,
+                ),
+                Row("agent_cpu", "agent CPU, ns / round trip", oc["agent"], bc["agent"], **lower),
+                Row("client_cpu", "client CPU, ns / round trip", oc["client"], bc["client"], **lower),
+                Row("raw_pipelined", "raw peers: round trips/s through the broker", raw.rate, base.rate),
+                Row(
+                    "raw_broker_cpu",
+                    "raw peers: broker CPU, ns / forwarded msg",
+                    rc["broker"] / 2,
+                    bc["broker"] / 2,
+                    BROKER_CPU_TARGET,
+                    **lower,
+                ),
+            ]
+        if "latency" in self.settings.workloads:
+            rows += [
+                Row("latency_p50", "latency p50, us (one in flight)", om.p50_us, base.p50_us, P50_TARGET, **lower),
+                Row("latency_p99", "latency p99, us (one in flight)", om.p99_us, base.p99_us, P99_TARGET, **lower),
+                Row("raw_latency_p50", "raw peers: latency p50, us", raw.p50_us, base.p50_us, **lower),
+            ]
+        return rows
+
+    def all_rows(self) -> list[Row]:
+        """Every row of the report, in order."""
+        return [*self.rows(), *self.job_rows(), *(row for sec in self.sections for row in sec.rows)]
 
     def job_rows(self) -> list[Row]:
         """Durable execute per mode against pipelined invoke of the same run (the "baseline"
@@ -253,8 +334,13 @@ class Report:
                     f"execute {mode}: jobs/s (window {self.settings.job_window})",
                     j.rate,
                     om.rate,
-                    JOBS_TARGET_RATIO if sync else None,
+                    JOBS_SYNC_TARGET if sync else None,
                     absolute=JOBS_TARGET_RATE if sync else None,
+                ),
+                *(
+                    [Row("jobs_sync_issue3", "execute sync: jobs/s, issue 3 ratio", j.rate, om.rate, JOBS_TARGET_RATIO)]
+                    if sync
+                    else []
                 ),
                 *(
                     Row(f"jobs_{mode}_{role}_cpu", f"execute {mode}: {role} CPU, ns / job", jc[role], oc[role], **lower)
@@ -273,7 +359,9 @@ class Report:
             "raw": asdict(self.raw),
             "baseline": asdict(self.baseline),
             "jobs": {j.durability: asdict(j) for j in self.jobs},
-            "workloads": {row.key: row.to_dict() for row in [*self.rows(), *self.job_rows()]},
+            "details": {sec.name: sec.details for sec in self.sections},
+            "workloads": {row.key: row.to_dict() for row in self.all_rows()},
+            "targets": {row.key: row.met for row in self.all_rows() if row.met is not None},
         }
 
 
@@ -412,8 +500,12 @@ async def _broker_main(parent: _Parent, core: str, store: str | None = None, dur
 
 
 async def _agent_main(parent: _Parent, endpoint: str, capacity: int) -> None:
+    from .bench_workloads import STREAM_COMMAND, ack, items
+
     agent = Agent(AGENT_NAME, endpoint, capacity=capacity)
     agent.add_handler(COMMAND, noop)
+    agent.add_handler(STREAM_COMMAND, items)  # the stream workload
+    agent.raw_handler(ack)  # the raw workload
     await agent.start(timeout=READY_TIMEOUT)
     try:
         parent.send(ready={})
@@ -530,7 +622,12 @@ def child_main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when children stop
     parent = _Parent()
     try:
-        _ROLES[argv[0]](parent, **json.loads(argv[1]))
+        role = _ROLES.get(argv[0])
+        if role is None:
+            from .bench_workloads import ROLES
+
+            role = ROLES[argv[0]]
+        role(parent, **json.loads(argv[1]))
     except BaseException:
         with contextlib.suppress(OSError):
             parent.send(error=traceback.format_exc())
@@ -979,14 +1076,27 @@ def run_bench(s: Settings) -> Report:
 
     Raises ImportError if the broker's core is not built, RuntimeError if a process fails.
     """
-    from . import _core
+    from . import _core, bench_workloads
 
     _core.load("_dataplane", s.core)  # fail here, with the fix in the message, not in a child
     payload = bytes(i & 0xFF for i in range(s.size))
-    om, raw, broker_core = measure_orbitmesh(s, payload)
-    base = measure_baseline(s, payload)
-    jobs = measure_jobs(s, payload)
-    return Report(s, machine_info(), om, raw, base, broker_core, jobs)
+    chosen = set(s.workloads)
+    om, raw, base, jobs = Figures(), Figures(), Figures(), []
+    broker_core = s.core
+    if chosen & {"invoke", "latency", "jobs"}:
+        t = s if "latency" in chosen else replace(s, latency_samples=0)
+        om, raw, broker_core = measure_orbitmesh(t, payload)
+        base = measure_baseline(t, payload)
+    if "jobs" in chosen:
+        jobs = measure_jobs(s, payload)
+    sections = []
+    if chosen & {"stream", "raw"}:
+        sections += bench_workloads.measure_stream_raw(s, "stream" in chosen, "raw" in chosen)
+    if "fanout" in chosen:
+        sections.append(bench_workloads.measure_fanout(s, payload))
+    if "scale" in chosen:
+        sections.append(bench_workloads.measure_scale(s, payload))
+    return Report(s, machine_info(), om, raw, base, broker_core, jobs, sections)
 
 
 def _num(value: float) -> str:
@@ -1004,19 +1114,23 @@ def format_report(r: Report) -> str:
         f"pyzmq {m['pyzmq']} / libzmq {m['libzmq']}, {m['loop']}",
         f"tcp 127.0.0.1, {s.size}-byte payloads, {s.duration:g} s per workload after {s.warmup:g} s warm-up"
         + (" (quick)" if s.quick else ""),
-        "baseline: raw pyzmq DEALER -> zmq.proxy (ROUTER/DEALER) -> raw pyzmq echo worker; 3 processes each side",
-        "",
+        "baseline: raw pyzmq DEALER -> zmq.proxy (ROUTER/DEALER) -> raw pyzmq worker; 3 processes each side",
+        f"workloads: {','.join(s.workloads)}",
     ]
-    lines += _table(("workload", "OrbitMesh", "baseline", "ratio", "target", "", ""), r.rows())
-    lines += [
-        "",
-        "CPU: each process's CPU time (all threads, libzmq I/O included) over the pipelined run; a broker",
-        "forwards 2 messages per round trip. Per-message CPU falls as the rate rises (fewer wake-ups, more",
-        "batching), so compare brokers at similar rates: the raw-peer rows drive the OrbitMesh broker with",
-        "raw pyzmq peers (speaking its protocol), as the baseline drives zmq.proxy.",
-        f"Latency samples: {r.orbitmesh.latency_samples} invoke, {r.raw.latency_samples} raw peers,"
-        f" {r.baseline.latency_samples} baseline.",
-    ]
+    main_rows = r.rows() + [row for sec in r.sections for row in sec.rows]
+    if main_rows:
+        lines += [""] + _table(("workload", "OrbitMesh", "baseline", "ratio", "target", "absolute", ""), main_rows)
+    if r.rows():
+        lines += [
+            "",
+            "CPU: each process's CPU time (all threads, libzmq I/O included) over the pipelined run; a broker",
+            "forwards 2 messages per round trip. Per-message CPU falls as the rate rises (fewer wake-ups, more",
+            "batching), so compare brokers at similar rates: the raw-peer rows drive the OrbitMesh broker with",
+            "raw pyzmq peers (speaking its protocol), as the baseline drives zmq.proxy.",
+            f"Latency samples: {r.orbitmesh.latency_samples} invoke, {r.raw.latency_samples} raw peers,"
+            f" {r.baseline.latency_samples} baseline.",
+        ]
+    lines += _section_notes(r)
     if r.jobs:
         where = "the broker's memory" if s.store == "memory" else r.machine.get("tmpdir", "a temporary directory")
         lines += [
@@ -1043,13 +1157,43 @@ def format_report(r: Report) -> str:
     return "\n".join(lines)
 
 
+def _section_notes(r: Report) -> list[str]:
+    """What the stream / raw / fanout / scale rows compare against."""
+    s = r.settings
+    names = {sec.name: sec for sec in r.sections}
+    out = []
+    if "stream" in names:
+        out.append(
+            f"stream: client.stream over an async-generator handler; baseline: a raw worker behind zmq.proxy sends"
+            f" {s.size} B items, paced by the same credit window."
+        )
+    if "raw" in names:
+        out.append(
+            "raw: send_raw to a raw handler that acks with an empty reply (one way); baseline: the same through"
+            " zmq.proxy to a raw worker."
+        )
+    if "fanout" in names:
+        out.append(
+            f"fan-out: execute_on_all over {s.fanout_agents} Agent objects in one process (agents() query + N"
+            " invokes); baseline: N raw requests dealt by zmq.proxy to N raw workers."
+        )
+    if "scale" in names:
+        d = names["scale"].details
+        out.append(
+            f"scale: {d['agents']:,} raw-pyzmq agents (HELLO, heartbeats) in {d['processes']} processes joined in"
+            f" {d['join_seconds']:.2f} s; idle CPU over {d['idle_seconds']:g} s; baseline column: the same broker"
+            " with 1 agent."
+        )
+    return [""] + out if out else []
+
+
 def _table(header: tuple[str, ...], table: list[Row]) -> list[str]:
     rows: list[tuple[str, ...]] = [
         (
             row.label,
             _num(row.orbitmesh),
-            _num(row.baseline),
-            f"{row.ratio:.2f}x",
+            _num(row.baseline) if row.baseline else "-",
+            f"{row.ratio:.2f}x" if row.baseline else "-",
             row.target_text(),
             row.absolute_text(),
             {None: "", True: "ok", False: "MISSED"}[row.met],
@@ -1087,6 +1231,14 @@ def main(args: argparse.Namespace) -> int:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(report.to_dict(), fh, indent=2)
             fh.write("\n")
+    if getattr(args, "plot", None):
+        from .bench_plot import write_png
+
+        try:
+            write_png(report.to_dict(), args.plot)
+        except ImportError as exc:
+            print(f"orbitmesh bench: no plot: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 
