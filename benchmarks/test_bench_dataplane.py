@@ -115,6 +115,11 @@ class Forwarder:
 
     def close(self) -> None:
         """Stop the plane (wait for EV_STOPPED), join its thread, close everything."""
+        self.close_plane()
+        self.close_sockets()
+
+    def close_plane(self) -> None:
+        """Stop the plane (wait for EV_STOPPED) and join its thread."""
         self.control.send_multipart([self.mod.OP["STOP"]])
         while self.control.poll(5000):
             if self.control.recv_multipart()[0] == self.mod.EV["STOPPED"]:
@@ -122,6 +127,9 @@ class Forwarder:
         self.thread.join(5.0)
         if self.thread.is_alive():  # never close sockets the plane may still use
             raise RuntimeError("the data-plane thread did not stop")
+
+    def close_sockets(self) -> None:
+        """Close the sockets made here and the context (after close_plane)."""
         for sock in (self.agent, self.client, self.router, self.control, self.plane_end):
             sock.close()
         self.ctx.term()
