@@ -527,12 +527,22 @@ async def _async_rounds(one: Callable[[], Any], duration: float) -> list[int]:
 # ------------------------------------------------------------------ scale
 
 
-def _idle_cpu_percent(broker: b.Child, seconds: float) -> float:
-    """The broker's CPU over ``seconds`` of wall time, in % of one core."""
-    c0, t0 = broker.cpu_ns(), time.monotonic()
+def _idle_cpu_percent(children: dict[str, list[b.Child]], seconds: float) -> dict[str, float]:
+    """CPU of each group of children over ``seconds`` of wall time, in % of one core; and the
+    broker's by thread ("broker_control", "broker_dataplane", ...: the rest is libzmq's)."""
+    start = {name: [c.cpu() for c in group] for name, group in children.items()}
+    t0 = time.monotonic()
     time.sleep(seconds)
-    c1, t1 = broker.cpu_ns(), time.monotonic()
-    return 100.0 * (c1 - c0) / 1e9 / (t1 - t0)
+    end = {name: [c.cpu() for c in group] for name, group in children.items()}
+    wall = time.monotonic() - t0
+    out = {
+        name: 100.0 * sum(e[0] - s[0] for s, e in zip(start[name], end[name], strict=True)) / 1e9 / wall
+        for name in children
+    }
+    (_, t_start), (_, t_end) = start["broker"][0], end["broker"][0]
+    for thread, ns in t_end.items():
+        out[f"broker_{thread}"] = 100.0 * (ns - t_start.get(thread, 0)) / 1e9 / wall
+    return out
 
 
 def _latency_session(s: b.Settings, endpoint: str, payload: bytes) -> tuple[list[int], int]:
@@ -559,7 +569,8 @@ def measure_scale(s: b.Settings, payload: bytes) -> Section:
         endpoint = info["endpoint"]
         b._start(stack, "agent", endpoint=endpoint, capacity=64)
         time.sleep(1.2)  # one heartbeat tick with the agent in
-        idle_one = _idle_cpu_percent(broker, idle_s)
+        cpu_one = _idle_cpu_percent({"broker": [broker]}, idle_s)
+        idle_one = cpu_one["broker"]
         one, registered_one = _latency_session(s, endpoint, payload)
 
         swarm = []
@@ -573,7 +584,8 @@ def measure_scale(s: b.Settings, payload: bytes) -> Section:
         t1 = max(j["t1"] for j in joined)
         join_rate = n / max(t1 - t0, 1e-9)
         time.sleep(1.2)  # one heartbeat tick with everyone in
-        idle_many = _idle_cpu_percent(broker, idle_s)
+        cpu_many = _idle_cpu_percent({"broker": [broker], "swarm": swarm}, idle_s)
+        idle_many = cpu_many["broker"]
         many, registered_many = _latency_session(s, endpoint, payload)
         if registered_many != n + 1:
             raise RuntimeError(f"{registered_many} agents registered, expected {n + 1}")
@@ -601,7 +613,7 @@ def measure_scale(s: b.Settings, payload: bytes) -> Section:
         "join_seconds": t1 - t0,
         "join_rate": join_rate,
         "idle_seconds": idle_s,
-        "idle_cpu_percent": {"one_agent": idle_one, "population": idle_many},
+        "idle_cpu_percent": {"one_agent": cpu_one, "population": cpu_many},
         "registered": {"one_agent": registered_one, "population": registered_many},
         "latency_samples": {"one_agent": len(one), "population": len(many)},
         "nofile_soft_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
