@@ -106,7 +106,16 @@ def test_bench_new_workloads_short_run(tmp_path: Path, capsys: pytest.CaptureFix
     report = json.loads(out.read_text())
     w = report["workloads"]
     assert report["settings"]["workloads"] == ["stream", "raw", "fanout", "scale"]
-    for key in ("stream", "stream_broker_cpu", "raw_1024", "raw_1048576", "fanout_p50", "fanout_per_agent"):
+    keys = (
+        "stream",
+        "stream_broker_cpu",
+        "raw_1024",
+        "raw_1048576",
+        "fanout_p50",
+        "fanout_per_agent",
+        "fanout_known_p50",
+    )
+    for key in keys:
         _same_run_ratio(w[key])
     # ... figures that agree with the details they come from
     d = report["details"]
