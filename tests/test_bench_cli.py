@@ -136,6 +136,7 @@ def test_bench_new_workloads_short_run(tmp_path: Path, capsys: pytest.CaptureFix
     _same_run_ratio(w["scale_p50"])
     assert w["scale_p50"]["met"] == (w["scale_p50"]["ratio"] <= 1.2)
     assert report["machine"]["cpus"] > 0 and report["machine"]["libzmq"]
+    assert len(report["machine"]["load_average"]) == 3 and len(report["machine"]["load_average_end"]) == 3
     # Expect it short, and every child process gone
     assert took < 40
     assert set(_children_of(os.getpid())) <= before

@@ -385,7 +385,15 @@ def machine_info() -> dict[str, Any]:
         "libzmq": zmq.zmq_version(),
         "loop": loop,
         "tmpdir": _filesystem(tempfile.gettempdir()),
+        "load_average": _loadavg(),  # 1/5/15-minute run-queue lengths: is the machine shared and busy?
     }
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not available here
+        return []
 
 
 def _filesystem(path: str) -> str:
@@ -1081,6 +1089,7 @@ def run_bench(s: Settings) -> Report:
     _core.load("_dataplane", s.core)  # fail here, with the fix in the message, not in a child
     payload = bytes(i & 0xFF for i in range(s.size))
     chosen = set(s.workloads)
+    machine = machine_info()
     om, raw, base, jobs = Figures(), Figures(), Figures(), []
     broker_core = s.core
     if chosen & {"invoke", "latency", "jobs"}:
@@ -1096,7 +1105,8 @@ def run_bench(s: Settings) -> Report:
         sections.append(bench_workloads.measure_fanout(s, payload))
     if "scale" in chosen:
         sections.append(bench_workloads.measure_scale(s, payload))
-    return Report(s, machine_info(), om, raw, base, broker_core, jobs, sections)
+    machine["load_average_end"] = _loadavg()
+    return Report(s, machine, om, raw, base, broker_core, jobs, sections)
 
 
 def _num(value: float) -> str:
@@ -1111,7 +1121,7 @@ def format_report(r: Report) -> str:
     lines = [
         f"orbitmesh bench: broker core {r.broker_core}, client/agent codec core {core_impl()} (live)",
         f"machine: {m['cpus']} CPUs ({m['usable_cpus']} usable), {m['implementation']} {m['python']}, "
-        f"pyzmq {m['pyzmq']} / libzmq {m['libzmq']}, {m['loop']}",
+        f"pyzmq {m['pyzmq']} / libzmq {m['libzmq']}, {m['loop']}; load average {_load_text(m)}",
         f"tcp 127.0.0.1, {s.size}-byte payloads, {s.duration:g} s per workload after {s.warmup:g} s warm-up"
         + (" (quick)" if s.quick else ""),
         "baseline: raw pyzmq DEALER -> zmq.proxy (ROUTER/DEALER) -> raw pyzmq worker; 3 processes each side",
@@ -1155,6 +1165,13 @@ def format_report(r: Report) -> str:
             "its CPU row is what that costs.",
         ]
     return "\n".join(lines)
+
+
+def _load_text(m: dict[str, Any]) -> str:
+    start, end = m.get("load_average") or [], m.get("load_average_end") or []
+    if not start:
+        return "n/a"
+    return f"{start[0]:.1f} at start" + (f", {end[0]:.1f} at end" if end else "") + " (1 min)"
 
 
 def _section_notes(r: Report) -> list[str]:
