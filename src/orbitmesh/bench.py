@@ -386,7 +386,17 @@ def machine_info() -> dict[str, Any]:
         "loop": loop,
         "tmpdir": _filesystem(tempfile.gettempdir()),
         "load_average": _loadavg(),  # 1/5/15-minute run-queue lengths: is the machine shared and busy?
+        "cpu_model": _cpu_model(),
     }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
 
 
 def _loadavg() -> list[float]:

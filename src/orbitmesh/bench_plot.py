@@ -59,18 +59,21 @@ def write_png(report: dict[str, Any], path: str) -> None:
         for y, bar in zip(ys, bars, strict=True):
             ax.plot([bar.target, bar.target], [y - 0.4, y + 0.4], color="black", linewidth=2)
             sign = ">=" if bar.higher_is_better else "<="
-            ax.text(bar.value, y, f" {bar.value:.2f}x ({sign} {bar.target:g})", va="center", fontsize=8)
+            ax.text(
+                max(bar.value, bar.target), y, f"  {bar.value:.2f}x ({sign} {bar.target:g})", va="center", fontsize=8
+            )
         ax.set_yticks(ys)
         ax.set_yticklabels([bar.label for bar in bars], fontsize=8)
         ax.set_xlabel("OrbitMesh / baseline (same run); black tick: target; green met, red missed", fontsize=8)
         machine = report.get("machine", {})
+        load = machine.get("load_average") or ["?"]
         ax.set_title(
-            f"orbitmesh bench: {machine.get('cpus', '?')} CPUs, Python {machine.get('python', '?')}, "
-            f"libzmq {machine.get('libzmq', '?')}",
+            f"orbitmesh bench: {machine.get('cpus', '?')} CPUs (load average {load[0]}), "
+            f"Python {machine.get('python', '?')}, libzmq {machine.get('libzmq', '?')}",
             fontsize=9,
         )
         top = max([bar.value for bar in bars] + [bar.target for bar in bars] + [1.0])
-        ax.set_xlim(0, top * 1.35)
+        ax.set_xlim(0, top * 1.45)
         fig.tight_layout()
         fig.savefig(path, format="png")
     finally:
