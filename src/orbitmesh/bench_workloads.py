@@ -460,6 +460,7 @@ def measure_fanout(s: b.Settings, payload: bytes) -> Section:
     n = s.fanout_agents
     om_ns: list[int] = []
     known_ns: list[int] = []
+    query_ns: list[int] = []
     with contextlib.ExitStack() as stack:
         broker, info = b._start(stack, "broker", core=s.core)
         b._start(stack, "fanagents", endpoint=info["endpoint"], count=n)
@@ -472,6 +473,11 @@ def measure_fanout(s: b.Settings, payload: bytes) -> Section:
 
             names = [a.name for a in await client.agents()]
             submit = client.submit
+
+            async def query() -> None:
+                await client.agents()
+
+            query_ns.extend(sorted(await _async_rounds(query, min(0.5, s.duration / 4))))
 
             async def known() -> None:  # the same fan-out with the agent list already known
                 await asyncio.gather(*(submit(name, b.COMMAND, payload, timeout=b.REPLY_TIMEOUT) for name in names))
@@ -522,6 +528,7 @@ def measure_fanout(s: b.Settings, payload: bytes) -> Section:
         "agents": n,
         "orbitmesh": {"rounds": len(om_ns), "p50_ms": om_p50, "p99_ms": om_p99},
         "orbitmesh_known_agents": {"rounds": len(known_ns), "p50_ms": known_p50},
+        "agents_query": {"rounds": len(query_ns), "p50_ms": b.percentile_us(query_ns, 0.5) / 1000},
         "baseline": {"rounds": len(base_ns), "p50_ms": base_p50, "p99_ms": base_p99},
     }
     return Section("fanout", "fan-out", rows, details)
