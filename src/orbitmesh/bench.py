@@ -1209,8 +1209,9 @@ def _section_notes(r: Report) -> list[str]:
         d = names["scale"].details
         out.append(
             f"scale: {d['agents']:,} raw-pyzmq agents (HELLO, heartbeats) in {d['processes']} processes joined in"
-            f" {d['join_seconds']:.2f} s; idle CPU over {d['idle_seconds']:g} s; baseline column: the same broker"
-            " with 1 agent."
+            f" {d['join_seconds']:.2f} s; baseline column: an identical broker with 1 agent, run alongside (idle CPU"
+            f" over the same {d['idle_seconds']:g} s, latency in alternating bursts); swarm CPU"
+            f" {d['idle_cpu_percent']['swarm']['total']:.1f} % of a core."
         )
     return [""] + out if out else []
 

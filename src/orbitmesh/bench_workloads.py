@@ -311,6 +311,61 @@ class _Rate:
         return self.count / self.elapsed if self.elapsed > 0 else 0.0
 
 
+CHUNK_S = 0.5  # OrbitMesh and its baseline take turns, this long each, so both see the same load
+
+
+def chunks(duration: float) -> list[float]:
+    """``duration`` split into turns of about CHUNK_S (at least 2)."""
+    k = max(2, round(duration / CHUNK_S))
+    return [duration / k] * k
+
+
+class _Meter:
+    """Counts, seconds and CPU per role, summed over one side's turns."""
+
+    def __init__(self, children: dict[str, b.Child]) -> None:
+        self.children = children
+        self.count = 0
+        self.elapsed = 0.0
+        self.cpu_ns: dict[str, int] = {}
+        self._start: dict[str, int] = {}
+
+    def _read(self) -> dict[str, int]:
+        now = {role: child.cpu_ns() for role, child in self.children.items()}
+        now["client"] = time.process_time_ns()
+        return now
+
+    def start(self) -> None:
+        self._start = self._read()
+
+    def stop(self, count: int, elapsed: float) -> None:
+        end = self._read()
+        for role, ns in end.items():
+            self.cpu_ns[role] = self.cpu_ns.get(role, 0) + ns - self._start[role]
+        self.count += count
+        self.elapsed += elapsed
+
+    def rate(self) -> _Rate:
+        n = max(1, self.count)
+        return _Rate(self.count, self.elapsed, {role: ns / n for role, ns in self.cpu_ns.items()})
+
+
+async def _turns(
+    duration: float,
+    om: Callable[[float], Any],
+    base: Callable[[float], tuple[int, float]],
+    om_meter: _Meter,
+    base_meter: _Meter,
+) -> None:
+    """Alternate ``await om(seconds)`` and ``base(seconds)`` (each returns (count, seconds))."""
+    for i, chunk in enumerate(chunks(duration)):
+        for side in (0, 1) if i % 2 == 0 else (1, 0):  # who goes first alternates too
+            meter = om_meter if side == 0 else base_meter
+            meter.start()
+            count, elapsed = await om(chunk) if side == 0 else base(chunk)
+            meter.stop(count, elapsed)
+
+
 def _om_session(s: b.Settings, endpoint: str, body: Callable[[MeshClient], Any]) -> Any:
     async def session() -> Any:
         ctx: zmq.Context[Any] = zmq.Context()
@@ -326,61 +381,55 @@ def _om_session(s: b.Settings, endpoint: str, body: Callable[[MeshClient], Any])
 
 
 def measure_stream_raw(s: b.Settings, want_stream: bool, want_raw: bool) -> list[Section]:
-    """Stream and raw bytes: an OrbitMesh broker + agent, then zmq.proxy + a raw worker."""
+    """Stream and raw bytes: an OrbitMesh broker + agent and zmq.proxy + a raw worker, all
+    running at once; OrbitMesh and the baseline take turns of about CHUNK_S."""
     sizes = list(s.raw_sizes) if want_raw else []
     window = s.window
-    om_stream: _Rate | None = None
-    om_raw: dict[int, _Rate] = {}
+    stream_meters: tuple[_Meter, _Meter] | None = None
+    raw_meters: dict[int, tuple[_Meter, _Meter]] = {}
     with contextlib.ExitStack() as stack:
         broker, info = b._start(stack, "broker", core=s.core)
         agent, _ = b._start(stack, "agent", endpoint=info["endpoint"], capacity=max(64, window))
-        children = {"broker": broker, "agent": agent}
+        proxy, pinfo = b._start(stack, "proxy")
+        sink, _ = b._start(stack, "sink", endpoint=pinfo["backend"], size=s.size)
+        om_children = {"broker": broker, "agent": agent}
+        base_children = {"broker": proxy, "agent": sink}
+        sock = stack.enter_context(b._dealer(pinfo["frontend"]))
 
         async def body(client: MeshClient) -> None:
-            nonlocal om_stream
+            nonlocal stream_meters
             if want_stream:
                 await _om_stream_run(client, s.size, window, s.warmup)
-                cpu = b._CpuWindow(children)
-                count, elapsed = await _om_stream_run(client, s.size, window, s.duration)
-                om_stream = _Rate(count, elapsed, cpu.per(count))
+                _raw_stream_run(sock, window, s.warmup)
+                stream_meters = (_Meter(om_children), _Meter(base_children))
+                await _turns(
+                    s.duration,
+                    lambda t: _om_stream_run(client, s.size, window, t),
+                    lambda t: _raw_stream_run(sock, window, t),
+                    *stream_meters,
+                )
             for size in sizes:
                 payload = bytes(size)
                 if await client.send_raw(b.AGENT_NAME, payload) != b"":
                     raise RuntimeError("the raw handler did not acknowledge with an empty reply")
-                send = functools.partial(client.send_raw, b.AGENT_NAME, payload, timeout=b.REPLY_TIMEOUT)
+                om_send = functools.partial(client.send_raw, b.AGENT_NAME, payload, timeout=b.REPLY_TIMEOUT)
+                base_send = functools.partial(sock.send_multipart, [b"A", payload], copy=size < 65536)
                 w = raw_window(size, window)
-                await _async_pipeline(send, w, s.warmup)
-                cpu = b._CpuWindow(children)
-                count, elapsed = await _async_pipeline(send, w, s.duration)
-                om_raw[size] = _Rate(count, elapsed, cpu.per(count))
+                await _async_pipeline(om_send, w, s.warmup)
+                b._pipelined(base_send, sock.recv, w, s.warmup, s.max_round_trips)
+                meters = raw_meters[size] = (_Meter(om_children), _Meter(base_children))
+                await _turns(
+                    s.duration,
+                    lambda t: _async_pipeline(om_send, w, t),  # noqa: B023 (awaited in this iteration)
+                    lambda t: b._pipelined(base_send, sock.recv, w, t, s.max_round_trips),  # noqa: B023
+                    *meters,
+                )
 
         _om_session(s, info["endpoint"], body)
 
-    base_stream: _Rate | None = None
-    base_raw: dict[int, _Rate] = {}
-    with contextlib.ExitStack() as stack:
-        proxy, info = b._start(stack, "proxy")
-        sink, _ = b._start(stack, "sink", endpoint=info["backend"], size=s.size)
-        children = {"broker": proxy, "agent": sink}
-        with b._dealer(info["frontend"]) as sock:
-            if want_stream:
-                _raw_stream_run(sock, window, s.warmup)
-                cpu = b._CpuWindow(children)
-                count, elapsed = _raw_stream_run(sock, window, s.duration)
-                base_stream = _Rate(count, elapsed, cpu.per(count))
-            for size in sizes:
-                request = [b"A", bytes(size)]
-                copy = size < 65536
-                send = functools.partial(sock.send_multipart, request, copy=copy)
-                w = raw_window(size, window)
-                b._pipelined(send, sock.recv, w, s.warmup, s.max_round_trips)
-                cpu = b._CpuWindow(children)
-                count, elapsed = b._pipelined(send, sock.recv, w, s.duration, s.max_round_trips)
-                base_raw[size] = _Rate(count, elapsed, cpu.per(count))
-
     sections = []
-    if om_stream is not None and base_stream is not None:
-        om, base = om_stream, base_stream
+    if stream_meters is not None:
+        om, base = stream_meters[0].rate(), stream_meters[1].rate()
         sections.append(
             Section(
                 "stream",
@@ -400,15 +449,13 @@ def measure_stream_raw(s: b.Settings, want_stream: bool, want_raw: bool) -> list
         )
     if sizes:
         rows = []
+        details = {}
         for size in sizes:
-            mb_om = om_raw[size].rate * size / 1e6
-            mb_base = base_raw[size].rate * size / 1e6
+            om, base = raw_meters[size][0].rate(), raw_meters[size][1].rate()
             target = RAW_TARGET if size == RAW_TARGET_SIZE else None
             label = f"raw {size_text(size)}: MB/s (window {raw_window(size, window)})"
-            rows.append(b.Row(f"raw_{size}", label, mb_om, mb_base, target))
-        details = {
-            str(size): {"orbitmesh": _rate_dict(om_raw[size]), "baseline": _rate_dict(base_raw[size])} for size in sizes
-        }
+            rows.append(b.Row(f"raw_{size}", label, om.rate * size / 1e6, base.rate * size / 1e6, target))
+            details[str(size)] = {"orbitmesh": _rate_dict(om), "baseline": _rate_dict(base)}
         sections.append(Section("raw", "raw bytes", rows, details))
     return sections
 
@@ -456,14 +503,38 @@ def _timed_rounds(one: Callable[[], Any], duration: float) -> list[int]:
 
 
 def measure_fanout(s: b.Settings, payload: bytes) -> Section:
-    """execute_on_all over ``s.fanout_agents`` agents vs the same fan-out through zmq.proxy."""
+    """execute_on_all over ``s.fanout_agents`` agents vs the same fan-out through zmq.proxy; both
+    stacks run at once and take turns of about CHUNK_S."""
     n = s.fanout_agents
     om_ns: list[int] = []
     known_ns: list[int] = []
     query_ns: list[int] = []
+    base_ns: list[int] = []
     with contextlib.ExitStack() as stack:
         broker, info = b._start(stack, "broker", core=s.core)
-        b._start(stack, "fanagents", endpoint=info["endpoint"], count=n)
+        proxy, pinfo = b._start(stack, "proxy")
+        agents = b.Child("fanagents", endpoint=info["endpoint"], count=n)
+        stack.callback(agents.stop)
+        workers = b.Child("fanworkers", endpoint=pinfo["backend"], count=n)
+        stack.callback(workers.stop)
+        agents.ready()
+        workers.ready()
+        sock = stack.enter_context(b._dealer(pinfo["frontend"]))
+        seen: set[bytes] = set()
+
+        def raw_one() -> None:
+            for _ in range(n):
+                sock.send(payload)
+            for _ in range(n):
+                echoed, index = sock.recv_multipart()
+                seen.add(index)
+
+        deadline = time.monotonic() + b.READY_TIMEOUT
+        while len(seen) < n:  # every raw worker has connected and answers: a real fan-out
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(seen)} of {n} raw fan-out workers answered")
+            seen.clear()
+            raw_one()
 
         async def body(client: MeshClient) -> None:
             async def one() -> None:
@@ -477,43 +548,25 @@ def measure_fanout(s: b.Settings, payload: bytes) -> Section:
             async def query() -> None:
                 await client.agents()
 
-            query_ns.extend(sorted(await _async_rounds(query, min(0.5, s.duration / 4))))
-
             async def known() -> None:  # the same fan-out with the agent list already known
                 await asyncio.gather(*(submit(name, b.COMMAND, payload, timeout=b.REPLY_TIMEOUT) for name in names))
 
             await _async_rounds(one, s.warmup)
-            om_ns.extend(await _async_rounds(one, s.duration))
-            await _async_rounds(known, s.warmup / 2)
-            known_ns.extend(await _async_rounds(known, s.duration / 2))
+            _timed_rounds(raw_one, s.warmup)
+            for i, chunk in enumerate(chunks(s.duration)):
+                if i % 2:
+                    om_ns.extend(await _async_rounds(one, chunk))
+                    base_ns.extend(_timed_rounds(raw_one, chunk))
+                else:
+                    base_ns.extend(_timed_rounds(raw_one, chunk))
+                    om_ns.extend(await _async_rounds(one, chunk))
+                known_ns.extend(await _async_rounds(known, chunk / 4))
+                query_ns.extend(await _async_rounds(query, chunk / 8))
 
         _om_session(s, info["endpoint"], body)
 
-    with contextlib.ExitStack() as stack:
-        proxy, info = b._start(stack, "proxy")
-        b._start(stack, "fanworkers", endpoint=info["backend"], count=n)
-        with b._dealer(info["frontend"]) as sock:
-            seen: set[bytes] = set()
-
-            def one() -> None:
-                for _ in range(n):
-                    sock.send(payload)
-                for _ in range(n):
-                    echoed, index = sock.recv_multipart()
-                    seen.add(index)
-
-            deadline = time.monotonic() + b.READY_TIMEOUT
-            while len(seen) < n:  # every worker has connected and answers: a real fan-out
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"only {len(seen)} of {n} raw fan-out workers answered")
-                seen.clear()
-                one()
-            _timed_rounds(one, s.warmup)
-            base_ns = _timed_rounds(one, s.duration)
-
-    om_ns.sort()
-    base_ns.sort()
-    known_ns.sort()
+    for samples in (om_ns, base_ns, known_ns, query_ns):
+        samples.sort()
     known_p50 = b.percentile_us(known_ns, 0.5) / 1000
     om_p50, base_p50 = b.percentile_us(om_ns, 0.5) / 1000, b.percentile_us(base_ns, 0.5) / 1000
     om_p99, base_p99 = b.percentile_us(om_ns, 0.99) / 1000, b.percentile_us(base_ns, 0.99) / 1000
@@ -547,56 +600,77 @@ async def _async_rounds(one: Callable[[], Any], duration: float) -> list[int]:
 # ------------------------------------------------------------------ scale
 
 
-def _idle_cpu_percent(children: dict[str, list[b.Child]], seconds: float) -> dict[str, float]:
-    """CPU of each group of children over ``seconds`` of wall time, in % of one core; and the
-    broker's by thread ("broker_control", "broker_dataplane", ...: the rest is libzmq's)."""
+def _idle_cpu_percent(children: dict[str, list[b.Child]], seconds: float) -> dict[str, dict[str, float]]:
+    """CPU of each group of children over the same ``seconds`` of wall time, in % of one core:
+    ``{"total": ...}``, and by thread for a group of one child (broker: "control", "dataplane",
+    ...; the rest of its total is libzmq's I/O thread)."""
     start = {name: [c.cpu() for c in group] for name, group in children.items()}
     t0 = time.monotonic()
     time.sleep(seconds)
     end = {name: [c.cpu() for c in group] for name, group in children.items()}
     wall = time.monotonic() - t0
-    out = {
-        name: 100.0 * sum(e[0] - s[0] for s, e in zip(start[name], end[name], strict=True)) / 1e9 / wall
-        for name in children
-    }
-    (_, t_start), (_, t_end) = start["broker"][0], end["broker"][0]
-    for thread, ns in t_end.items():
-        out[f"broker_{thread}"] = 100.0 * (ns - t_start.get(thread, 0)) / 1e9 / wall
+    out: dict[str, dict[str, float]] = {}
+    for name in children:
+        pairs = list(zip(start[name], end[name], strict=True))
+        out[name] = {"total": 100.0 * sum(e[0] - s[0] for s, e in pairs) / 1e9 / wall}
+        if len(pairs) == 1:
+            (_, t_start), (_, t_end) = pairs[0]
+            for thread, ns in t_end.items():
+                out[name][thread] = 100.0 * (ns - t_start.get(thread, 0)) / 1e9 / wall
     return out
 
 
-def _latency_session(s: b.Settings, endpoint: str, payload: bytes) -> tuple[list[int], int]:
-    """Sequential invoke round trips (ns, sorted) to the bench agent; and the agents registered."""
+LATENCY_BURST_S = 0.05
 
-    async def body(client: MeshClient) -> tuple[list[int], int]:
-        await b._om_latency(client, payload, s.warmup, s.latency_samples)
-        samples = await b._om_latency(client, payload, s.duration, s.latency_samples)
-        samples.sort()
-        return samples, len(await client.agents())
 
-    result: tuple[list[int], int] = _om_session(s, endpoint, body)
+def _interleaved_latency(s: b.Settings, endpoints: list[str], payload: bytes) -> tuple[list[list[int]], list[int]]:
+    """Sequential invoke round trips (ns, sorted) to the bench agent of each broker, in
+    alternating bursts of LATENCY_BURST_S (so both see the same machine load); ``s.duration`` s
+    each in all. Also the number of agents registered with each broker."""
+
+    async def main() -> tuple[list[list[int]], list[int]]:
+        ctx: zmq.Context[Any] = zmq.Context()
+        clients = [MeshClient(e, context=ctx, timeout=b.REPLY_TIMEOUT) for e in endpoints]
+        try:
+            for client in clients:
+                await client.connect(b.READY_TIMEOUT)
+                await b._om_latency(client, payload, s.warmup, s.latency_samples)
+            samples: list[list[int]] = [[] for _ in clients]
+            end = perf_counter() + len(clients) * s.duration
+            while perf_counter() < end and all(len(x) < s.latency_samples for x in samples):
+                for client, out in zip(clients, samples, strict=True):
+                    out += await b._om_latency(client, payload, LATENCY_BURST_S, s.latency_samples - len(out))
+            for out in samples:
+                out.sort()
+            return samples, [len(await client.agents()) for client in clients]
+        finally:
+            for client in clients:
+                await client.close()
+            ctx.term()
+
+    result: tuple[list[list[int]], list[int]] = run(main())
     return result
 
 
 def measure_scale(s: b.Settings, payload: bytes) -> Section:
-    """``s.agents`` raw agents on one broker, next to the same broker with one Agent only."""
+    """``s.agents`` raw agents on one broker, next to an identical broker with one Agent only,
+    both running at once: idle CPU over the same seconds, latency in alternating bursts."""
     n = s.agents
     procs = max(1, math.ceil(n / SWARM_PER_PROCESS))
     idle_s = max(2.0, s.duration)
     raise_nofile(n + 1024)
     with contextlib.ExitStack() as stack:
-        broker, info = b._start(stack, "broker", core=s.core)
-        endpoint = info["endpoint"]
-        b._start(stack, "agent", endpoint=endpoint, capacity=64)
-        time.sleep(1.2)  # one heartbeat tick with the agent in
-        cpu_one = _idle_cpu_percent({"broker": [broker]}, idle_s)
-        idle_one = cpu_one["broker"]
-        one, registered_one = _latency_session(s, endpoint, payload)
-
+        brokers, endpoints = [], []
+        for _ in range(2):  # [0]: the population's, [1]: one agent only
+            broker, info = b._start(stack, "broker", core=s.core)
+            brokers.append(broker)
+            endpoints.append(info["endpoint"])
+        for endpoint in endpoints:
+            b._start(stack, "agent", endpoint=endpoint, capacity=64)
         swarm = []
         for p in range(procs):
             count = n // procs + (1 if p < n % procs else 0)
-            child = b.Child("swarm", endpoint=endpoint, count=count, prefix=f"swarm-{p}")
+            child = b.Child("swarm", endpoint=endpoints[0], count=count, prefix=f"swarm-{p}")
             stack.callback(child.stop)
             swarm.append(child)
         joined = [child.ready() for child in swarm]
@@ -604,12 +678,12 @@ def measure_scale(s: b.Settings, payload: bytes) -> Section:
         t1 = max(j["t1"] for j in joined)
         join_rate = n / max(t1 - t0, 1e-9)
         time.sleep(1.2)  # one heartbeat tick with everyone in
-        cpu_many = _idle_cpu_percent({"broker": [broker], "swarm": swarm}, idle_s)
-        idle_many = cpu_many["broker"]
-        many, registered_many = _latency_session(s, endpoint, payload)
-        if registered_many != n + 1:
-            raise RuntimeError(f"{registered_many} agents registered, expected {n + 1}")
+        cpu = _idle_cpu_percent({"population": [brokers[0]], "one_agent": [brokers[1]], "swarm": swarm}, idle_s)
+        (many, one), (registered_many, registered_one) = _interleaved_latency(s, endpoints, payload)
+        if (registered_many, registered_one) != (n + 1, 1):
+            raise RuntimeError(f"{registered_many} and {registered_one} agents registered, expected {n + 1} and 1")
 
+    idle_many, idle_one = cpu["population"]["total"], cpu["one_agent"]["total"]
     p50_one, p50_many = b.percentile_us(one, 0.5), b.percentile_us(many, 0.5)
     p99_one, p99_many = b.percentile_us(one, 0.99), b.percentile_us(many, 0.99)
     lower = {"higher_is_better": False}
@@ -633,7 +707,7 @@ def measure_scale(s: b.Settings, payload: bytes) -> Section:
         "join_seconds": t1 - t0,
         "join_rate": join_rate,
         "idle_seconds": idle_s,
-        "idle_cpu_percent": {"one_agent": cpu_one, "population": cpu_many},
+        "idle_cpu_percent": cpu,
         "registered": {"one_agent": registered_one, "population": registered_many},
         "latency_samples": {"one_agent": len(one), "population": len(many)},
         "nofile_soft_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
