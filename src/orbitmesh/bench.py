@@ -7,8 +7,12 @@ Both sides move the same bytes over tcp on 127.0.0.1 with the same process layou
   process, raw pyzmq DEALER client in this process.
 
 Workloads: pipelined round trips/s with ``window`` requests in flight, and sequential latency
-(p50 / p99, one in flight). Around the pipelined run every process reports its CPU time, which
-gives the broker's (or the proxy's) CPU cost per forwarded message.
+(p50 / p99, one in flight). Around each pipelined turn every process reports its CPU time, which
+gives the broker's (or the proxy's) CPU cost per forwarded message. All processes of both sides
+(and of the raw peers, see ``measure_invoke``) run all along and the sides take turns of about
+``CHUNK_S``, so a busy machine slows them alike and the ratios hold better than the absolute
+figures. More workloads (stream, raw bytes, fan-out, scale): :mod:`orbitmesh.bench_workloads`;
+select with ``--workloads``.
 
 Durable jobs: ``execute`` jobs/s end to end (a job counts when its result has arrived) with
 ``job_window`` jobs in flight, once per durability mode (``sync``, ``batch``, ``none``), each
@@ -28,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import inspect
 import json
 import math
 import os
@@ -826,43 +831,152 @@ async def _om_latency(client: MeshClient, payload: bytes, duration: float, sampl
     return out
 
 
-async def _om_client(s: Settings, endpoint: str, payload: bytes, children: dict[str, Child]) -> Figures:
-    ctx: zmq.Context[Any] = zmq.Context()
-    client = MeshClient(endpoint, context=ctx, timeout=REPLY_TIMEOUT)
-    try:
-        await client.connect(READY_TIMEOUT)
-        echoed = await client.invoke(AGENT_NAME, COMMAND, payload)
-        if echoed != payload:
-            raise RuntimeError(f"the agent echoed {echoed!r:.60}, not the payload")
-        await _Pipeline(client, payload, s.window, s.warmup, s.max_round_trips).run()
-        cpu = _CpuWindow(children)
-        count, elapsed = await _Pipeline(client, payload, s.window, s.duration, s.max_round_trips).run()
-        figures = Figures(rate=count / elapsed, round_trips=count, elapsed=elapsed)
-        figures.cpu_ns_per_round_trip = cpu.per(count)
-        await _om_latency(client, payload, s.warmup, s.latency_samples)
-        _set_latency(figures, await _om_latency(client, payload, s.duration, s.latency_samples))
-        return figures
-    finally:
-        await client.close()
-        ctx.term()
+CHUNK_S = 0.5  # OrbitMesh and its baselines take turns, this long each, so all see the same load
 
 
-def measure_orbitmesh(s: Settings, payload: bytes) -> tuple[Figures, Figures, str]:
-    """Broker in its own process, then (1) an Agent process and a MeshClient here, (2) a raw pyzmq
-    echo agent process and a raw pyzmq client here, both speaking the OrbitMesh protocol.
+def chunks(duration: float) -> list[float]:
+    """``duration`` split into turns of about CHUNK_S (at least 2)."""
+    k = max(2, round(duration / CHUNK_S))
+    return [duration / k] * k
 
-    Returns the invoke figures, the raw-peer figures and the broker's core.
+
+class _Meter:
+    """Counts, seconds and CPU per process role, summed over one side's turns."""
+
+    def __init__(self, children: dict[str, Child]) -> None:
+        self.children = children
+        self.count = 0
+        self.elapsed = 0.0
+        self.cpu_ns: dict[str, int] = {}
+        self._start: dict[str, int] = {}
+
+    def _read(self) -> dict[str, int]:
+        now = {role: child.cpu_ns() for role, child in self.children.items()}
+        now["client"] = time.process_time_ns()
+        return now
+
+    def start(self) -> None:
+        self._start = self._read()
+
+    def stop(self, count: int, elapsed: float) -> None:
+        end = self._read()
+        for role, ns in end.items():
+            self.cpu_ns[role] = self.cpu_ns.get(role, 0) + ns - self._start[role]
+        self.count += count
+        self.elapsed += elapsed
+
+    def per_unit(self) -> dict[str, float]:
+        """CPU ns per counted unit, by role."""
+        n = max(1, self.count)
+        return {role: ns / n for role, ns in self.cpu_ns.items()}
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+async def _invoke_turns(s: Settings, sides: dict[str, tuple[Any, Any, _Meter]]) -> dict[str, Figures]:
+    """Each side: (pipelined(seconds) -> (count, seconds), sequential(seconds, samples) -> [ns],
+    meter). Warm up every side, then the sides take turns (their order rotating): pipelined
+    for ``s.duration`` s each if ``invoke`` is chosen, then sequential if ``latency`` is."""
+    names = list(sides)
+    figures = {name: Figures() for name in names}
+
+    def order(i: int) -> list[str]:
+        return names[i % len(names) :] + names[: i % len(names)]
+
+    if "invoke" in s.workloads:
+        for name in names:
+            await _maybe_await(sides[name][0](s.warmup))
+        for i, chunk in enumerate(chunks(s.duration)):
+            for name in order(i):
+                pipelined, _, meter = sides[name]
+                meter.start()
+                count, elapsed = await _maybe_await(pipelined(chunk))
+                meter.stop(count, elapsed)
+        for name in names:
+            meter = sides[name][2]
+            f = figures[name]
+            f.round_trips, f.elapsed = meter.count, meter.elapsed
+            f.rate = meter.count / meter.elapsed if meter.elapsed else 0.0
+            f.cpu_ns_per_round_trip = meter.per_unit()
+    if s.latency_samples > 0:
+        samples: dict[str, list[int]] = {name: [] for name in names}
+        for name in names:
+            await _maybe_await(sides[name][1](s.warmup, s.latency_samples))
+        for i, chunk in enumerate(chunks(s.duration)):
+            for name in order(i):
+                left = s.latency_samples - len(samples[name])
+                samples[name] += await _maybe_await(sides[name][1](chunk, left)) if left > 0 else []
+        for name in names:
+            _set_latency(figures[name], samples[name])
+    return figures
+
+
+def measure_invoke(s: Settings, payload: bytes) -> tuple[Figures, Figures, Figures, str]:
+    """Invoke throughput and latency, three ways at once: a MeshClient here -> broker -> Agent;
+    raw pyzmq peers speaking the OrbitMesh protocol (client here -> the same broker -> raw agent);
+    the baseline (raw DEALER here -> zmq.proxy -> raw echo worker). Every process runs all along
+    and the three take turns of about CHUNK_S, so they share the machine's load alike.
+
+    Returns the invoke, raw-peer and baseline figures and the broker's core.
     """
     with contextlib.ExitStack() as stack:
         broker, info = _start(stack, "broker", core=s.core)
+        proxy, pinfo = _start(stack, "proxy")
         endpoint, capacity = info["endpoint"], max(64, s.window)
-        with contextlib.ExitStack() as phase:
-            agent, _ = _start(phase, "agent", endpoint=endpoint, capacity=capacity)
-            invoke = run(_om_client(s, endpoint, payload, {"broker": broker, "agent": agent}))
-        with contextlib.ExitStack() as phase:
-            raw_agent, _ = _start(phase, "rawagent", endpoint=endpoint, capacity=capacity)
-            raw = _raw_om_client(s, endpoint, payload, {"broker": broker, "agent": raw_agent})
-        return invoke, raw, str(info["core"])
+        agent = Child("agent", endpoint=endpoint, capacity=capacity)
+        stack.callback(agent.stop)
+        raw_agent = Child("rawagent", endpoint=endpoint, capacity=capacity)
+        stack.callback(raw_agent.stop)
+        echo = Child("echo", endpoint=pinfo["backend"])
+        stack.callback(echo.stop)
+        for child in (agent, raw_agent, echo):
+            child.ready()
+        base_sock = stack.enter_context(_dealer(pinfo["frontend"]))
+        base_sock.send(payload)
+        if base_sock.recv() != payload:
+            raise RuntimeError("the echo worker did not send the payload back")
+        base_send, base_recv = functools.partial(base_sock.send, payload), base_sock.recv
+        raw_sock = stack.enter_context(_dealer(endpoint))
+        _raw_hello(raw_sock, Role.CLIENT, {"role": "client", "name": "bench-raw-client"})
+        route = frame.pack_route(Route.NAME, Strategy.LEAST_LOADED, RAW_AGENT_NAME.encode())
+        request = [header(Kind.REQUEST), route, COMMAND.encode(), msgpack.packb(payload)]
+        raw_send, raw_recv = functools.partial(raw_sock.send_multipart, request), _raw_reply_receiver(raw_sock)
+        top = s.max_round_trips
+
+        async def session() -> dict[str, Figures]:
+            ctx: zmq.Context[Any] = zmq.Context()
+            client = MeshClient(endpoint, context=ctx, timeout=REPLY_TIMEOUT)
+            try:
+                await client.connect(READY_TIMEOUT)
+                echoed = await client.invoke(AGENT_NAME, COMMAND, payload)
+                if echoed != payload:
+                    raise RuntimeError(f"the agent echoed {echoed!r:.60}, not the payload")
+                sides: dict[str, tuple[Any, Any, _Meter]] = {
+                    "orbitmesh": (
+                        lambda t: _Pipeline(client, payload, s.window, t, top).run(),
+                        lambda t, n: _om_latency(client, payload, t, n),
+                        _Meter({"broker": broker, "agent": agent}),
+                    ),
+                    "raw": (
+                        lambda t: _pipelined(raw_send, raw_recv, s.window, t, top),
+                        lambda t, n: _sequential(raw_send, raw_recv, t, n),
+                        _Meter({"broker": broker, "agent": raw_agent}),
+                    ),
+                    "baseline": (
+                        lambda t: _pipelined(base_send, base_recv, s.window, t, top),
+                        lambda t, n: _sequential(base_send, base_recv, t, n),
+                        _Meter({"broker": proxy, "agent": echo}),
+                    ),
+                }
+                return await _invoke_turns(s, sides)
+            finally:
+                await client.close()
+                ctx.term()
+
+        figures = run(session())
+        return figures["orbitmesh"], figures["raw"], figures["baseline"], str(info["core"])
 
 
 # ------------------------------------------------------------------ durable jobs (execute)
@@ -994,18 +1108,6 @@ def _sequential(send: Callable[[], Any], recv: Callable[[], Any], duration: floa
     return out
 
 
-def _measure_sync(s: Settings, send: Callable[[], Any], recv: Callable[[], Any], children: dict[str, Child]) -> Figures:
-    """Warm up, then the pipelined run (with CPU times) and the latency run, from this thread."""
-    _pipelined(send, recv, s.window, s.warmup, s.max_round_trips)
-    cpu = _CpuWindow(children)
-    count, elapsed = _pipelined(send, recv, s.window, s.duration, s.max_round_trips)
-    figures = Figures(rate=count / elapsed, round_trips=count, elapsed=elapsed)
-    figures.cpu_ns_per_round_trip = cpu.per(count)
-    _sequential(send, recv, s.warmup, s.latency_samples)
-    _set_latency(figures, _sequential(send, recv, s.duration, s.latency_samples))
-    return figures
-
-
 @contextlib.contextmanager
 def _dealer(endpoint: str) -> Iterator[zmq.Socket[Any]]:
     """A DEALER connected to ``endpoint`` on a private context; receives time out."""
@@ -1024,22 +1126,6 @@ def _dealer(endpoint: str) -> Iterator[zmq.Socket[Any]]:
     finally:
         sock.close()
         ctx.term()
-
-
-def _baseline_client(s: Settings, endpoint: str, payload: bytes, children: dict[str, Child]) -> Figures:
-    with _dealer(endpoint) as sock:
-        sock.send(payload)
-        if sock.recv() != payload:
-            raise RuntimeError("the echo worker did not send the payload back")
-        return _measure_sync(s, functools.partial(sock.send, payload), sock.recv, children)
-
-
-def measure_baseline(s: Settings, payload: bytes) -> Figures:
-    """``zmq.proxy`` and a raw echo worker in their own processes, raw DEALER client here."""
-    with contextlib.ExitStack() as stack:
-        proxy, info = _start(stack, "proxy")
-        echo, _ = _start(stack, "echo", endpoint=info["backend"])
-        return _baseline_client(s, info["frontend"], payload, {"broker": proxy, "agent": echo})
 
 
 def _raw_hello(sock: zmq.Socket[Any], role: Role, hello: dict[str, Any]) -> None:
@@ -1071,14 +1157,6 @@ def _raw_reply_receiver(sock: zmq.Socket[Any]) -> Callable[[], None]:
     return recv_reply
 
 
-def _raw_om_client(s: Settings, endpoint: str, payload: bytes, children: dict[str, Child]) -> Figures:
-    with _dealer(endpoint) as sock:
-        _raw_hello(sock, Role.CLIENT, {"role": "client", "name": "bench-raw-client"})
-        route = frame.pack_route(Route.NAME, Strategy.LEAST_LOADED, RAW_AGENT_NAME.encode())
-        request = [header(Kind.REQUEST), route, COMMAND.encode(), msgpack.packb(payload)]
-        return _measure_sync(s, functools.partial(sock.send_multipart, request), _raw_reply_receiver(sock), children)
-
-
 def _set_latency(figures: Figures, samples: list[int]) -> None:
     samples.sort()
     figures.latency_samples = len(samples)
@@ -1104,8 +1182,7 @@ def run_bench(s: Settings) -> Report:
     broker_core = s.core
     if chosen & {"invoke", "latency", "jobs"}:
         t = s if "latency" in chosen else replace(s, latency_samples=0)
-        om, raw, broker_core = measure_orbitmesh(t, payload)
-        base = measure_baseline(t, payload)
+        om, raw, base, broker_core = measure_invoke(t, payload)
     if "jobs" in chosen:
         jobs = measure_jobs(s, payload)
     sections = []

@@ -311,54 +311,19 @@ class _Rate:
         return self.count / self.elapsed if self.elapsed > 0 else 0.0
 
 
-CHUNK_S = 0.5  # OrbitMesh and its baseline take turns, this long each, so both see the same load
-
-
-def chunks(duration: float) -> list[float]:
-    """``duration`` split into turns of about CHUNK_S (at least 2)."""
-    k = max(2, round(duration / CHUNK_S))
-    return [duration / k] * k
-
-
-class _Meter:
-    """Counts, seconds and CPU per role, summed over one side's turns."""
-
-    def __init__(self, children: dict[str, b.Child]) -> None:
-        self.children = children
-        self.count = 0
-        self.elapsed = 0.0
-        self.cpu_ns: dict[str, int] = {}
-        self._start: dict[str, int] = {}
-
-    def _read(self) -> dict[str, int]:
-        now = {role: child.cpu_ns() for role, child in self.children.items()}
-        now["client"] = time.process_time_ns()
-        return now
-
-    def start(self) -> None:
-        self._start = self._read()
-
-    def stop(self, count: int, elapsed: float) -> None:
-        end = self._read()
-        for role, ns in end.items():
-            self.cpu_ns[role] = self.cpu_ns.get(role, 0) + ns - self._start[role]
-        self.count += count
-        self.elapsed += elapsed
-
-    def rate(self) -> _Rate:
-        n = max(1, self.count)
-        return _Rate(self.count, self.elapsed, {role: ns / n for role, ns in self.cpu_ns.items()})
+def _rate(meter: b._Meter) -> _Rate:
+    return _Rate(meter.count, meter.elapsed, meter.per_unit())
 
 
 async def _turns(
     duration: float,
     om: Callable[[float], Any],
     base: Callable[[float], tuple[int, float]],
-    om_meter: _Meter,
-    base_meter: _Meter,
+    om_meter: b._Meter,
+    base_meter: b._Meter,
 ) -> None:
     """Alternate ``await om(seconds)`` and ``base(seconds)`` (each returns (count, seconds))."""
-    for i, chunk in enumerate(chunks(duration)):
+    for i, chunk in enumerate(b.chunks(duration)):
         for side in (0, 1) if i % 2 == 0 else (1, 0):  # who goes first alternates too
             meter = om_meter if side == 0 else base_meter
             meter.start()
@@ -382,11 +347,11 @@ def _om_session(s: b.Settings, endpoint: str, body: Callable[[MeshClient], Any])
 
 def measure_stream_raw(s: b.Settings, want_stream: bool, want_raw: bool) -> list[Section]:
     """Stream and raw bytes: an OrbitMesh broker + agent and zmq.proxy + a raw worker, all
-    running at once; OrbitMesh and the baseline take turns of about CHUNK_S."""
+    running at once; OrbitMesh and the baseline take turns of about CHUNK_S (0.5 s)."""
     sizes = list(s.raw_sizes) if want_raw else []
     window = s.window
-    stream_meters: tuple[_Meter, _Meter] | None = None
-    raw_meters: dict[int, tuple[_Meter, _Meter]] = {}
+    stream_meters: tuple[b._Meter, b._Meter] | None = None
+    raw_meters: dict[int, tuple[b._Meter, b._Meter]] = {}
     with contextlib.ExitStack() as stack:
         broker, info = b._start(stack, "broker", core=s.core)
         agent, _ = b._start(stack, "agent", endpoint=info["endpoint"], capacity=max(64, window))
@@ -401,7 +366,7 @@ def measure_stream_raw(s: b.Settings, want_stream: bool, want_raw: bool) -> list
             if want_stream:
                 await _om_stream_run(client, s.size, window, s.warmup)
                 _raw_stream_run(sock, window, s.warmup)
-                stream_meters = (_Meter(om_children), _Meter(base_children))
+                stream_meters = (b._Meter(om_children), b._Meter(base_children))
                 await _turns(
                     s.duration,
                     lambda t: _om_stream_run(client, s.size, window, t),
@@ -417,7 +382,7 @@ def measure_stream_raw(s: b.Settings, want_stream: bool, want_raw: bool) -> list
                 w = raw_window(size, window)
                 await _async_pipeline(om_send, w, s.warmup)
                 b._pipelined(base_send, sock.recv, w, s.warmup, s.max_round_trips)
-                meters = raw_meters[size] = (_Meter(om_children), _Meter(base_children))
+                meters = raw_meters[size] = (b._Meter(om_children), b._Meter(base_children))
                 await _turns(
                     s.duration,
                     lambda t: _async_pipeline(om_send, w, t),  # noqa: B023 (awaited in this iteration)
@@ -429,7 +394,7 @@ def measure_stream_raw(s: b.Settings, want_stream: bool, want_raw: bool) -> list
 
     sections = []
     if stream_meters is not None:
-        om, base = stream_meters[0].rate(), stream_meters[1].rate()
+        om, base = _rate(stream_meters[0]), _rate(stream_meters[1])
         sections.append(
             Section(
                 "stream",
@@ -451,7 +416,7 @@ def measure_stream_raw(s: b.Settings, want_stream: bool, want_raw: bool) -> list
         rows = []
         details = {}
         for size in sizes:
-            om, base = raw_meters[size][0].rate(), raw_meters[size][1].rate()
+            om, base = _rate(raw_meters[size][0]), _rate(raw_meters[size][1])
             target = RAW_TARGET if size == RAW_TARGET_SIZE else None
             label = f"raw {size_text(size)}: MB/s (window {raw_window(size, window)})"
             rows.append(b.Row(f"raw_{size}", label, om.rate * size / 1e6, base.rate * size / 1e6, target))
@@ -504,7 +469,7 @@ def _timed_rounds(one: Callable[[], Any], duration: float) -> list[int]:
 
 def measure_fanout(s: b.Settings, payload: bytes) -> Section:
     """execute_on_all over ``s.fanout_agents`` agents vs the same fan-out through zmq.proxy; both
-    stacks run at once and take turns of about CHUNK_S."""
+    stacks run at once and take turns of about CHUNK_S (0.5 s)."""
     n = s.fanout_agents
     om_ns: list[int] = []
     known_ns: list[int] = []
@@ -553,7 +518,7 @@ def measure_fanout(s: b.Settings, payload: bytes) -> Section:
 
             await _async_rounds(one, s.warmup)
             _timed_rounds(raw_one, s.warmup)
-            for i, chunk in enumerate(chunks(s.duration)):
+            for i, chunk in enumerate(b.chunks(s.duration)):
                 if i % 2:
                     om_ns.extend(await _async_rounds(one, chunk))
                     base_ns.extend(_timed_rounds(raw_one, chunk))
