@@ -848,20 +848,28 @@ class _Meter:
         self.count = 0
         self.elapsed = 0.0
         self.cpu_ns: dict[str, int] = {}
-        self._start: dict[str, int] = {}
+        self.thread_ns: dict[str, dict[str, int]] = {}  # role -> Python thread role -> ns
+        self._start: tuple[dict[str, int], dict[str, dict[str, int]]] = ({}, {})
 
-    def _read(self) -> dict[str, int]:
-        now = {role: child.cpu_ns() for role, child in self.children.items()}
+    def _read(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        now: dict[str, int] = {}
+        threads: dict[str, dict[str, int]] = {}
+        for role, child in self.children.items():
+            now[role], threads[role] = child.cpu()
         now["client"] = time.process_time_ns()
-        return now
+        return now, threads
 
     def start(self) -> None:
         self._start = self._read()
 
     def stop(self, count: int, elapsed: float) -> None:
-        end = self._read()
+        (end, end_threads), (start, start_threads) = self._read(), self._start
         for role, ns in end.items():
-            self.cpu_ns[role] = self.cpu_ns.get(role, 0) + ns - self._start[role]
+            self.cpu_ns[role] = self.cpu_ns.get(role, 0) + ns - start[role]
+        for role, by_thread in end_threads.items():
+            acc = self.thread_ns.setdefault(role, {})
+            for name, ns in by_thread.items():
+                acc[name] = acc.get(name, 0) + ns - start_threads[role].get(name, 0)
         self.count += count
         self.elapsed += elapsed
 
@@ -870,15 +878,25 @@ class _Meter:
         n = max(1, self.count)
         return {role: ns / n for role, ns in self.cpu_ns.items()}
 
+    def threads_per_unit(self, role: str) -> dict[str, float]:
+        """CPU ns per counted unit of ``role``'s Python threads; "libzmq_other": the rest."""
+        n = max(1, self.count)
+        split = {name: ns / n for name, ns in self.thread_ns.get(role, {}).items()}
+        split["libzmq_other"] = self.cpu_ns.get(role, 0) / n - sum(split.values())
+        return split
+
 
 async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
-async def _invoke_turns(s: Settings, sides: dict[str, tuple[Any, Any, _Meter]]) -> dict[str, Figures]:
-    """Each side: (pipelined(seconds) -> (count, seconds), sequential(seconds, samples) -> [ns],
-    meter). Warm up every side, then the sides take turns (their order rotating): pipelined
-    for ``s.duration`` s each if ``invoke`` is chosen, then sequential if ``latency`` is."""
+async def _invoke_turns(
+    s: Settings, sides: dict[str, tuple[Any, Any, _Meter]], between: Callable[[], None]
+) -> dict[str, Figures]:
+    """Each side: (pipelined(seconds) -> (count, seconds), sequential(seconds, samples) -> [ns]
+    or None, meter). Warm up every side, then the sides take turns (their order rotating):
+    pipelined for ``s.duration`` s each if ``invoke`` is chosen, then sequential if ``latency``
+    is. ``between()`` runs after every turn (keeps idle raw peers alive)."""
     names = list(sides)
     figures = {name: Figures() for name in names}
 
@@ -888,40 +906,49 @@ async def _invoke_turns(s: Settings, sides: dict[str, tuple[Any, Any, _Meter]]) 
     if "invoke" in s.workloads:
         for name in names:
             await _maybe_await(sides[name][0](s.warmup))
+            between()
         for i, chunk in enumerate(chunks(s.duration)):
             for name in order(i):
                 pipelined, _, meter = sides[name]
                 meter.start()
                 count, elapsed = await _maybe_await(pipelined(chunk))
                 meter.stop(count, elapsed)
+                between()
         for name in names:
             meter = sides[name][2]
             f = figures[name]
             f.round_trips, f.elapsed = meter.count, meter.elapsed
             f.rate = meter.count / meter.elapsed if meter.elapsed else 0.0
             f.cpu_ns_per_round_trip = meter.per_unit()
+    timed = [name for name in names if sides[name][1] is not None]  # the durable-job sides have no latency run
     if s.latency_samples > 0:
-        samples: dict[str, list[int]] = {name: [] for name in names}
-        for name in names:
+        samples: dict[str, list[int]] = {name: [] for name in timed}
+        for name in timed:
             await _maybe_await(sides[name][1](s.warmup, s.latency_samples))
+            between()
         for i, chunk in enumerate(chunks(s.duration)):
             for name in order(i):
-                left = s.latency_samples - len(samples[name])
-                samples[name] += await _maybe_await(sides[name][1](chunk, left)) if left > 0 else []
-        for name in names:
+                left = s.latency_samples - len(samples.get(name, ()))
+                if name in samples and left > 0:
+                    samples[name] += await _maybe_await(sides[name][1](chunk, left))
+                    between()
+        for name in timed:
             _set_latency(figures[name], samples[name])
     return figures
 
 
-def measure_invoke(s: Settings, payload: bytes) -> tuple[Figures, Figures, Figures, str]:
+def measure_invoke(s: Settings, payload: bytes) -> tuple[Figures, Figures, Figures, str, list[JobFigures]]:
     """Invoke throughput and latency, three ways at once: a MeshClient here -> broker -> Agent;
     raw pyzmq peers speaking the OrbitMesh protocol (client here -> the same broker -> raw agent);
-    the baseline (raw DEALER here -> zmq.proxy -> raw echo worker). Every process runs all along
-    and the three take turns of about CHUNK_S, so they share the machine's load alike.
+    the baseline (raw DEALER here -> zmq.proxy -> raw echo worker). If ``jobs`` is chosen, also
+    durable ``execute`` per durability mode, each on its own broker with a fresh job store in a
+    temporary directory (removed afterwards) and its own agent. Every process runs all along and
+    the sides take turns of about CHUNK_S, so they share the machine's load alike.
 
-    Returns the invoke, raw-peer and baseline figures and the broker's core.
+    Returns the invoke, raw-peer and baseline figures, the broker's core and the job figures.
     """
     with contextlib.ExitStack() as stack:
+        job_stacks = _start_job_stacks(stack, s) if "jobs" in s.workloads else {}
         broker, info = _start(stack, "broker", core=s.core)
         proxy, pinfo = _start(stack, "proxy")
         endpoint, capacity = info["endpoint"], max(64, s.window)
@@ -939,7 +966,6 @@ def measure_invoke(s: Settings, payload: bytes) -> tuple[Figures, Figures, Figur
             raise RuntimeError("the echo worker did not send the payload back")
         base_send, base_recv = functools.partial(base_sock.send, payload), base_sock.recv
         raw_sock = stack.enter_context(_dealer(endpoint))
-        _raw_hello(raw_sock, Role.CLIENT, {"role": "client", "name": "bench-raw-client"})
         route = frame.pack_route(Route.NAME, Strategy.LEAST_LOADED, RAW_AGENT_NAME.encode())
         request = [header(Kind.REQUEST), route, COMMAND.encode(), msgpack.packb(payload)]
         raw_send, raw_recv = functools.partial(raw_sock.send_multipart, request), _raw_reply_receiver(raw_sock)
@@ -948,11 +974,21 @@ def measure_invoke(s: Settings, payload: bytes) -> tuple[Figures, Figures, Figur
         async def session() -> dict[str, Figures]:
             ctx: zmq.Context[Any] = zmq.Context()
             client = MeshClient(endpoint, context=ctx, timeout=REPLY_TIMEOUT)
+            job_clients = {
+                mode: MeshClient(e, context=ctx, timeout=REPLY_TIMEOUT) for mode, (e, _, _) in job_stacks.items()
+            }
             try:
                 await client.connect(READY_TIMEOUT)
+                for job_client in job_clients.values():
+                    await job_client.connect(READY_TIMEOUT)
+                    job = await job_client.execute(AGENT_NAME, COMMAND, payload)
+                    echoed = await job.result(REPLY_TIMEOUT)
+                    if echoed != payload:
+                        raise RuntimeError(f"the agent's job result is {echoed!r:.60}, not the payload")
                 echoed = await client.invoke(AGENT_NAME, COMMAND, payload)
                 if echoed != payload:
                     raise RuntimeError(f"the agent echoed {echoed!r:.60}, not the payload")
+                _raw_hello(raw_sock, Role.CLIENT, {"role": "client", "name": "bench-raw-client"})
                 sides: dict[str, tuple[Any, Any, _Meter]] = {
                     "orbitmesh": (
                         lambda t: _Pipeline(client, payload, s.window, t, top).run(),
@@ -970,13 +1006,30 @@ def measure_invoke(s: Settings, payload: bytes) -> tuple[Figures, Figures, Figur
                         _Meter({"broker": proxy, "agent": echo}),
                     ),
                 }
-                return await _invoke_turns(s, sides)
+                for mode, job_client in job_clients.items():
+                    _, job_broker, job_agent = job_stacks[mode]
+                    sides[f"jobs_{mode}"] = (
+                        functools.partial(_job_pipeline, job_client, payload, s.job_window),
+                        None,
+                        _Meter({"broker": job_broker, "agent": job_agent}),
+                    )
+                figures = await _invoke_turns(s, sides, functools.partial(_raw_keepalive, raw_sock))
+                for mode in job_clients:
+                    meter = sides[f"jobs_{mode}"][2]
+                    rate = meter.count / meter.elapsed if meter.elapsed else 0.0
+                    jf = JobFigures(mode, s.store, rate, meter.count, meter.elapsed, meter.per_unit())
+                    jf.broker_threads_ns_per_job = meter.threads_per_unit("broker")
+                    jobs.append(jf)
+                return figures
             finally:
+                for job_client in job_clients.values():
+                    await job_client.close()
                 await client.close()
                 ctx.term()
 
+        jobs: list[JobFigures] = []
         figures = run(session())
-        return figures["orbitmesh"], figures["raw"], figures["baseline"], str(info["core"])
+        return figures["orbitmesh"], figures["raw"], figures["baseline"], str(info["core"]), jobs
 
 
 # ------------------------------------------------------------------ durable jobs (execute)
@@ -1014,28 +1067,6 @@ async def _job_pipeline(client: MeshClient, payload: bytes, window: int, duratio
     return completed, perf_counter() - t0
 
 
-async def _jobs_client(
-    s: Settings, endpoint: str, payload: bytes, durability: str, children: dict[str, Child]
-) -> JobFigures:
-    ctx: zmq.Context[Any] = zmq.Context()
-    client = MeshClient(endpoint, context=ctx, timeout=REPLY_TIMEOUT)
-    try:
-        await client.connect(READY_TIMEOUT)
-        job = await client.execute(AGENT_NAME, COMMAND, payload)
-        echoed = await job.result(REPLY_TIMEOUT)
-        if echoed != payload:
-            raise RuntimeError(f"the agent's job result is {echoed!r:.60}, not the payload")
-        await _job_pipeline(client, payload, s.job_window, s.warmup)
-        cpu = _CpuWindow(children)
-        count, elapsed = await _job_pipeline(client, payload, s.job_window, s.duration)
-        figures = JobFigures(durability, s.store, count / elapsed, count, elapsed, cpu.per(count))
-        figures.broker_threads_ns_per_job = cpu.threads["broker"]
-        return figures
-    finally:
-        await client.close()
-        ctx.term()
-
-
 def _store_url(store: str, directory: str) -> str:
     if store == "memory":
         return "memory://"
@@ -1044,34 +1075,26 @@ def _store_url(store: str, directory: str) -> str:
     return f"lmdb://{os.path.join(directory, 'jobs')}"
 
 
-def measure_jobs(s: Settings, payload: bytes) -> list[JobFigures]:
-    """Durable ``execute`` in every durability mode: per mode a broker process on a fresh job
-    store in a temporary directory (removed afterwards) and an agent process (capacity >= the
-    job window), all started at once; then one mode after the other, a MeshClient here."""
-    with contextlib.ExitStack() as stack:
-        top = tempfile.mkdtemp(prefix="orbitmesh-bench-")
-        stack.callback(shutil.rmtree, top, ignore_errors=True)  # runs after every child has stopped
-        brokers: dict[str, Child] = {}
-        for mode in DURABILITY_MODES:
-            directory = os.path.join(top, mode)
-            os.mkdir(directory)
-            brokers[mode] = broker = Child("broker", core=s.core, store=_store_url(s.store, directory), durability=mode)
-            stack.callback(broker.stop)
-        endpoints = {mode: broker.ready()["endpoint"] for mode, broker in brokers.items()}
-        agents: dict[str, Child] = {}
-        for mode, endpoint in endpoints.items():
-            agents[mode] = agent = Child("agent", endpoint=endpoint, capacity=max(64, s.job_window))
-            stack.callback(agent.stop)
-        for agent in agents.values():
-            agent.ready()
-
-        async def all_modes() -> list[JobFigures]:
-            return [
-                await _jobs_client(s, endpoints[m], payload, m, {"broker": brokers[m], "agent": agents[m]})
-                for m in DURABILITY_MODES
-            ]
-
-        return run(all_modes())
+def _start_job_stacks(stack: contextlib.ExitStack[Any], s: Settings) -> dict[str, tuple[str, Child, Child]]:
+    """Per durability mode: a broker process on a fresh job store in a temporary directory
+    (removed once every child has stopped) and an agent process (capacity >= the job window).
+    Returns mode -> (endpoint, broker, agent)."""
+    top = tempfile.mkdtemp(prefix="orbitmesh-bench-")
+    stack.callback(shutil.rmtree, top, ignore_errors=True)  # callbacks run last-in first-out: after the stops
+    brokers: dict[str, Child] = {}
+    for mode in DURABILITY_MODES:
+        directory = os.path.join(top, mode)
+        os.mkdir(directory)
+        brokers[mode] = broker = Child("broker", core=s.core, store=_store_url(s.store, directory), durability=mode)
+        stack.callback(broker.stop)
+    endpoints = {mode: broker.ready()["endpoint"] for mode, broker in brokers.items()}
+    agents: dict[str, Child] = {}
+    for mode, endpoint in endpoints.items():
+        agents[mode] = agent = Child("agent", endpoint=endpoint, capacity=max(64, s.job_window))
+        stack.callback(agent.stop)
+    for agent in agents.values():
+        agent.ready()
+    return {mode: (endpoints[mode], brokers[mode], agents[mode]) for mode in DURABILITY_MODES}
 
 
 # ------------------------------------------------------------------ raw pyzmq client side
@@ -1139,6 +1162,17 @@ def _raw_hello(sock: zmq.Socket[Any], role: Role, hello: dict[str, Any]) -> None
             raise RuntimeError(f"broker refused HELLO: {frames[2].decode(errors='replace')}")
 
 
+def _raw_keepalive(sock: zmq.Socket[Any]) -> None:
+    """Between turns: answer the broker's heartbeats waiting on an idle raw client's socket, so
+    a long turn of another side never makes the broker drop it."""
+    while sock.poll(0):
+        frames = sock.recv_multipart()
+        if frames[0][3] == Kind.HEARTBEAT:
+            sock.send_multipart([header(Kind.HEARTBEAT), b""])
+        else:
+            raise RuntimeError(f"idle raw client got message kind {frames[0][3]}")
+
+
 def _raw_reply_receiver(sock: zmq.Socket[Any]) -> Callable[[], None]:
     """Receive one REPLY from the broker; answer its heartbeats on the way."""
     recv, send = sock.recv_multipart, sock.send_multipart
@@ -1146,13 +1180,15 @@ def _raw_reply_receiver(sock: zmq.Socket[Any]) -> Callable[[], None]:
 
     def recv_reply() -> None:
         while True:
-            kind = recv()[0][3]
+            frames = recv()
+            kind = frames[0][3]
             if kind == Kind.REPLY:
                 return
             if kind == Kind.HEARTBEAT:
                 send(heartbeat)
             else:
-                raise RuntimeError(f"raw client got message kind {kind} instead of a reply")
+                what = frames[-1].decode(errors="replace") if kind == Kind.ERROR else ""
+                raise RuntimeError(f"raw client got message kind {kind} instead of a reply {what}".rstrip())
 
     return recv_reply
 
@@ -1168,7 +1204,7 @@ def _set_latency(figures: Figures, samples: list[int]) -> None:
 
 
 def run_bench(s: Settings) -> Report:
-    """Measure OrbitMesh, then the baseline, with the same payload and settings.
+    """Measure the chosen workloads, each next to its baseline, with the same payload and settings.
 
     Raises ImportError if the broker's core is not built, RuntimeError if a process fails.
     """
@@ -1178,13 +1214,12 @@ def run_bench(s: Settings) -> Report:
     payload = bytes(i & 0xFF for i in range(s.size))
     chosen = set(s.workloads)
     machine = machine_info()
-    om, raw, base, jobs = Figures(), Figures(), Figures(), []
+    om, raw, base = Figures(), Figures(), Figures()
+    jobs: list[JobFigures] = []
     broker_core = s.core
     if chosen & {"invoke", "latency", "jobs"}:
         t = s if "latency" in chosen else replace(s, latency_samples=0)
-        om, raw, base, broker_core = measure_invoke(t, payload)
-    if "jobs" in chosen:
-        jobs = measure_jobs(s, payload)
+        om, raw, base, broker_core, jobs = measure_invoke(t, payload)
     sections = []
     if chosen & {"stream", "raw"}:
         sections += bench_workloads.measure_stream_raw(s, "stream" in chosen, "raw" in chosen)
