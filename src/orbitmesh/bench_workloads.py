@@ -1,8 +1,9 @@
 """``orbitmesh bench`` workloads beyond invoke / latency / jobs: stream, raw, fanout, scale.
 
-Each workload starts its own children (see :mod:`orbitmesh.bench`), measures OrbitMesh and its
-baseline in the same run, and returns a :class:`Section`: rows for the report table and the
-details for the JSON file.
+Each workload starts its own children (see :mod:`orbitmesh.bench`), OrbitMesh's and its
+baseline's at once; the two sides take turns of about 0.5 s (``bench.chunks``), so both see the
+same machine load. It returns a :class:`Section`: rows for the report table and the details for
+the JSON file.
 
 * stream: ``MeshClient.stream`` from an async-generator handler, items/s. Baseline: a raw pyzmq
   worker behind ``zmq.proxy`` sending the same number of bytes per item to a raw DEALER, paced by
