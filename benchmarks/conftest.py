@@ -3,7 +3,9 @@ pure-Python twin, side by side. An unbuilt compiled core is an error here, never
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -20,3 +22,36 @@ def core_impl(request: pytest.FixtureRequest) -> ModuleType:
 def dataplane_impl(request: pytest.FixtureRequest) -> ModuleType:
     """The broker data-plane module: ``_dataplane_c`` or ``_dataplane_py``."""
     return load("_dataplane", request.param)
+
+
+_MEANS: dict[str, dict[str, float]] = {}  # case (test id without the core) -> {"c": s, "py": s}
+
+
+@pytest.fixture(autouse=True)
+def _record_mean(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a benchmark on one core, keep its mean time for the compiled / pure ratio."""
+    yield
+    callspec = getattr(request.node, "callspec", None)
+    bench = request.node.funcargs.get("benchmark")
+    if callspec is None or bench is None or bench.disabled or bench.stats is None:
+        return
+    impl = callspec.params.get("core_impl") or callspec.params.get("dataplane_impl")
+    if impl not in ("c", "py"):
+        return
+    case = request.node.name.replace(f"[{impl}-", "[").replace(f"-{impl}]", "]").replace(f"[{impl}]", "")
+    _MEANS.setdefault(case, {})[impl] = bench.stats.stats.mean
+
+
+def compiled_ratios() -> list[tuple[str, float, float, float]]:
+    """(case, compiled mean s, pure mean s, compiled / pure) for every case run on both cores."""
+    return [(case, m["c"], m["py"], m["c"] / m["py"]) for case, m in sorted(_MEANS.items()) if {"c", "py"} <= set(m)]
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    rows = compiled_ratios()
+    if not rows:
+        return
+    terminalreporter.section("compiled / pure-Python (mean time per round; < 1: the compiled core is faster)")
+    width = max(len(case) for case, *_ in rows)
+    for case, c, py, ratio in rows:
+        terminalreporter.write_line(f"{case:<{width}}  c {c * 1e6:12.2f} us  py {py * 1e6:12.2f} us  {ratio:6.3f}x")

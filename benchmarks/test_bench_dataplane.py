@@ -61,6 +61,7 @@ class Forwarder:
         self.poller.register(self.client, zmq.POLLIN)
         self.request = [_hdr(Kind.REQUEST), bytes((Route.NAME, Strategy.LEAST_LOADED)) + AGENT, b"noop", PAYLOAD]
         self.reply_hdr = _hdr(Kind.REPLY)
+        self.corr = 0
         self._register()
 
     def _socket(self, kind: int, hwm: int, identity: bytes = b"") -> zmq.Socket[Any]:
@@ -94,6 +95,8 @@ class Forwarder:
         sent = done = 0
         while done < n:
             while sent < n and sent - done < WINDOW:
+                self.corr += 1  # each request's corr must increase within the session (no replays)
+                request[0] = _hdr(Kind.REQUEST, self.corr)
                 client.send_multipart(request)
                 sent += 1
             if not self.poller.poll(5000):
@@ -115,6 +118,11 @@ class Forwarder:
 
     def close(self) -> None:
         """Stop the plane (wait for EV_STOPPED), join its thread, close everything."""
+        self.close_plane()
+        self.close_sockets()
+
+    def close_plane(self) -> None:
+        """Stop the plane (wait for EV_STOPPED) and join its thread."""
         self.control.send_multipart([self.mod.OP["STOP"]])
         while self.control.poll(5000):
             if self.control.recv_multipart()[0] == self.mod.EV["STOPPED"]:
@@ -122,6 +130,9 @@ class Forwarder:
         self.thread.join(5.0)
         if self.thread.is_alive():  # never close sockets the plane may still use
             raise RuntimeError("the data-plane thread did not stop")
+
+    def close_sockets(self) -> None:
+        """Close the sockets made here and the context (after close_plane)."""
         for sock in (self.agent, self.client, self.router, self.control, self.plane_end):
             sock.close()
         self.ctx.term()

@@ -7,8 +7,12 @@ Both sides move the same bytes over tcp on 127.0.0.1 with the same process layou
   process, raw pyzmq DEALER client in this process.
 
 Workloads: pipelined round trips/s with ``window`` requests in flight, and sequential latency
-(p50 / p99, one in flight). Around the pipelined run every process reports its CPU time, which
-gives the broker's (or the proxy's) CPU cost per forwarded message.
+(p50 / p99, one in flight). Around each pipelined turn every process reports its CPU time, which
+gives the broker's (or the proxy's) CPU cost per forwarded message. All processes of both sides
+(and of the raw peers, see ``measure_invoke``) run all along and the sides take turns of about
+``CHUNK_S``, so a busy machine slows them alike and the ratios hold better than the absolute
+figures. More workloads (stream, raw bytes, fan-out, scale): :mod:`orbitmesh.bench_workloads`;
+select with ``--workloads``.
 
 Durable jobs: ``execute`` jobs/s end to end (a job counts when its result has arrived) with
 ``job_window`` jobs in flight, once per durability mode (``sync``, ``batch``, ``none``), each
@@ -28,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import inspect
 import itertools
 import json
 import math
@@ -43,11 +48,11 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from time import perf_counter, perf_counter_ns
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
@@ -60,6 +65,9 @@ from .client import MeshClient
 from .protocol import Kind, Role, Route, Strategy
 from .runtime import run, tune_gc_for_server
 
+if TYPE_CHECKING:
+    from .bench_workloads import Section
+
 AGENT_NAME = "bench-agent"
 RAW_AGENT_NAME = "bench-raw-agent"
 COMMAND = "noop"
@@ -71,8 +79,16 @@ PROXY_HWM = 100_000  # as the broker's ROUTER
 _BATCH = 256
 DURABILITY_MODES = ("sync", "batch", "none")
 STORES = ("lmdb", "sqlite", "memory")
-JOBS_TARGET_RATE = 20_000.0  # the issue's targets for durable jobs in sync mode: absolute
+JOBS_TARGET_RATE = 20_000.0  # issue 3's targets for durable jobs in sync mode: absolute
 JOBS_TARGET_RATIO = 0.3  # ... and relative to pipelined invoke round trips/s
+# Issue 5's targets (ratios to the baseline measured in the same run).
+INVOKE_TARGET = 0.8  # pipelined invoke round trips/s >= 0.8x raw echo through zmq.proxy
+P50_TARGET = 1.3  # invoke p50 <= 1.3x raw p50
+P99_TARGET = 2.0  # invoke p99 <= 2x raw p99
+BROKER_CPU_TARGET = 0.7  # broker CPU per forwarded message <= 0.7x zmq.proxy's
+JOBS_SYNC_TARGET = 0.4  # durable execute in sync mode >= 0.4x pipelined invoke
+WORKLOADS = ("invoke", "latency", "jobs", "stream", "raw", "fanout", "scale")
+RAW_SIZES = (1024, 65536, 1048576)
 
 
 # ------------------------------------------------------------------ settings and results
@@ -92,6 +108,10 @@ class Settings:
     quick: bool = False
     job_window: int = 1000
     store: str = "lmdb"
+    workloads: tuple[str, ...] = WORKLOADS
+    agents: int = 5000  # scale: agents connected at once
+    fanout_agents: int = 100
+    raw_sizes: tuple[int, ...] = RAW_SIZES
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -103,17 +123,57 @@ class Settings:
         if store not in STORES:
             raise ValueError(f"--store must be one of {', '.join(STORES)}")
         quick = bool(args.quick)
+        workloads = parse_workloads(getattr(args, "workloads", None))
+        agents = getattr(args, "agents", None) or (500 if quick else 5000)
+        fanout_agents = getattr(args, "fanout_agents", 100)
+        raw_sizes = parse_sizes(getattr(args, "raw_sizes", None))
+        if agents < 1 or fanout_agents < 1:
+            raise ValueError("--agents and --fanout-agents must be >= 1")
         return cls(
             size=args.size,
             window=args.window,
-            duration=0.5 if quick else args.duration,
+            duration=min(0.5, args.duration) if quick else args.duration,
             warmup=0.2 if quick else 0.3,
             latency_samples=2_000 if quick else 20_000,
             core=args.core or core_impl(),
             quick=quick,
             job_window=job_window,
             store=store,
+            workloads=workloads,
+            agents=agents,
+            fanout_agents=fanout_agents,
+            raw_sizes=raw_sizes,
         )
+
+
+def parse_workloads(text: str | None) -> tuple[str, ...]:
+    """``"invoke,raw"`` -> the named workloads in report order (all if empty); ValueError if unknown.
+    ``jobs`` brings ``invoke`` along: it is the jobs' baseline."""
+    if not text:
+        return WORKLOADS
+    names = {w.strip() for w in text.split(",") if w.strip()}
+    unknown = names - set(WORKLOADS)
+    if unknown or not names:
+        bad = ", ".join(sorted(unknown)) or "(none)"
+        raise ValueError(f"--workloads: unknown {bad}; choose from {','.join(WORKLOADS)}")
+    if "jobs" in names:
+        names.add("invoke")
+    return tuple(w for w in WORKLOADS if w in names)
+
+
+def parse_sizes(text: str | None) -> tuple[int, ...]:
+    """``"1k,64k,1m"`` or ``"1024,65536"`` -> byte sizes; ValueError on anything else."""
+    if not text:
+        return RAW_SIZES
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        scale = {"k": 1 << 10, "m": 1 << 20}.get(part[-1:], 1)
+        digits = part[:-1] if scale > 1 else part
+        if not digits.isdigit() or int(digits) * scale < 1:
+            raise ValueError(f"--raw-sizes: {part!r} is not a size (e.g. 1024, 64k, 1m)")
+        out.append(int(digits) * scale)
+    return tuple(out)
 
 
 @dataclass
@@ -158,11 +218,12 @@ class Row:
 
     @property
     def ratio(self) -> float:
+        """OrbitMesh / baseline; inf when there is no baseline (0)."""
         return self.orbitmesh / self.baseline if self.baseline else float("inf")
 
     @property
     def met_ratio(self) -> bool | None:
-        if self.target is None:
+        if self.target is None or not self.baseline:
             return None
         return self.ratio >= self.target if self.higher_is_better else self.ratio <= self.target
 
@@ -192,7 +253,7 @@ class Row:
         return {
             "label": self.label,
             "orbitmesh": self.orbitmesh,
-            "baseline": self.baseline,
+            "baseline": self.baseline or None,
             "ratio": self.ratio if math.isfinite(self.ratio) else None,
             "target": self.target_text() or None,
             "absolute_target": self.absolute_text() or None,
@@ -213,30 +274,55 @@ class Report:
     baseline: Figures  # raw pyzmq -> zmq.proxy -> raw pyzmq
     broker_core: str
     jobs: list[JobFigures] = field(default_factory=list)  # durable execute, one per durability mode
+    sections: list[Section] = field(default_factory=list)  # stream, raw, fanout, scale
 
     def rows(self) -> list[Row]:
-        """The figures side by side; the issue's targets on pipelined throughput and p50 latency."""
+        """Invoke and latency side by side with the baseline, with issue 5's targets."""
         om, raw, base = self.orbitmesh, self.raw, self.baseline
         oc, rc, bc = om.cpu_ns_per_round_trip, raw.cpu_ns_per_round_trip, base.cpu_ns_per_round_trip
         lower = {"higher_is_better": False}
         window = self.settings.window
-        return [
-            Row("pipelined", f"pipelined invoke, round trips/s (window {window})", om.rate, base.rate, 0.5),
-            Row("latency_p50", "latency p50, us (one in flight)", om.p50_us, base.p50_us, 2.0, **lower),
-            Row("latency_p99", "latency p99, us (one in flight)", om.p99_us, base.p99_us, **lower),
-            Row("broker_cpu", "broker CPU, ns / forwarded msg", oc["broker"] / 2, bc["broker"] / 2, **lower),
-            Row("agent_cpu", "agent CPU, ns / round trip", oc["agent"], bc["agent"], **lower),
-            Row("client_cpu", "client CPU, ns / round trip", oc["client"], bc["client"], **lower),
-            Row("raw_pipelined", "raw peers: round trips/s through the broker", raw.rate, base.rate),
-            Row("raw_latency_p50", "raw peers: latency p50, us", raw.p50_us, base.p50_us, **lower),
-            Row(
-                "raw_broker_cpu",
-                "raw peers: broker CPU, ns / forwarded msg",
-                rc["broker"] / 2,
-                bc["broker"] / 2,
-                **lower,
-            ),
-        ]
+        rows = []
+        if "invoke" in self.settings.workloads:
+            rows += [
+                Row(
+                    "pipelined",
+                    f"pipelined invoke, round trips/s (window {window})",
+                    om.rate,
+                    base.rate,
+                    INVOKE_TARGET,
+                ),
+                Row(
+                    "broker_cpu",
+                    "broker CPU, ns / forwarded msg",
+                    oc["broker"] / 2,
+                    bc["broker"] / 2,
+                    BROKER_CPU_TARGET,
+                    **lower,
+                ),
+                Row("agent_cpu", "agent CPU, ns / round trip", oc["agent"], bc["agent"], **lower),
+                Row("client_cpu", "client CPU, ns / round trip", oc["client"], bc["client"], **lower),
+                Row("raw_pipelined", "raw peers: round trips/s through the broker", raw.rate, base.rate),
+                Row(
+                    "raw_broker_cpu",
+                    "raw peers: broker CPU, ns / forwarded msg",
+                    rc["broker"] / 2,
+                    bc["broker"] / 2,
+                    BROKER_CPU_TARGET,
+                    **lower,
+                ),
+            ]
+        if "latency" in self.settings.workloads:
+            rows += [
+                Row("latency_p50", "latency p50, us (one in flight)", om.p50_us, base.p50_us, P50_TARGET, **lower),
+                Row("latency_p99", "latency p99, us (one in flight)", om.p99_us, base.p99_us, P99_TARGET, **lower),
+                Row("raw_latency_p50", "raw peers: latency p50, us", raw.p50_us, base.p50_us, **lower),
+            ]
+        return rows
+
+    def all_rows(self) -> list[Row]:
+        """Every row of the report, in order."""
+        return [*self.rows(), *self.job_rows(), *(row for sec in self.sections for row in sec.rows)]
 
     def job_rows(self) -> list[Row]:
         """Durable execute per mode against pipelined invoke of the same run (the "baseline"
@@ -254,8 +340,13 @@ class Report:
                     f"execute {mode}: jobs/s (window {self.settings.job_window})",
                     j.rate,
                     om.rate,
-                    JOBS_TARGET_RATIO if sync else None,
+                    JOBS_SYNC_TARGET if sync else None,
                     absolute=JOBS_TARGET_RATE if sync else None,
+                ),
+                *(
+                    [Row("jobs_sync_issue3", "execute sync: jobs/s, issue 3 ratio", j.rate, om.rate, JOBS_TARGET_RATIO)]
+                    if sync
+                    else []
                 ),
                 *(
                     Row(f"jobs_{mode}_{role}_cpu", f"execute {mode}: {role} CPU, ns / job", jc[role], oc[role], **lower)
@@ -274,7 +365,9 @@ class Report:
             "raw": asdict(self.raw),
             "baseline": asdict(self.baseline),
             "jobs": {j.durability: asdict(j) for j in self.jobs},
-            "workloads": {row.key: row.to_dict() for row in [*self.rows(), *self.job_rows()]},
+            "details": {sec.name: sec.details for sec in self.sections},
+            "workloads": {row.key: row.to_dict() for row in self.all_rows()},
+            "targets": {row.key: row.met for row in self.all_rows() if row.met is not None},
         }
 
 
@@ -298,7 +391,25 @@ def machine_info() -> dict[str, Any]:
         "libzmq": zmq.zmq_version(),
         "loop": loop,
         "tmpdir": _filesystem(tempfile.gettempdir()),
+        "load_average": _loadavg(),  # 1/5/15-minute run-queue lengths: is the machine shared and busy?
+        "cpu_model": _cpu_model(),
     }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not available here
+        return []
 
 
 def _filesystem(path: str) -> str:
@@ -413,8 +524,12 @@ async def _broker_main(parent: _Parent, core: str, store: str | None = None, dur
 
 
 async def _agent_main(parent: _Parent, endpoint: str, capacity: int) -> None:
+    from .bench_workloads import STREAM_COMMAND, ack, items
+
     agent = Agent(AGENT_NAME, endpoint, capacity=capacity)
     agent.add_handler(COMMAND, noop)
+    agent.add_handler(STREAM_COMMAND, items)  # the stream workload
+    agent.raw_handler(ack)  # the raw workload
     await agent.start(timeout=READY_TIMEOUT)
     try:
         parent.send(ready={})
@@ -531,7 +646,12 @@ def child_main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when children stop
     parent = _Parent()
     try:
-        _ROLES[argv[0]](parent, **json.loads(argv[1]))
+        role = _ROLES.get(argv[0])
+        if role is None:
+            from .bench_workloads import ROLES
+
+            role = ROLES[argv[0]]
+        role(parent, **json.loads(argv[1]))
     except BaseException:
         with contextlib.suppress(OSError):
             parent.send(error=traceback.format_exc())
@@ -712,43 +832,210 @@ async def _om_latency(client: MeshClient, payload: bytes, duration: float, sampl
     return out
 
 
-async def _om_client(s: Settings, endpoint: str, payload: bytes, children: dict[str, Child]) -> Figures:
-    ctx: zmq.Context[Any] = zmq.Context()
-    client = MeshClient(endpoint, context=ctx, timeout=REPLY_TIMEOUT)
-    try:
-        await client.connect(READY_TIMEOUT)
-        echoed = await client.invoke(AGENT_NAME, COMMAND, payload)
-        if echoed != payload:
-            raise RuntimeError(f"the agent echoed {echoed!r:.60}, not the payload")
-        await _Pipeline(client, payload, s.window, s.warmup, s.max_round_trips).run()
-        cpu = _CpuWindow(children)
-        count, elapsed = await _Pipeline(client, payload, s.window, s.duration, s.max_round_trips).run()
-        figures = Figures(rate=count / elapsed, round_trips=count, elapsed=elapsed)
-        figures.cpu_ns_per_round_trip = cpu.per(count)
-        await _om_latency(client, payload, s.warmup, s.latency_samples)
-        _set_latency(figures, await _om_latency(client, payload, s.duration, s.latency_samples))
-        return figures
-    finally:
-        await client.close()
-        ctx.term()
+CHUNK_S = 0.5  # OrbitMesh and its baselines take turns, this long each, so all see the same load
 
 
-def measure_orbitmesh(s: Settings, payload: bytes) -> tuple[Figures, Figures, str]:
-    """Broker in its own process, then (1) an Agent process and a MeshClient here, (2) a raw pyzmq
-    echo agent process and a raw pyzmq client here, both speaking the OrbitMesh protocol.
+def chunks(duration: float) -> list[float]:
+    """``duration`` split into turns of about CHUNK_S (at least 2)."""
+    k = max(2, round(duration / CHUNK_S))
+    return [duration / k] * k
 
-    Returns the invoke figures, the raw-peer figures and the broker's core.
+
+class _Meter:
+    """Counts, seconds and CPU per process role, summed over one side's turns."""
+
+    def __init__(self, children: dict[str, Child]) -> None:
+        self.children = children
+        self.count = 0
+        self.elapsed = 0.0
+        self.cpu_ns: dict[str, int] = {}
+        self.thread_ns: dict[str, dict[str, int]] = {}  # role -> Python thread role -> ns
+        self._start: tuple[dict[str, int], dict[str, dict[str, int]]] = ({}, {})
+
+    def _read(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        now: dict[str, int] = {}
+        threads: dict[str, dict[str, int]] = {}
+        for role, child in self.children.items():
+            now[role], threads[role] = child.cpu()
+        now["client"] = time.process_time_ns()
+        return now, threads
+
+    def start(self) -> None:
+        self._start = self._read()
+
+    def stop(self, count: int, elapsed: float) -> None:
+        (end, end_threads), (start, start_threads) = self._read(), self._start
+        for role, ns in end.items():
+            self.cpu_ns[role] = self.cpu_ns.get(role, 0) + ns - start[role]
+        for role, by_thread in end_threads.items():
+            acc = self.thread_ns.setdefault(role, {})
+            for name, ns in by_thread.items():
+                acc[name] = acc.get(name, 0) + ns - start_threads[role].get(name, 0)
+        self.count += count
+        self.elapsed += elapsed
+
+    def per_unit(self) -> dict[str, float]:
+        """CPU ns per counted unit, by role."""
+        n = max(1, self.count)
+        return {role: ns / n for role, ns in self.cpu_ns.items()}
+
+    def threads_per_unit(self, role: str) -> dict[str, float]:
+        """CPU ns per counted unit of ``role``'s Python threads; "libzmq_other": the rest."""
+        n = max(1, self.count)
+        split = {name: ns / n for name, ns in self.thread_ns.get(role, {}).items()}
+        split["libzmq_other"] = self.cpu_ns.get(role, 0) / n - sum(split.values())
+        return split
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+async def _invoke_turns(
+    s: Settings, sides: dict[str, tuple[Any, Any, _Meter]], between: Callable[[], None]
+) -> dict[str, Figures]:
+    """Each side: (pipelined(seconds) -> (count, seconds), sequential(seconds, samples) -> [ns]
+    or None, meter). Warm up every side, then the sides take turns (their order rotating):
+    pipelined for ``s.duration`` s each if ``invoke`` is chosen, then sequential if ``latency``
+    is. ``between()`` runs after every turn (keeps idle raw peers alive)."""
+    names = list(sides)
+    figures = {name: Figures() for name in names}
+
+    def order(i: int) -> list[str]:
+        return names[i % len(names) :] + names[: i % len(names)]
+
+    if "invoke" in s.workloads:
+        for name in names:
+            await _maybe_await(sides[name][0](s.warmup))
+            between()
+        for i, chunk in enumerate(chunks(s.duration)):
+            for name in order(i):
+                pipelined, _, meter = sides[name]
+                meter.start()
+                count, elapsed = await _maybe_await(pipelined(chunk))
+                meter.stop(count, elapsed)
+                between()
+        for name in names:
+            meter = sides[name][2]
+            f = figures[name]
+            f.round_trips, f.elapsed = meter.count, meter.elapsed
+            f.rate = meter.count / meter.elapsed if meter.elapsed else 0.0
+            f.cpu_ns_per_round_trip = meter.per_unit()
+    timed = [name for name in names if sides[name][1] is not None]  # the durable-job sides have no latency run
+    if s.latency_samples > 0:
+        samples: dict[str, list[int]] = {name: [] for name in timed}
+        for name in timed:
+            await _maybe_await(sides[name][1](s.warmup, s.latency_samples))
+            between()
+        for i, chunk in enumerate(chunks(s.duration)):
+            for name in order(i):
+                left = s.latency_samples - len(samples.get(name, ()))
+                if name in samples and left > 0:
+                    samples[name] += await _maybe_await(sides[name][1](chunk, left))
+                    between()
+        for name in timed:
+            _set_latency(figures[name], samples[name])
+    return figures
+
+
+def measure_invoke(s: Settings, payload: bytes) -> tuple[Figures, Figures, Figures, str, list[JobFigures]]:
+    """Invoke throughput and latency, three ways at once: a MeshClient here -> broker -> Agent;
+    raw pyzmq peers speaking the OrbitMesh protocol (client here -> the same broker -> raw agent);
+    the baseline (raw DEALER here -> zmq.proxy -> raw echo worker). If ``jobs`` is chosen, also
+    durable ``execute`` per durability mode, each on its own broker with a fresh job store in a
+    temporary directory (removed afterwards) and its own agent. Every process runs all along and
+    the sides take turns of about CHUNK_S, so they share the machine's load alike.
+
+    Returns the invoke, raw-peer and baseline figures, the broker's core and the job figures.
     """
     with contextlib.ExitStack() as stack:
+        job_stacks = _start_job_stacks(stack, s) if "jobs" in s.workloads else {}
         broker, info = _start(stack, "broker", core=s.core)
+        proxy, pinfo = _start(stack, "proxy")
         endpoint, capacity = info["endpoint"], max(64, s.window)
-        with contextlib.ExitStack() as phase:
-            agent, _ = _start(phase, "agent", endpoint=endpoint, capacity=capacity)
-            invoke = run(_om_client(s, endpoint, payload, {"broker": broker, "agent": agent}))
-        with contextlib.ExitStack() as phase:
-            raw_agent, _ = _start(phase, "rawagent", endpoint=endpoint, capacity=capacity)
-            raw = _raw_om_client(s, endpoint, payload, {"broker": broker, "agent": raw_agent})
-        return invoke, raw, str(info["core"])
+        agent = Child("agent", endpoint=endpoint, capacity=capacity)
+        stack.callback(agent.stop)
+        raw_agent = Child("rawagent", endpoint=endpoint, capacity=capacity)
+        stack.callback(raw_agent.stop)
+        echo = Child("echo", endpoint=pinfo["backend"])
+        stack.callback(echo.stop)
+        for child in (agent, raw_agent, echo):
+            child.ready()
+        base_sock = stack.enter_context(_dealer(pinfo["frontend"]))
+        base_sock.send(payload)
+        if base_sock.recv() != payload:
+            raise RuntimeError("the echo worker did not send the payload back")
+        base_send, base_recv = functools.partial(base_sock.send, payload), base_sock.recv
+        raw_sock = stack.enter_context(_dealer(endpoint))
+        route = frame.pack_route(Route.NAME, Strategy.LEAST_LOADED, RAW_AGENT_NAME.encode())
+        tail = [route, COMMAND.encode(), msgpack.packb(payload)]
+        corrs = itertools.count(1)  # each request's corr must increase within the session
+
+        def raw_send() -> None:
+            raw_sock.send_multipart([header(Kind.REQUEST, corr=next(corrs)), *tail])
+
+        raw_recv = _raw_reply_receiver(raw_sock)
+        top = s.max_round_trips
+
+        async def session() -> dict[str, Figures]:
+            ctx: zmq.Context[Any] = zmq.Context()
+            client = MeshClient(endpoint, context=ctx, timeout=REPLY_TIMEOUT)
+            job_clients = {
+                mode: MeshClient(e, context=ctx, timeout=REPLY_TIMEOUT) for mode, (e, _, _) in job_stacks.items()
+            }
+            try:
+                await client.connect(READY_TIMEOUT)
+                for job_client in job_clients.values():
+                    await job_client.connect(READY_TIMEOUT)
+                    job = await job_client.execute(AGENT_NAME, COMMAND, payload)
+                    echoed = await job.result(REPLY_TIMEOUT)
+                    if echoed != payload:
+                        raise RuntimeError(f"the agent's job result is {echoed!r:.60}, not the payload")
+                echoed = await client.invoke(AGENT_NAME, COMMAND, payload)
+                if echoed != payload:
+                    raise RuntimeError(f"the agent echoed {echoed!r:.60}, not the payload")
+                _raw_hello(raw_sock, Role.CLIENT, {"role": "client", "name": "bench-raw-client"})
+                sides: dict[str, tuple[Any, Any, _Meter]] = {
+                    "orbitmesh": (
+                        lambda t: _Pipeline(client, payload, s.window, t, top).run(),
+                        lambda t, n: _om_latency(client, payload, t, n),
+                        _Meter({"broker": broker, "agent": agent}),
+                    ),
+                    "raw": (
+                        lambda t: _pipelined(raw_send, raw_recv, s.window, t, top),
+                        lambda t, n: _sequential(raw_send, raw_recv, t, n),
+                        _Meter({"broker": broker, "agent": raw_agent}),
+                    ),
+                    "baseline": (
+                        lambda t: _pipelined(base_send, base_recv, s.window, t, top),
+                        lambda t, n: _sequential(base_send, base_recv, t, n),
+                        _Meter({"broker": proxy, "agent": echo}),
+                    ),
+                }
+                for mode, job_client in job_clients.items():
+                    _, job_broker, job_agent = job_stacks[mode]
+                    sides[f"jobs_{mode}"] = (
+                        functools.partial(_job_pipeline, job_client, payload, s.job_window),
+                        None,
+                        _Meter({"broker": job_broker, "agent": job_agent}),
+                    )
+                figures = await _invoke_turns(s, sides, functools.partial(_raw_keepalive, raw_sock))
+                for mode in job_clients:
+                    meter = sides[f"jobs_{mode}"][2]
+                    rate = meter.count / meter.elapsed if meter.elapsed else 0.0
+                    jf = JobFigures(mode, s.store, rate, meter.count, meter.elapsed, meter.per_unit())
+                    jf.broker_threads_ns_per_job = meter.threads_per_unit("broker")
+                    jobs.append(jf)
+                return figures
+            finally:
+                for job_client in job_clients.values():
+                    await job_client.close()
+                await client.close()
+                ctx.term()
+
+        jobs: list[JobFigures] = []
+        figures = run(session())
+        return figures["orbitmesh"], figures["raw"], figures["baseline"], str(info["core"]), jobs
 
 
 # ------------------------------------------------------------------ durable jobs (execute)
@@ -786,28 +1073,6 @@ async def _job_pipeline(client: MeshClient, payload: bytes, window: int, duratio
     return completed, perf_counter() - t0
 
 
-async def _jobs_client(
-    s: Settings, endpoint: str, payload: bytes, durability: str, children: dict[str, Child]
-) -> JobFigures:
-    ctx: zmq.Context[Any] = zmq.Context()
-    client = MeshClient(endpoint, context=ctx, timeout=REPLY_TIMEOUT)
-    try:
-        await client.connect(READY_TIMEOUT)
-        job = await client.execute(AGENT_NAME, COMMAND, payload)
-        echoed = await job.result(REPLY_TIMEOUT)
-        if echoed != payload:
-            raise RuntimeError(f"the agent's job result is {echoed!r:.60}, not the payload")
-        await _job_pipeline(client, payload, s.job_window, s.warmup)
-        cpu = _CpuWindow(children)
-        count, elapsed = await _job_pipeline(client, payload, s.job_window, s.duration)
-        figures = JobFigures(durability, s.store, count / elapsed, count, elapsed, cpu.per(count))
-        figures.broker_threads_ns_per_job = cpu.threads["broker"]
-        return figures
-    finally:
-        await client.close()
-        ctx.term()
-
-
 def _store_url(store: str, directory: str) -> str:
     if store == "memory":
         return "memory://"
@@ -816,34 +1081,26 @@ def _store_url(store: str, directory: str) -> str:
     return f"lmdb://{os.path.join(directory, 'jobs')}"
 
 
-def measure_jobs(s: Settings, payload: bytes) -> list[JobFigures]:
-    """Durable ``execute`` in every durability mode: per mode a broker process on a fresh job
-    store in a temporary directory (removed afterwards) and an agent process (capacity >= the
-    job window), all started at once; then one mode after the other, a MeshClient here."""
-    with contextlib.ExitStack() as stack:
-        top = tempfile.mkdtemp(prefix="orbitmesh-bench-")
-        stack.callback(shutil.rmtree, top, ignore_errors=True)  # runs after every child has stopped
-        brokers: dict[str, Child] = {}
-        for mode in DURABILITY_MODES:
-            directory = os.path.join(top, mode)
-            os.mkdir(directory)
-            brokers[mode] = broker = Child("broker", core=s.core, store=_store_url(s.store, directory), durability=mode)
-            stack.callback(broker.stop)
-        endpoints = {mode: broker.ready()["endpoint"] for mode, broker in brokers.items()}
-        agents: dict[str, Child] = {}
-        for mode, endpoint in endpoints.items():
-            agents[mode] = agent = Child("agent", endpoint=endpoint, capacity=max(64, s.job_window))
-            stack.callback(agent.stop)
-        for agent in agents.values():
-            agent.ready()
-
-        async def all_modes() -> list[JobFigures]:
-            return [
-                await _jobs_client(s, endpoints[m], payload, m, {"broker": brokers[m], "agent": agents[m]})
-                for m in DURABILITY_MODES
-            ]
-
-        return run(all_modes())
+def _start_job_stacks(stack: contextlib.ExitStack[Any], s: Settings) -> dict[str, tuple[str, Child, Child]]:
+    """Per durability mode: a broker process on a fresh job store in a temporary directory
+    (removed once every child has stopped) and an agent process (capacity >= the job window).
+    Returns mode -> (endpoint, broker, agent)."""
+    top = tempfile.mkdtemp(prefix="orbitmesh-bench-")
+    stack.callback(shutil.rmtree, top, ignore_errors=True)  # callbacks run last-in first-out: after the stops
+    brokers: dict[str, Child] = {}
+    for mode in DURABILITY_MODES:
+        directory = os.path.join(top, mode)
+        os.mkdir(directory)
+        brokers[mode] = broker = Child("broker", core=s.core, store=_store_url(s.store, directory), durability=mode)
+        stack.callback(broker.stop)
+    endpoints = {mode: broker.ready()["endpoint"] for mode, broker in brokers.items()}
+    agents: dict[str, Child] = {}
+    for mode, endpoint in endpoints.items():
+        agents[mode] = agent = Child("agent", endpoint=endpoint, capacity=max(64, s.job_window))
+        stack.callback(agent.stop)
+    for agent in agents.values():
+        agent.ready()
+    return {mode: (endpoints[mode], brokers[mode], agents[mode]) for mode in DURABILITY_MODES}
 
 
 # ------------------------------------------------------------------ raw pyzmq client side
@@ -880,18 +1137,6 @@ def _sequential(send: Callable[[], Any], recv: Callable[[], Any], duration: floa
     return out
 
 
-def _measure_sync(s: Settings, send: Callable[[], Any], recv: Callable[[], Any], children: dict[str, Child]) -> Figures:
-    """Warm up, then the pipelined run (with CPU times) and the latency run, from this thread."""
-    _pipelined(send, recv, s.window, s.warmup, s.max_round_trips)
-    cpu = _CpuWindow(children)
-    count, elapsed = _pipelined(send, recv, s.window, s.duration, s.max_round_trips)
-    figures = Figures(rate=count / elapsed, round_trips=count, elapsed=elapsed)
-    figures.cpu_ns_per_round_trip = cpu.per(count)
-    _sequential(send, recv, s.warmup, s.latency_samples)
-    _set_latency(figures, _sequential(send, recv, s.duration, s.latency_samples))
-    return figures
-
-
 @contextlib.contextmanager
 def _dealer(endpoint: str) -> Iterator[zmq.Socket[Any]]:
     """A DEALER connected to ``endpoint`` on a private context; receives time out."""
@@ -912,22 +1157,6 @@ def _dealer(endpoint: str) -> Iterator[zmq.Socket[Any]]:
         ctx.term()
 
 
-def _baseline_client(s: Settings, endpoint: str, payload: bytes, children: dict[str, Child]) -> Figures:
-    with _dealer(endpoint) as sock:
-        sock.send(payload)
-        if sock.recv() != payload:
-            raise RuntimeError("the echo worker did not send the payload back")
-        return _measure_sync(s, functools.partial(sock.send, payload), sock.recv, children)
-
-
-def measure_baseline(s: Settings, payload: bytes) -> Figures:
-    """``zmq.proxy`` and a raw echo worker in their own processes, raw DEALER client here."""
-    with contextlib.ExitStack() as stack:
-        proxy, info = _start(stack, "proxy")
-        echo, _ = _start(stack, "echo", endpoint=info["backend"])
-        return _baseline_client(s, info["frontend"], payload, {"broker": proxy, "agent": echo})
-
-
 def _raw_hello(sock: zmq.Socket[Any], role: Role, hello: dict[str, Any]) -> None:
     """Register a raw pyzmq peer with an OrbitMesh broker (HELLO, wait for WELCOME)."""
     sock.send_multipart([header(Kind.HELLO, aux=role, corr=1), b"", msgpack.packb(hello)])
@@ -939,6 +1168,17 @@ def _raw_hello(sock: zmq.Socket[Any], role: Role, hello: dict[str, Any]) -> None
             raise RuntimeError(f"broker refused HELLO: {frames[2].decode(errors='replace')}")
 
 
+def _raw_keepalive(sock: zmq.Socket[Any]) -> None:
+    """Between turns: answer the broker's heartbeats waiting on an idle raw client's socket, so
+    a long turn of another side never makes the broker drop it."""
+    while sock.poll(0):
+        frames = sock.recv_multipart()
+        if frames[0][3] == Kind.HEARTBEAT:
+            sock.send_multipart([header(Kind.HEARTBEAT), b""])
+        else:
+            raise RuntimeError(f"idle raw client got message kind {frames[0][3]}")
+
+
 def _raw_reply_receiver(sock: zmq.Socket[Any]) -> Callable[[], None]:
     """Receive one REPLY from the broker; answer its heartbeats on the way."""
     recv, send = sock.recv_multipart, sock.send_multipart
@@ -946,28 +1186,17 @@ def _raw_reply_receiver(sock: zmq.Socket[Any]) -> Callable[[], None]:
 
     def recv_reply() -> None:
         while True:
-            kind = recv()[0][3]
+            frames = recv()
+            kind = frames[0][3]
             if kind == Kind.REPLY:
                 return
             if kind == Kind.HEARTBEAT:
                 send(heartbeat)
             else:
-                raise RuntimeError(f"raw client got message kind {kind} instead of a reply")
+                what = frames[-1].decode(errors="replace") if kind == Kind.ERROR else ""
+                raise RuntimeError(f"raw client got message kind {kind} instead of a reply {what}".rstrip())
 
     return recv_reply
-
-
-def _raw_om_client(s: Settings, endpoint: str, payload: bytes, children: dict[str, Child]) -> Figures:
-    with _dealer(endpoint) as sock:
-        _raw_hello(sock, Role.CLIENT, {"role": "client", "name": "bench-raw-client"})
-        route = frame.pack_route(Route.NAME, Strategy.LEAST_LOADED, RAW_AGENT_NAME.encode())
-        tail = [route, COMMAND.encode(), msgpack.packb(payload)]
-        corrs = itertools.count(1)  # each request's corr must increase within the session
-
-        def send() -> None:
-            sock.send_multipart([header(Kind.REQUEST, corr=next(corrs)), *tail])
-
-        return _measure_sync(s, send, _raw_reply_receiver(sock), children)
 
 
 def _set_latency(figures: Figures, samples: list[int]) -> None:
@@ -981,18 +1210,31 @@ def _set_latency(figures: Figures, samples: list[int]) -> None:
 
 
 def run_bench(s: Settings) -> Report:
-    """Measure OrbitMesh, then the baseline, with the same payload and settings.
+    """Measure the chosen workloads, each next to its baseline, with the same payload and settings.
 
     Raises ImportError if the broker's core is not built, RuntimeError if a process fails.
     """
-    from . import _core
+    from . import _core, bench_workloads
 
     _core.load("_dataplane", s.core)  # fail here, with the fix in the message, not in a child
     payload = bytes(i & 0xFF for i in range(s.size))
-    om, raw, broker_core = measure_orbitmesh(s, payload)
-    base = measure_baseline(s, payload)
-    jobs = measure_jobs(s, payload)
-    return Report(s, machine_info(), om, raw, base, broker_core, jobs)
+    chosen = set(s.workloads)
+    machine = machine_info()
+    om, raw, base = Figures(), Figures(), Figures()
+    jobs: list[JobFigures] = []
+    broker_core = s.core
+    if chosen & {"invoke", "latency", "jobs"}:
+        t = s if "latency" in chosen else replace(s, latency_samples=0)
+        om, raw, base, broker_core, jobs = measure_invoke(t, payload)
+    sections = []
+    if chosen & {"stream", "raw"}:
+        sections += bench_workloads.measure_stream_raw(s, "stream" in chosen, "raw" in chosen)
+    if "fanout" in chosen:
+        sections.append(bench_workloads.measure_fanout(s, payload))
+    if "scale" in chosen:
+        sections.append(bench_workloads.measure_scale(s, payload))
+    machine["load_average_end"] = _loadavg()
+    return Report(s, machine, om, raw, base, broker_core, jobs, sections)
 
 
 def _num(value: float) -> str:
@@ -1007,22 +1249,26 @@ def format_report(r: Report) -> str:
     lines = [
         f"orbitmesh bench: broker core {r.broker_core}, client/agent codec core {core_impl()} (live)",
         f"machine: {m['cpus']} CPUs ({m['usable_cpus']} usable), {m['implementation']} {m['python']}, "
-        f"pyzmq {m['pyzmq']} / libzmq {m['libzmq']}, {m['loop']}",
+        f"pyzmq {m['pyzmq']} / libzmq {m['libzmq']}, {m['loop']}; load average {_load_text(m)}",
         f"tcp 127.0.0.1, {s.size}-byte payloads, {s.duration:g} s per workload after {s.warmup:g} s warm-up"
         + (" (quick)" if s.quick else ""),
-        "baseline: raw pyzmq DEALER -> zmq.proxy (ROUTER/DEALER) -> raw pyzmq echo worker; 3 processes each side",
-        "",
+        "baseline: raw pyzmq DEALER -> zmq.proxy (ROUTER/DEALER) -> raw pyzmq worker; 3 processes each side",
+        f"workloads: {','.join(s.workloads)}",
     ]
-    lines += _table(("workload", "OrbitMesh", "baseline", "ratio", "target", "", ""), r.rows())
-    lines += [
-        "",
-        "CPU: each process's CPU time (all threads, libzmq I/O included) over the pipelined run; a broker",
-        "forwards 2 messages per round trip. Per-message CPU falls as the rate rises (fewer wake-ups, more",
-        "batching), so compare brokers at similar rates: the raw-peer rows drive the OrbitMesh broker with",
-        "raw pyzmq peers (speaking its protocol), as the baseline drives zmq.proxy.",
-        f"Latency samples: {r.orbitmesh.latency_samples} invoke, {r.raw.latency_samples} raw peers,"
-        f" {r.baseline.latency_samples} baseline.",
-    ]
+    main_rows = r.rows() + [row for sec in r.sections for row in sec.rows]
+    if main_rows:
+        lines += [""] + _table(("workload", "OrbitMesh", "baseline", "ratio", "target", "absolute", ""), main_rows)
+    if r.rows():
+        lines += [
+            "",
+            "CPU: each process's CPU time (all threads, libzmq I/O included) over the pipelined run; a broker",
+            "forwards 2 messages per round trip. Per-message CPU falls as the rate rises (fewer wake-ups, more",
+            "batching), so compare brokers at similar rates: the raw-peer rows drive the OrbitMesh broker with",
+            "raw pyzmq peers (speaking its protocol), as the baseline drives zmq.proxy.",
+            f"Latency samples: {r.orbitmesh.latency_samples} invoke, {r.raw.latency_samples} raw peers,"
+            f" {r.baseline.latency_samples} baseline.",
+        ]
+    lines += _section_notes(r)
     if r.jobs:
         where = "the broker's memory" if s.store == "memory" else r.machine.get("tmpdir", "a temporary directory")
         lines += [
@@ -1049,13 +1295,52 @@ def format_report(r: Report) -> str:
     return "\n".join(lines)
 
 
+def _load_text(m: dict[str, Any]) -> str:
+    start, end = m.get("load_average") or [], m.get("load_average_end") or []
+    if not start:
+        return "n/a"
+    return f"{start[0]:.1f} at start" + (f", {end[0]:.1f} at end" if end else "") + " (1 min)"
+
+
+def _section_notes(r: Report) -> list[str]:
+    """What the stream / raw / fanout / scale rows compare against."""
+    s = r.settings
+    names = {sec.name: sec for sec in r.sections}
+    out = []
+    if "stream" in names:
+        out.append(
+            f"stream: client.stream over an async-generator handler; baseline: a raw worker behind zmq.proxy sends"
+            f" {s.size} B items, paced by the same credit window."
+        )
+    if "raw" in names:
+        out.append(
+            "raw: send_raw to a raw handler that acks with an empty reply (one way); baseline: the same through"
+            " zmq.proxy to a raw worker."
+        )
+    if "fanout" in names:
+        query = names["fanout"].details["agents_query"]["p50_ms"]
+        out.append(
+            f"fan-out: execute_on_all over {s.fanout_agents} Agent objects in one process (agents() query, p50"
+            f" {query:.2f} ms alone, + N invokes); baseline: N raw requests dealt by zmq.proxy to N raw workers."
+        )
+    if "scale" in names:
+        d = names["scale"].details
+        out.append(
+            f"scale: {d['agents']:,} raw-pyzmq agents (HELLO, heartbeats) in {d['processes']} processes joined in"
+            f" {d['join_seconds']:.2f} s; baseline column: an identical broker with 1 agent, run alongside (idle CPU"
+            f" over the same {d['idle_seconds']:g} s, latency in alternating bursts); swarm CPU"
+            f" {d['idle_cpu_percent']['swarm']['total']:.1f} % of a core."
+        )
+    return [""] + out if out else []
+
+
 def _table(header: tuple[str, ...], table: list[Row]) -> list[str]:
     rows: list[tuple[str, ...]] = [
         (
             row.label,
             _num(row.orbitmesh),
-            _num(row.baseline),
-            f"{row.ratio:.2f}x",
+            _num(row.baseline) if row.baseline else "-",
+            f"{row.ratio:.2f}x" if row.baseline else "-",
             row.target_text(),
             row.absolute_text(),
             {None: "", True: "ok", False: "MISSED"}[row.met],
@@ -1093,6 +1378,14 @@ def main(args: argparse.Namespace) -> int:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(report.to_dict(), fh, indent=2)
             fh.write("\n")
+    if getattr(args, "plot", None):
+        from .bench_plot import write_png
+
+        try:
+            write_png(report.to_dict(), args.plot)
+        except ImportError as exc:
+            print(f"orbitmesh bench: no plot: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -125,7 +125,16 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--store", choices=["lmdb", "sqlite", "memory"], default="lmdb", help="job store for the execute runs"
     )
+    bench.add_argument(
+        "--workloads",
+        metavar="LIST",
+        help="comma-separated: invoke,latency,jobs,stream,raw,fanout,scale (default: all)",
+    )
+    bench.add_argument("--agents", type=int, default=None, help="scale: agents connected (default 5000, quick 500)")
+    bench.add_argument("--fanout-agents", type=int, default=100, help="fanout: agents answering execute_on_all")
+    bench.add_argument("--raw-sizes", metavar="LIST", help="raw: payload sizes (default 1k,64k,1m)")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.add_argument("--plot", metavar="FILE", help="also draw ratio vs target per workload as PNG (matplotlib)")
     return p
 
 
