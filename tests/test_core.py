@@ -174,3 +174,42 @@ def test_unbuilt_package_fails_on_import_with_a_build_hint(tmp_path: Path) -> No
     )
     assert pure.returncode == 0, pure.stderr
     assert pure.stdout.strip() == "py"
+
+
+@pytest.mark.parametrize("impl", ["c", "py"])
+def test_io_twins_send_and_receive_whole_messages_in_byte_bounded_batches(impl: str) -> None:
+    import time
+
+    import zmq
+
+    io = _core.load("_io", impl)
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind(f"inproc://io-twins-{impl}")
+        b.connect(f"inproc://io-twins-{impl}")
+        # Given large and small messages sent as bytes, memoryviews and bytearrays
+        big = b"x" * (io.BATCH_BYTES // 4 + 1)
+        for i in range(8):
+            assert io.send_parts(a, [b"h%d" % i, memoryview(big), bytearray(b"t")])
+        for i in range(5):
+            assert io.send_parts(a, [b"s%d" % i])
+        with pytest.raises(ValueError):
+            io.send_parts(a, [])
+        time.sleep(0.05)
+        got, sizes = [], []
+        for _ in range(20):
+            batch = io.recv_batch(b, 256)
+            if not batch:
+                break
+            sizes.append(len(batch))
+            got += batch
+        # Expect every message whole and in order, and no batch holding much past BATCH_BYTES
+        assert [m[0] for m in got] == [b"h%d" % i for i in range(8)] + [b"s%d" % i for i in range(5)]
+        assert all(m[1:] == [big, b"t"] for m in got[:8])
+        assert sizes == [4, 4, 5]
+        assert io.recv_batch(b, 256) == []
+    finally:
+        a.close(0)
+        b.close(0)
+        ctx.term()

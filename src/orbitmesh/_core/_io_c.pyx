@@ -11,7 +11,11 @@ from libc.string cimport memcpy
 from orbitmesh._core._libzmq cimport raise_zmq_error, socket_handle, zmq_api
 from orbitmesh._core._zmqabi cimport EAGAIN, EINTR, ZMQ_DONTWAIT, ZMQ_SNDMORE, ZmqApi, zmq_msg_t
 
-public_api = ["recv_batch", "send_parts"]
+from orbitmesh._core._io_py import BATCH_BYTES
+
+public_api = ["BATCH_BYTES", "recv_batch", "send_parts"]
+
+cdef size_t _BATCH_BYTES = BATCH_BYTES
 
 
 cdef int _send_one(ZmqApi* z, void* h, const char* data, size_t size, int flags) noexcept:
@@ -63,14 +67,16 @@ def send_parts(sock, parts):
 
 
 def recv_batch(sock, int limit):
-    """Up to ``limit`` whole messages waiting on ``sock``, each a list of bytes; [] if none."""
+    """Up to ``limit`` whole messages waiting on ``sock``, each a list of bytes; [] if none;
+    a batch also ends once it holds ``BATCH_BYTES`` (see ``_io_py``)."""
     cdef void* h = socket_handle(sock)
     cdef ZmqApi* z = zmq_api()
     cdef zmq_msg_t m
     cdef int err, more, got = 0
+    cdef size_t size = 0
     cdef list out = []
     cdef list msg
-    while got < limit:
+    while got < limit and size < _BATCH_BYTES:
         msg = []
         more = 1
         while more:
@@ -84,6 +90,7 @@ def recv_batch(sock, int limit):
                     return out
                 raise_zmq_error(err)
             msg.append(PyBytes_FromStringAndSize(<const char*>z.zmq_msg_data(&m), z.zmq_msg_size(&m)))
+            size += z.zmq_msg_size(&m)
             more = z.zmq_msg_more(&m)
             z.zmq_msg_close(&m)
         out.append(msg)

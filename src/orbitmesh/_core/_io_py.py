@@ -10,7 +10,9 @@ from typing import Any
 
 import zmq
 
-public_api = ["recv_batch", "send_parts"]
+public_api = ["BATCH_BYTES", "recv_batch", "send_parts"]
+
+BATCH_BYTES = 1 << 20  # a receive batch ends once it holds this many bytes
 
 
 def send_parts(sock: zmq.Socket[Any], parts: Sequence[Any]) -> bool:
@@ -19,6 +21,8 @@ def send_parts(sock: zmq.Socket[Any], parts: Sequence[Any]) -> bool:
     Returns False (nothing sent) if the socket cannot take it now; raises
     zmq.ZMQError for anything else.
     """
+    if not parts:
+        raise ValueError("a message needs at least one part")
     try:
         sock.send_multipart(parts, zmq.NOBLOCK)
     except zmq.Again:
@@ -27,12 +31,22 @@ def send_parts(sock: zmq.Socket[Any], parts: Sequence[Any]) -> bool:
 
 
 def recv_batch(sock: zmq.Socket[Any], limit: int) -> list[list[bytes]]:
-    """Up to ``limit`` whole messages waiting on ``sock``, each a list of bytes; [] if none."""
+    """Up to ``limit`` whole messages waiting on ``sock``, each a list of bytes; [] if none.
+
+    A batch also ends once it holds ``BATCH_BYTES``: hundreds of large frames alive at once
+    make glibc hand their memory back to the system and fault it in again for the next batch
+    (measured: 1 MiB frames cost 4x the CPU in batches of 256 than one at a time).
+    """
     out: list[list[bytes]] = []
     recv = sock.recv_multipart
+    size = 0
     for _ in range(limit):
         try:
-            out.append(recv(zmq.NOBLOCK))
+            msg = recv(zmq.NOBLOCK)
         except zmq.Again:
+            break
+        out.append(msg)
+        size += sum(len(f) for f in msg)
+        if size >= BATCH_BYTES:
             break
     return out
