@@ -237,6 +237,42 @@ def test_send_raw_without_raw_handler(arun, ctx, core_impl):
     arun(main())
 
 
+def test_async_raw_handler_that_returns_suspends_raises_or_returns_junk(arun, ctx, core_impl):
+    agents: list[om.Agent] = []
+
+    def setup(agent):
+        agents.append(agent)
+
+        @agent.raw_handler
+        async def raw(frames: list[bytes]) -> object:
+            mode = bytes(frames[0])
+            if mode == b"sleep":
+                await asyncio.sleep(0.01)
+                return [b"slept", *frames[1:]]
+            if mode == b"boom":
+                raise ValueError("raw boom")
+            if mode == b"junk":
+                return 42
+            return b"now"
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), setup=setup) as (_, _, client):
+            # Expect a handler that finishes at once, one that suspends, one that raises and one
+            # that returns something not bytes-like each to get its answer, concurrently too
+            assert await client.send_raw("agent-0", b"now") == b"now"
+            assert await client.send_raw_parts("agent-0", [b"sleep", b"a", b"b"]) == [b"slept", b"a", b"b"]
+            with pytest.raises(om.RemoteError, match="raw boom") as boom:
+                await client.send_raw("agent-0", b"boom")
+            assert boom.value.code == ErrorCode.HANDLER_ERROR and boom.value.remote_type.endswith("ValueError")
+            with pytest.raises(om.RemoteError, match="bytes-like"):
+                await client.send_raw("agent-0", b"junk")
+            many = await asyncio.gather(*(client.send_raw("agent-0", b"sleep" if i % 2 else b"now") for i in range(50)))
+            assert many == [b"slept" if i % 2 else b"now" for i in range(50)]
+            assert agents[0].inflight == 0
+
+    arun(main())
+
+
 def test_execute_on_all_reports_each_agent(arun, ctx, core_impl):
     def setup(agent):
         @agent.handler

@@ -599,6 +599,20 @@ class Agent:
         return await self._call_raw(call.params)
 
     def _run_raw(self, coro: Any, token: bytes, corr: int, job: int) -> None:
+        if inspect.iscoroutine(coro):
+            # Eagerly, as for commands: a raw handler that does not suspend needs no Task.
+            try:
+                pending = coro.send(None)
+            except StopIteration as stop:
+                self._end()
+                self._send_raw_reply(stop.value, token, corr, job)
+                return
+            except BaseException as exc:  # as _run_eagerly: the caller learns, the loop goes on
+                self._end()
+                self._reply_error(exc, token, corr, job)
+                return
+            coro = _Resume(coro, pending)
+
         async def finish() -> None:
             try:
                 out = await coro
