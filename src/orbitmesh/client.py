@@ -687,24 +687,36 @@ class MeshClient:
             else:
                 size += len(part)
 
+        if not self._middleware:
+            conn = self._conn
+            if conn is None or not conn.ready:
+                await self._wait_ready(to)
+            fast: list[bytes] = await self._submit_raw(agent, parts, size, to)
+            return fast
+
         async def endpoint(c: Call) -> list[bytes]:
-            conn = await self._wait_ready(to)
-            self._corr += 1
-            corr = self._corr
-            assert self._loop is not None
-            fut = self._loop.create_future()
-            hdr = header(Kind.RAW, corr=corr, deadline=wall_ms() + int(to * 1000))
-            conn.send([hdr, self._route(agent), *c.params], copy=size < 65536)
-            self._pending[corr] = _Pending(fut, self._serializer, Kind.RAW)
-            self._arm_timeout(corr, to)
-            result: list[bytes] = await fut
+            await self._wait_ready(to)
+            result: list[bytes] = await self._submit_raw(agent, c.params, size, to)
             return result
 
         call = Call("client", "raw", "", parts, _target_name(agent))
-        if self._middleware:
-            out: list[bytes] = await build_chain(self._middleware, endpoint)(call)
-            return out
-        return await endpoint(call)
+        out: list[bytes] = await build_chain(self._middleware, endpoint)(call)
+        return out
+
+    def _submit_raw(self, agent: Target, parts: list[Any], size: int, to: float) -> asyncio.Future[Any]:
+        """Send a RAW request now; the future gets the reply's frames."""
+        conn = self._conn
+        if conn is None or not conn.ready:
+            raise NotConnectedError(f"not connected to broker at {self.broker}")
+        self._corr += 1
+        corr = self._corr
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        hdr = header(Kind.RAW, corr=corr, deadline=wall_ms() + int(to * 1000))
+        conn.send([hdr, self._route(agent), *parts], copy=size < 65536)
+        self._pending[corr] = _Pending(fut, self._serializer, Kind.RAW)
+        self._arm_timeout(corr, to)
+        return fut
 
     async def execute_on_all(
         self,
