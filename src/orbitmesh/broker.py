@@ -252,6 +252,7 @@ class Broker:
         self._timers: set[asyncio.TimerHandle] = set()
         self._labels_rr = -1  # round-robin cursor for label selection
         self._swept: object = None  # the key-store snapshot the last session sweep applied
+        self._ctl_out: list[list[bytes]] = []  # control messages queued in this turn of the loop
         # With security: each live session's policy, HELLO role and data-plane registration.
         self._sessions: dict[bytes, _Session] = {}
         self._forbidden = 0  # requests and queries the control plane refused (FORBIDDEN)
@@ -330,7 +331,7 @@ class Broker:
             store,
             loop,
             op=self._dp_mod.OP,
-            send=self._ctrl.send,
+            send=self._ctl,
             to_peer=self._send,
             publish=self._publish,
             choose=self._choose_agent,
@@ -362,6 +363,7 @@ class Broker:
             t.cancel()
         self._timers.clear()
         assert self._ctrl is not None and self._stopped is not None and self._thread is not None
+        self._flush_ctl()
         self._ctrl.send([self._dp_mod.OP["STOP"]])
         try:
             await asyncio.wait_for(asyncio.shield(self._stopped), timeout)
@@ -418,9 +420,40 @@ class Broker:
 
     # ------------------------------------------------------------ sending
 
+    def _ctl(self, frames: list[bytes]) -> None:
+        """Queue a control message for the data plane. What is queued in one turn of the loop
+        goes down as one OP_BATCH: one wake-up of the data-plane thread instead of one per
+        message (a durable job makes three: ACCEPTED, its dispatch, its answer)."""
+        if self._ctrl is None:
+            return
+        self._ctl_out.append(frames)
+        if len(self._ctl_out) == 1:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush_ctl)
+
+    def _flush_ctl(self) -> None:
+        out, self._ctl_out = self._ctl_out, []
+        ctrl = self._ctrl
+        if not out or ctrl is None:
+            return
+        if len(out) == 1:
+            ctrl.send(out[0])
+            return
+        op_batch, cap = self._dp_mod.OP["BATCH"], self._dp_mod.CTRL_MAX_FRAMES
+        layout = bytearray()
+        batch: list[bytes] = []
+        for frames in out:
+            if len(frames) + len(batch) + 2 > cap and batch:
+                ctrl.send([op_batch, bytes(layout), *batch])
+                layout.clear()
+                batch = []
+            layout += len(frames).to_bytes(2, "little")
+            batch += frames
+        ctrl.send([op_batch, bytes(layout), *batch])
+
     def _send(self, rid: bytes, frames: list[bytes]) -> None:
         if self._ctrl is not None:
-            self._ctrl.send([self._dp_mod.OP["SEND"], rid, *frames])
+            self._ctl([self._dp_mod.OP["SEND"], rid, *frames])
 
     def _reply(self, rid: bytes, corr: int, body: Any) -> None:
         self._send(rid, [header(Kind.REPLY, corr=corr), b"", msgpack.packb(body, use_bin_type=True)])
@@ -514,12 +547,12 @@ class Broker:
             if after != before and sess.reg:
                 role, capacity, _ = _META.unpack(sess.reg[2])
                 sess.reg[2] = _META.pack(role, capacity, after)
-                self._ctrl.send(list(sess.reg))
+                self._ctl(list(sess.reg))
 
     def _close_session(self, rid: bytes, code: int, message: str, reason: str) -> None:
         assert self._ctrl is not None
         self._error(rid, code, 0, message)
-        self._ctrl.send([self._dp_mod.OP["UNREG"], rid])
+        self._ctl([self._dp_mod.OP["UNREG"], rid])
         agent = self._forget(rid)
         if agent is not None:
             log.warning("agent %s disconnected: %s", agent.info.name, reason)
@@ -658,7 +691,7 @@ class Broker:
             # was slow to be answered): the new session replaces the old one now, rather than
             # refusing the agent until liveness expires a session nobody will use again.
             assert self._ctrl is not None
-            self._ctrl.send([self._dp_mod.OP["UNREG"], held.rid])
+            self._ctl([self._dp_mod.OP["UNREG"], held.rid])
             self._forget(held.rid)
             log.info("agent %s reconnected: its new session replaces the old one", name)
             self._publish("agent_left", {**held.public(), "reason": "replaced by a new connection"})
@@ -689,7 +722,7 @@ class Broker:
                 join(g.encode() for g in groups),
                 join(c.encode() for c in commands),
             ]
-            self._ctrl.send(frames)
+            self._ctl(frames)
             sess = self._sessions.get(rid)
             if sess is not None:
                 sess.reg = frames
@@ -755,7 +788,7 @@ class Broker:
             self._error(rid, resolved.code, corr, resolved.message)
             return
         assert self._ctrl is not None
-        self._ctrl.send([self._dp_mod.OP["INJECT"], rid, frames[0], resolved, *frames[2:]])
+        self._ctl([self._dp_mod.OP["INJECT"], rid, frames[0], resolved, *frames[2:]])
 
     def _authorize(self, policy: Policy, role: str, kind: int, frames: list[bytes]) -> bytes | OrbitMeshError:
         """Check a request against its key's policy; returns the route to use (narrowed to

@@ -53,6 +53,7 @@ from orbitmesh._core._dataplane_py import (
     ACL_CHECKED as _ACL_CHECKED,
     ACL_NO_REQUESTS as _ACL_NO_REQUESTS,
     COUNTERS,
+    CTRL_MAX_FRAMES,
     EV,
     OP,
     STATE_ALIVE,
@@ -67,6 +68,7 @@ public_api = [
     "ACL_CHECKED",
     "ACL_NO_REQUESTS",
     "COUNTERS",
+    "CTRL_MAX_FRAMES",
     "DataPlane",
     "EV",
     "OP",
@@ -148,6 +150,8 @@ cdef enum:
     OP_INJECT = 4
     OP_STOP = 5
     OP_SIGNAL = 6
+    OP_BATCH = 7
+    CTRL_CAP = 4096
     EV_MSG = 1
     EV_LOST = 2
     EV_JOB = 3
@@ -157,7 +161,7 @@ cdef enum:
     EV_STOPPED = 7
     EV_HELLO = 8
 
-if len(COUNTERS) != N_COUNTERS or (_ACL_NO_REQUESTS, _ACL_CHECKED) != (A_NO_REQUESTS, A_CHECKED):
+if CTRL_MAX_FRAMES != CTRL_CAP or len(COUNTERS) != N_COUNTERS or (_ACL_NO_REQUESTS, _ACL_CHECKED) != (A_NO_REQUESTS, A_CHECKED):
     raise ImportError("orbitmesh._core._dataplane_c is out of step with _dataplane_py (COUNTERS, ACL flags)")
 
 
@@ -241,6 +245,7 @@ cdef class DataPlane:
     cdef uint64_t _counters[N_COUNTERS]
     cdef zmq_msg_t* _in                    # parts of the message being handled
     cdef int _nin
+    cdef int _in_cap                       # the cap of the message in self._in (see _recv)
     cdef vector[Peer] _peers
     cdef vector[uint32_t] _free_peers
     cdef unordered_map[string, uint32_t] _by_rid
@@ -258,7 +263,7 @@ cdef class DataPlane:
 
     def __cinit__(self):
         self._z = NULL
-        self._in = <zmq_msg_t*>malloc(sizeof(zmq_msg_t) * (MAX_FRAMES + 1))
+        self._in = <zmq_msg_t*>malloc(sizeof(zmq_msg_t) * (CTRL_CAP + 1))
         if self._in == NULL:
             raise MemoryError()
         self._nin = 0
@@ -355,7 +360,7 @@ cdef class DataPlane:
                 return err
             if items[0].revents & ZMQ_POLLIN:
                 for i in range(BATCH):
-                    rc = self._recv(self._control)
+                    rc = self._recv(self._control, CTRL_CAP)
                     if rc == EAGAIN:
                         break
                     if rc:
@@ -366,7 +371,7 @@ cdef class DataPlane:
                         break
             if self._running and items[1].revents & ZMQ_POLLIN:
                 for i in range(BATCH):
-                    rc = self._recv(self._router)
+                    rc = self._recv(self._router, MAX_FRAMES)
                     if rc == EAGAIN:
                         break
                     if rc:
@@ -384,14 +389,15 @@ cdef class DataPlane:
 
     # ------------------------------------------------------- message parts
 
-    cdef int _recv(self, void* sock) noexcept nogil:
-        """Receive one whole message into self._in (parts past MAX_FRAMES are counted, then
+    cdef int _recv(self, void* sock, int cap) noexcept nogil:
+        """Receive one whole message into self._in (parts past ``cap`` + 1 are counted, then
         dropped); 0, EAGAIN, or another errno."""
         cdef int n = 0, rc, err, extra = 0, more
         cdef zmq_msg_t spare
         self._nin = 0
+        self._in_cap = cap
         while True:
-            if n <= MAX_FRAMES:
+            if n <= cap:
                 self._z.zmq_msg_init(&self._in[n])
                 rc = self._z.zmq_msg_recv(&self._in[n], sock, ZMQ_DONTWAIT if n == 0 else 0)
                 if rc < 0:
@@ -419,12 +425,12 @@ cdef class DataPlane:
                 self._z.zmq_msg_close(&spare)
                 if not more:
                     break
-        self._nin = n + extra  # > MAX_FRAMES + 1 tells the caller it was too long
+        self._nin = n + extra  # > cap + 1 tells the caller it was too long
         return 0
 
     cdef void _close_in(self) noexcept nogil:
         cdef int i
-        cdef int n = self._nin if self._nin <= MAX_FRAMES + 1 else MAX_FRAMES + 1
+        cdef int n = self._nin if self._nin <= self._in_cap + 1 else self._in_cap + 1
         for i in range(n):
             self._z.zmq_msg_close(&self._in[i])
         self._nin = 0
@@ -591,6 +597,30 @@ cdef class DataPlane:
         elif op == OP_SIGNAL and n >= 4 and self._size(&self._in[2]) == OM_HEADER_SIZE:
             rid = self._str(&self._in[1])
             self._on_client_signal(rid, om_hdr_kind(self._data(&self._in[2])), om_hdr_corr(self._data(&self._in[2])), 2)
+        elif op == OP_BATCH and n >= 2:
+            self._on_batch()
+
+    cdef void _on_batch(self) noexcept nogil:
+        """Each message of an OP_BATCH in turn, by pointing self._in at it."""
+        cdef zmq_msg_t* base = self._in
+        cdef int total = self._nin, off = 2, count
+        cdef const unsigned char* layout = self._data(&base[1])
+        cdef size_t k, ln = self._size(&base[1])
+        if total > self._in_cap + 1:
+            return  # truncated by _recv: the layout no longer matches what is here
+        k = 0
+        while k + 1 < ln:
+            count = layout[k] | (<int>layout[k + 1] << 8)
+            if count < 1 or off + count > total:
+                break
+            self._in = base + off
+            self._nin = count
+            if not (self._size(&self._in[0]) == 1 and self._data(&self._in[0])[0] == OP_BATCH):
+                self._on_control()
+            off += count
+            k += 2
+        self._in = base
+        self._nin = total
 
     cdef void _register(self) noexcept nogil:
         cdef string rid = self._str(&self._in[1])

@@ -19,6 +19,9 @@ control -> data plane
     OP_INJECT   [op, rid, hdr, route, ...]    route a request as if ``rid`` sent it
     OP_STOP     [op]
     OP_SIGNAL   [op, rid, hdr, route, ...]    a CANCEL / CREDIT as if ``rid`` sent it
+    OP_BATCH    [op, layout, msg1..., msg2...] several of the above in one message (one wake-up of
+                the loop instead of one each); layout = u16 LE frame count of each; at most
+                CTRL_MAX_FRAMES frames in all; nested batches are ignored
 
 data plane -> control
     EV_MSG      [ev, rid, hdr, frames...]     a message for the control plane
@@ -48,6 +51,7 @@ public_api = [
     "ACL_CHECKED",
     "ACL_NO_REQUESTS",
     "COUNTERS",
+    "CTRL_MAX_FRAMES",
     "DataPlane",
     "EV",
     "OP",
@@ -57,8 +61,17 @@ public_api = [
     "pack_reg_meta",
 ]
 
-OP_SEND, OP_REG, OP_UNREG, OP_INJECT, OP_STOP, OP_SIGNAL = (bytes([i]) for i in range(1, 7))
-OP = {"SEND": OP_SEND, "REG": OP_REG, "UNREG": OP_UNREG, "INJECT": OP_INJECT, "STOP": OP_STOP, "SIGNAL": OP_SIGNAL}
+OP_SEND, OP_REG, OP_UNREG, OP_INJECT, OP_STOP, OP_SIGNAL, OP_BATCH = (bytes([i]) for i in range(1, 8))
+OP = {
+    "SEND": OP_SEND,
+    "REG": OP_REG,
+    "UNREG": OP_UNREG,
+    "INJECT": OP_INJECT,
+    "STOP": OP_STOP,
+    "SIGNAL": OP_SIGNAL,
+    "BATCH": OP_BATCH,
+}
+CTRL_MAX_FRAMES = 4096  # frames in one control message (an OP_BATCH): the control plane splits above
 EV_MSG, EV_LOST, EV_JOB, EV_DISPATCHED, EV_STATE, EV_LOAD, EV_STOPPED, EV_HELLO = (bytes([i]) for i in range(1, 9))
 EV = {
     "MSG": EV_MSG,
@@ -344,6 +357,15 @@ class DataPlane:
             self._on_client_signal(frames[1], kind, _Q.unpack_from(frames[2], 16)[0], frames[1:])
         elif op == OP_STOP:
             self._running = False
+        elif op == OP_BATCH and len(frames) >= 2:
+            layout, off, n = frames[1], 2, len(frames)
+            for k in range(0, len(layout) - 1, 2):
+                count = layout[k] | layout[k + 1] << 8
+                if count < 1 or off + count > n:
+                    break
+                if frames[off] != OP_BATCH:
+                    self._on_control(frames[off : off + count])
+                off += count
 
     def _register(self, frames: list[bytes]) -> None:
         rid = frames[1]
