@@ -847,3 +847,47 @@ def test_load_report_lists_agents_in_registration_order() -> None:
         finally:
             rig.close()
     assert orders["c"] == orders["py"]
+
+
+OP_BATCH = bytes([7])
+
+
+def _batch(*messages: list[bytes], layout: bytes | None = None) -> list[bytes]:
+    counts = b"".join(len(m).to_bytes(2, "little") for m in messages)
+    return [OP_BATCH, counts if layout is None else layout, *(f for m in messages for f in m)]
+
+
+def test_batched_control_messages_run_in_order() -> None:
+    """OP_BATCH: each message in turn, as if sent one by one; a nested batch is ignored, and a
+    layout that does not fit the frames stops at the first message that does not fit."""
+
+    def scenario(rig: Rig) -> Iterator[Step]:
+        yield "register", _merge(register(rig, "client-0"), register(rig, "client-1"))
+        c0, c1 = rig.rid["client-0"], rig.rid["client-1"]
+        yield (
+            "batch",
+            control_step(
+                rig,
+                _batch(
+                    [OP_SEND, c0, hdr(Kind.EVENT), b"", b"one"],
+                    [OP_SEND, c1, hdr(Kind.EVENT), b"", b"two"],
+                    _batch([OP_SEND, c0, hdr(Kind.EVENT), b"", b"nested"]),
+                    [OP_REG, b"agent-x", META.pack(Role.AGENT, 1, 0), b"agent-x", b"gpu", b"", b""],
+                    [OP_UNREG, c1],
+                    [OP_SEND, c0, hdr(Kind.EVENT), b"", b"three"],
+                ),
+            ),
+        )
+        yield "after", send_step(rig, "client-1", request_frames(1, route(Route.CAPABILITY, 0, b"gpu")))
+        short = _batch([OP_SEND, c0, hdr(Kind.EVENT), b"", b"four"], [OP_SEND, c0, hdr(Kind.EVENT), b"", b"five"])
+        yield "bad layout", control_step(rig, [OP_BATCH, b"\x05\x00\x09\x00\x01", *short[2:]])
+        yield "empty layout", control_step(rig, [OP_BATCH, b"", b"x"])
+
+    runs = run_both(scenario)
+    assert_same(runs)
+    seen = repr(runs["c"])
+    for word in (b"one", b"two", b"three", b"four"):
+        assert repr(word) in seen, word
+    assert repr(b"nested") not in seen and repr(b"five") not in seen
+    # client-1 was unregistered by the batch: its request after it is NOT_REGISTERED
+    assert "say HELLO first" in repr(dict(runs["c"])["after"])
