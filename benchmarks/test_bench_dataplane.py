@@ -62,6 +62,7 @@ class Forwarder:
         self.request = [_hdr(Kind.REQUEST), bytes((Route.NAME, Strategy.LEAST_LOADED)) + AGENT, b"noop", PAYLOAD]
         self.reply_hdr = _hdr(Kind.REPLY)
         self.corr = 0
+        self.serving = [self.agent]  # the agent sockets forward() answers for
         self._register()
 
     def _socket(self, kind: int, hwm: int, identity: bytes = b"") -> zmq.Socket[Any]:
@@ -90,8 +91,9 @@ class Forwarder:
                 raise RuntimeError(f"the data plane never reached {rid!r}")
 
     def forward(self, n: int) -> None:
-        """Send ``n`` requests through the data plane (``WINDOW`` in flight); wait for every reply."""
-        client, agent, request, reply_hdr = self.client, self.agent, self.request, self.reply_hdr
+        """Send ``n`` requests through the data plane (``WINDOW`` in flight) to the agents in
+        ``self.serving``; wait for every reply."""
+        client, request, reply_hdr, serving = self.client, self.request, self.reply_hdr, self.serving
         sent = done = 0
         while done < n:
             while sent < n and sent - done < WINDOW:
@@ -99,14 +101,18 @@ class Forwarder:
                 request[0] = _hdr(Kind.REQUEST, self.corr)
                 client.send_multipart(request)
                 sent += 1
-            if not self.poller.poll(5000):
+            ready = dict(self.poller.poll(5000))
+            if not ready:
                 raise RuntimeError(f"data plane stalled after {done} of {n} replies")
-            for _ in range(BATCH):
-                try:
-                    hdr, token, _command, body = agent.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                agent.send_multipart([reply_hdr, token, body])
+            for agent in serving:
+                if agent not in ready:
+                    continue
+                for _ in range(BATCH):
+                    try:
+                        _head, token, _command, body = agent.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    agent.send_multipart([reply_hdr, token, body])
             for _ in range(BATCH):
                 try:
                     frames = client.recv_multipart(zmq.NOBLOCK)

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import zmq
 
-from orbitmesh.protocol import Kind, Role, Route, Strategy
+from orbitmesh.protocol import Role, Route, Strategy
 
-from .test_bench_dataplane import BATCH, PAYLOAD, ROUNDS, SMOKE_N, WINDOW, Forwarder, _hdr
+from .test_bench_dataplane import PAYLOAD, ROUNDS, SMOKE_N, WINDOW, Forwarder
 
 pytestmark = pytest.mark.benchmark(group="routing")
 
@@ -61,37 +61,7 @@ class Router(Forwarder):
             self.agents.append(sock)
             self.poller.register(sock, zmq.POLLIN)
         self.request = [self.request[0], self.route, b"noop", PAYLOAD]
-
-    def forward(self, n: int) -> None:
-        """Route ``n`` requests (``WINDOW`` in flight) to the agents; wait for every reply."""
-        client, request, reply_hdr = self.client, self.request, self.reply_hdr
-        sent = done = 0
-        while done < n:
-            while sent < n and sent - done < WINDOW:
-                self.corr += 1  # each request's corr must increase within the session (no replays)
-                request[0] = _hdr(Kind.REQUEST, self.corr)
-                client.send_multipart(request)
-                sent += 1
-            ready = dict(self.poller.poll(5000))
-            if not ready:
-                raise RuntimeError(f"data plane stalled after {done} of {n} replies")
-            for agent in self.agents:
-                if agent not in ready:
-                    continue
-                for _ in range(BATCH):
-                    try:
-                        _head, token, _command, body = agent.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    agent.send_multipart([reply_hdr, token, body])
-            for _ in range(BATCH):
-                try:
-                    frames = client.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if frames[0][3] != Kind.REPLY:
-                    raise RuntimeError(f"client got kind {frames[0][3]}: {frames!r:.200}")
-                done += 1
+        self.serving = self.agents
 
     def close(self) -> None:
         self.close_plane()

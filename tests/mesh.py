@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -12,6 +13,26 @@ import zmq
 import orbitmesh as om
 
 FAST = {"heartbeat_interval": 0.1, "liveness": 4}
+
+# The header layout, independent of the codec under test (docs/protocol.md).
+HDR = struct.Struct("<2sBBHHIIQQQ")
+
+
+def hdr(
+    kind: int,
+    *,
+    flags: int = 0,
+    code: int = 0,
+    aux: int = 0,
+    reserved: int = 0,
+    corr: int = 0,
+    job: int = 0,
+    deadline: int = 0,
+    magic: bytes = b"OM",
+    version: int = 1,
+) -> bytes:
+    """A header built by hand, so that every field can be wrong on purpose."""
+    return HDR.pack(magic, version, kind, flags, code, aux, reserved, corr, job, deadline)
 
 
 def standard_handlers(agent: om.Agent) -> None:

@@ -111,6 +111,14 @@ class Mesh:
         self.broker = om.Broker("tcp://127.0.0.1:0", core=core, context=ctx, keys_dir=keys_dir, **FAST, **broker)
         self.store = KeyStore(keys_dir / "peers")
         self.closers: list[Any] = []
+        self.sockets: list[zmq.Socket[Any]] = []
+
+    async def __aenter__(self) -> Mesh:
+        await self.broker.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     @property
     def endpoint(self) -> str:
@@ -148,7 +156,20 @@ class Mesh:
         self.closers.append(client.close)
         return client
 
+    def dealer(self, policy: Policy | None) -> zmq.Socket[Any]:
+        """A raw DEALER with a fresh key (accepted with ``policy``), to speak the protocol by hand."""
+        sock = self.ctx.socket(zmq.DEALER)
+        self.sockets.append(sock)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 3000)
+        for opt, value in self.keys(policy).socket_options().items():
+            sock.setsockopt(opt, value)
+        sock.connect(self.endpoint)
+        return sock
+
     async def close(self) -> None:
+        for sock in self.sockets:
+            sock.close(0)
         for close in reversed(self.closers):
             await close()
         await self.broker.stop()
@@ -156,9 +177,7 @@ class Mesh:
 
 def test_roles_decide_who_may_connect_as_what(arun, ctx, core_impl, tmp_path):
     async def main():
-        mesh = Mesh(ctx, core_impl, tmp_path / "keys")
-        await mesh.broker.start()
-        try:
+        async with Mesh(ctx, core_impl, tmp_path / "keys") as mesh:
             await mesh.agent("gpu-1", Policy("agent"))
             # An agent key may not open a client session; a client key may not register an agent
             with pytest.raises(om.ForbiddenError, match="role 'agent' may not connect as 'client'"):
@@ -173,20 +192,8 @@ def test_roles_decide_who_may_connect_as_what(arun, ctx, core_impl, tmp_path):
             assert {a.name for a in await admin.agents()} == {"gpu-1", "gpu-2"}
             stats = await admin.stats()
             assert stats["forbidden"] == 2
-        finally:
-            await mesh.close()
 
     arun(main())
-
-
-def _raw_dealer(ctx: zmq.Context[Any], mesh: Mesh, policy: Policy | None) -> zmq.Socket[Any]:
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 3000)
-    for opt, value in mesh.keys(policy).socket_options().items():
-        sock.setsockopt(opt, value)
-    sock.connect(mesh.endpoint)
-    return sock
 
 
 def _answer(sock: zmq.Socket[Any], corr: int) -> tuple[int, int, list[bytes]]:
@@ -212,49 +219,39 @@ def _request(sock: zmq.Socket[Any], corr: int, agent: str = "gpu-1", command: by
 
 def test_agent_sessions_may_not_send_requests_and_replays_are_refused(arun, ctx, core_impl, tmp_path):
     async def main():
-        mesh = Mesh(ctx, core_impl, tmp_path / "keys")
-        await mesh.broker.start()
-        loop = asyncio.get_running_loop()
-        try:
+        async with Mesh(ctx, core_impl, tmp_path / "keys") as mesh:
+            loop = asyncio.get_running_loop()
             await mesh.agent("gpu-1", Policy("agent"))
             # Given a raw session registered as an agent with an agent key
-            rogue = _raw_dealer(ctx, mesh, Policy("agent"))
-            good = _raw_dealer(ctx, mesh, Policy("client"))
-            try:
-                assert (await loop.run_in_executor(None, _hello, rogue, "agent"))[0] == Kind.WELCOME
-                # When it sends a request, Expect FORBIDDEN from the data plane
-                _request(rogue, 7)
-                kind, code, frames = await loop.run_in_executor(None, _answer, rogue, 7)
-                assert (kind, code) == (Kind.ERROR, ErrorCode.FORBIDDEN) and b"may not send" in frames[2]
-                # Given a client session: requests work, a replayed corr (or an older one) is refused
-                assert (await loop.run_in_executor(None, _hello, good, "client"))[0] == Kind.WELCOME
-                _request(good, 10)
-                kind, _, frames = await loop.run_in_executor(None, _answer, good, 10)
-                assert kind == Kind.REPLY and msgpack.unpackb(frames[2])[0] == 2
-                for corr in (10, 9, 0):
-                    _request(good, corr)
-                    kind, code, frames = await loop.run_in_executor(None, _answer, good, corr)
-                    assert (kind, code) == (Kind.ERROR, ErrorCode.REPLAYED), (corr, frames)
-                _request(good, 11)  # the session goes on
-                assert (await loop.run_in_executor(None, _answer, good, 11))[0] == Kind.REPLY
-            finally:
-                rogue.close(0)
-                good.close(0)
+            rogue = mesh.dealer(Policy("agent"))
+            good = mesh.dealer(Policy("client"))
+            assert (await loop.run_in_executor(None, _hello, rogue, "agent"))[0] == Kind.WELCOME
+            # When it sends a request, Expect FORBIDDEN from the data plane
+            _request(rogue, 7)
+            kind, code, frames = await loop.run_in_executor(None, _answer, rogue, 7)
+            assert (kind, code) == (Kind.ERROR, ErrorCode.FORBIDDEN) and b"may not send" in frames[2]
+            # Given a client session: requests work, a replayed corr (or an older one) is refused
+            assert (await loop.run_in_executor(None, _hello, good, "client"))[0] == Kind.WELCOME
+            _request(good, 10)
+            kind, _, frames = await loop.run_in_executor(None, _answer, good, 10)
+            assert kind == Kind.REPLY and msgpack.unpackb(frames[2])[0] == 2
+            for corr in (10, 9, 0):
+                _request(good, corr)
+                kind, code, frames = await loop.run_in_executor(None, _answer, good, corr)
+                assert (kind, code) == (Kind.ERROR, ErrorCode.REPLAYED), (corr, frames)
+            _request(good, 11)  # the session goes on
+            assert (await loop.run_in_executor(None, _answer, good, 11))[0] == Kind.REPLY
             admin = await mesh.client(Policy("admin"))
             await asyncio.sleep(FAST["heartbeat_interval"] * 2)  # counters come with the tick
             stats = await admin.stats()
             assert stats["forbidden"] >= 1 and stats["replayed"] == 3
-        finally:
-            await mesh.close()
 
     arun(main())
 
 
 def test_command_patterns_and_agent_selectors(arun, ctx, core_impl, tmp_path):
     async def main():
-        mesh = Mesh(ctx, core_impl, tmp_path / "keys")
-        await mesh.broker.start()
-        try:
+        async with Mesh(ctx, core_impl, tmp_path / "keys") as mesh:
             await mesh.agent("gpu-1", Policy("agent"), groups=["gpu"], capabilities=["cuda"])
             await mesh.agent("gpu-2", Policy("agent"), groups=["gpu"], capabilities=["cuda"])
             await mesh.agent("cpu-1", Policy("agent"), groups=["cpu"], capabilities=["cuda"])
@@ -303,18 +300,14 @@ def test_command_patterns_and_agent_selectors(arun, ctx, core_impl, tmp_path):
             assert narrow._subscriptions == []
             # Every refusal was counted
             assert (await admin.stats())["forbidden"] >= 10
-        finally:
-            await mesh.close()
 
     arun(main())
 
 
 def test_policy_changes_apply_to_live_sessions(arun, ctx, core_impl, tmp_path):
     async def main():
-        mesh = Mesh(ctx, core_impl, tmp_path / "keys")
-        await mesh.broker.start()
-        loop = asyncio.get_running_loop()
-        try:
+        async with Mesh(ctx, core_impl, tmp_path / "keys") as mesh:
+            loop = asyncio.get_running_loop()
             await mesh.agent("gpu-1", Policy("agent"))
             keys = mesh.keys(Policy("client"))
             client = om.MeshClient(mesh.endpoint, context=ctx, keys=keys, timeout=5)
@@ -350,8 +343,6 @@ def test_policy_changes_apply_to_live_sessions(arun, ctx, core_impl, tmp_path):
                 await asyncio.sleep(0.05)
             with pytest.raises((om.NotConnectedError, om.ForbiddenError, om.TimeoutError)):
                 await client.invoke("gpu-1", "math.add", {"a": 1, "b": 1}, timeout=0.5)
-        finally:
-            await mesh.close()
 
     arun(main())
 
@@ -361,11 +352,9 @@ def test_an_older_protocol_is_refused(arun, ctx, core_impl, tmp_path):
         om.Broker("tcp://127.0.0.1:0", min_protocol=2)
 
     async def main():
-        mesh = Mesh(ctx, core_impl, tmp_path / "keys")
-        await mesh.broker.start()
-        loop = asyncio.get_running_loop()
-        sock = _raw_dealer(ctx, mesh, Policy("client"))
-        try:
+        async with Mesh(ctx, core_impl, tmp_path / "keys") as mesh:
+            loop = asyncio.get_running_loop()
+            sock = mesh.dealer(Policy("client"))
 
             def hello(offered: Any) -> tuple[int, int, list[bytes]]:
                 return _hello(sock, "client", protocol=offered)
@@ -376,75 +365,57 @@ def test_an_older_protocol_is_refused(arun, ctx, core_impl, tmp_path):
             assert b"requires v1 or newer" in (await loop.run_in_executor(None, hello, 0))[2][2]
             kind, _, frames = await loop.run_in_executor(None, hello, 1)
             assert kind == Kind.WELCOME and msgpack.unpackb(frames[2])["protocol"] == 1
-        finally:
-            sock.close(0)
-            await mesh.close()
 
     arun(main())
 
 
 def test_hostile_label_routes_from_a_restricted_key_get_bad_route(arun, ctx, core_impl, tmp_path):
     async def main():
-        mesh = Mesh(ctx, core_impl, tmp_path / "keys")
-        await mesh.broker.start()
-        loop = asyncio.get_running_loop()
-        try:
+        async with Mesh(ctx, core_impl, tmp_path / "keys") as mesh:
+            loop = asyncio.get_running_loop()
             await mesh.agent("gpu-1", Policy("agent"))
-            sock = _raw_dealer(ctx, mesh, Policy("client", agents=("gpu-*",)))
-            try:
-                assert (await loop.run_in_executor(None, _hello, sock, "client"))[0] == Kind.WELCOME
-                specs: list[bytes] = [
-                    msgpack.packb({"acl": 5}),
-                    msgpack.packb({"acl": [[1]]}),
-                    msgpack.packb({"acl": "gpu-*"}),
-                    msgpack.packb([1, 2]),
-                    b"\xc1",
-                ]
-                for corr, spec in enumerate(specs, start=1):
-                    route = bytes((Route.LABELS, Strategy.LEAST_LOADED)) + spec
-                    sock.send_multipart([header(Kind.REQUEST, corr=corr), route, b"math.add", msgpack.packb({})])
-                    kind, code, frames = await loop.run_in_executor(None, _answer, sock, corr)
-                    assert (kind, code) == (Kind.ERROR, ErrorCode.BAD_ROUTE), (spec, frames)
-                # A client's own acl only narrows further: no agent is in group "none"
-                route = bytes((Route.LABELS, 0)) + msgpack.packb({"acl": [["group=none"]]})
-                params = msgpack.packb({"a": 1, "b": 2})
-                sock.send_multipart([header(Kind.REQUEST, corr=99), route, b"math.add", params])
-                kind, code, _ = await loop.run_in_executor(None, _answer, sock, 99)
-                assert (kind, code) == (Kind.ERROR, ErrorCode.NO_AGENT_AVAILABLE)
-            finally:
-                sock.close(0)
-        finally:
-            await mesh.close()
+            sock = mesh.dealer(Policy("client", agents=("gpu-*",)))
+            assert (await loop.run_in_executor(None, _hello, sock, "client"))[0] == Kind.WELCOME
+            specs: list[bytes] = [
+                msgpack.packb({"acl": 5}),
+                msgpack.packb({"acl": [[1]]}),
+                msgpack.packb({"acl": "gpu-*"}),
+                msgpack.packb([1, 2]),
+                b"\xc1",
+            ]
+            for corr, spec in enumerate(specs, start=1):
+                route = bytes((Route.LABELS, Strategy.LEAST_LOADED)) + spec
+                sock.send_multipart([header(Kind.REQUEST, corr=corr), route, b"math.add", msgpack.packb({})])
+                kind, code, frames = await loop.run_in_executor(None, _answer, sock, corr)
+                assert (kind, code) == (Kind.ERROR, ErrorCode.BAD_ROUTE), (spec, frames)
+            # A client's own acl only narrows further: no agent is in group "none"
+            route = bytes((Route.LABELS, 0)) + msgpack.packb({"acl": [["group=none"]]})
+            params = msgpack.packb({"a": 1, "b": 2})
+            sock.send_multipart([header(Kind.REQUEST, corr=99), route, b"math.add", params])
+            kind, code, _ = await loop.run_in_executor(None, _answer, sock, 99)
+            assert (kind, code) == (Kind.ERROR, ErrorCode.NO_AGENT_AVAILABLE)
 
     arun(main())
 
 
 def test_refused_hellos_leave_no_session_behind(arun, ctx, core_impl, tmp_path):
     async def main():
-        mesh = Mesh(ctx, core_impl, tmp_path / "keys")
-        await mesh.broker.start()
-        loop = asyncio.get_running_loop()
-        try:
+        async with Mesh(ctx, core_impl, tmp_path / "keys") as mesh:
+            loop = asyncio.get_running_loop()
             await mesh.agent("gpu-1", Policy("agent"))
-            socks = [_raw_dealer(ctx, mesh, Policy("admin")) for _ in range(6)]
-            try:
-                # Given HELLOs refused for their body, their name, or their role's policy
-                for i, sock in enumerate(socks):
-                    extra: dict[str, Any] = [{"name": "gpu-1"}, {"capacity": 0}, {"name": ""}][i % 3]
-                    kind, code, _ = await loop.run_in_executor(None, lambda s=sock, e=extra: _hello(s, "agent", **e))
-                    assert (kind, code) in ((Kind.ERROR, ErrorCode.NAME_TAKEN), (Kind.ERROR, ErrorCode.BAD_HELLO))
-                # Expect only the live agent's session kept (refused peers are never reported lost)
-                assert len(mesh.broker._sessions) == 1
-                # And a session that is refused on a second HELLO keeps what it had
-                kind, _, _ = await loop.run_in_executor(None, _hello, socks[0], "client")
-                assert kind == Kind.WELCOME and len(mesh.broker._sessions) == 2
-                kind, code, _ = await loop.run_in_executor(None, lambda: _hello(socks[0], "agent", name="gpu-1"))
-                assert (kind, code) == (Kind.ERROR, ErrorCode.NAME_TAKEN)
-                assert len(mesh.broker._sessions) == 2
-            finally:
-                for sock in socks:
-                    sock.close(0)
-        finally:
-            await mesh.close()
+            socks = [mesh.dealer(Policy("admin")) for _ in range(6)]
+            # Given HELLOs refused for their body, their name, or their role's policy
+            for i, sock in enumerate(socks):
+                extra: dict[str, Any] = [{"name": "gpu-1"}, {"capacity": 0}, {"name": ""}][i % 3]
+                kind, code, _ = await loop.run_in_executor(None, lambda s=sock, e=extra: _hello(s, "agent", **e))
+                assert (kind, code) in ((Kind.ERROR, ErrorCode.NAME_TAKEN), (Kind.ERROR, ErrorCode.BAD_HELLO))
+            # Expect only the live agent's session kept (refused peers are never reported lost)
+            assert len(mesh.broker._sessions) == 1
+            # And a session that is refused on a second HELLO keeps what it had
+            kind, _, _ = await loop.run_in_executor(None, _hello, socks[0], "client")
+            assert kind == Kind.WELCOME and len(mesh.broker._sessions) == 2
+            kind, code, _ = await loop.run_in_executor(None, lambda: _hello(socks[0], "agent", name="gpu-1"))
+            assert (kind, code) == (Kind.ERROR, ErrorCode.NAME_TAKEN)
+            assert len(mesh.broker._sessions) == 2
 
     arun(main())

@@ -31,7 +31,8 @@ from orbitmesh import _core
 from orbitmesh._core._dataplane_py import ACL_CHECKED, ACL_NO_REQUESTS
 from orbitmesh.protocol import Flag, Kind, Role, Route, Strategy
 
-HDR = struct.Struct("<2sBBHHIIQQQ")
+from .mesh import HDR, hdr
+
 META = struct.Struct("<BII")
 TOKEN = struct.Struct("<II")
 OP_SEND, OP_REG, OP_UNREG, OP_INJECT, OP_STOP = (bytes([i]) for i in range(1, 6))
@@ -52,22 +53,6 @@ PEERS = (*CLIENTS, *AGENTS, STRANGER)
 CAPS = (b"gpu", b"cpu")
 GROUPS = (b"g1", b"g2")
 COMMANDS = (b"echo", b"sum", b"slow")
-
-
-def hdr(
-    kind: int,
-    *,
-    flags: int = 0,
-    code: int = 0,
-    aux: int = 0,
-    reserved: int = 0,
-    corr: int = 0,
-    job: int = 0,
-    deadline: int = 0,
-    magic: bytes = b"OM",
-    version: int = 1,
-) -> bytes:
-    return HDR.pack(magic, version, kind, flags, code, aux, reserved, corr, job, deadline)
 
 
 PROBE = hdr(Kind.WELCOME, corr=PROBE_CORR)

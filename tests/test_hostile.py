@@ -53,6 +53,7 @@ from orbitmesh.acl import Policy
 from orbitmesh.security import Keypair, KeyStore, PeerKeys
 
 from .conftest import subprocess_env
+from .mesh import HDR, hdr
 
 ROOT = Path(__file__).resolve().parent.parent
 SOAK = float(os.environ.get("ORBITMESH_SOAK_SECONDS", "20"))
@@ -65,7 +66,6 @@ MAXMSGSIZE = MAX_FRAME + 1024
 RSS_HEADROOM_MIB = 32
 MIN_GOOD_CALLS = 200
 
-HDR = struct.Struct("<2sBBHHIIQQQ")
 HELLO, WELCOME, HEARTBEAT, REQUEST, REPLY, ERROR = 1, 2, 3, 4, 7, 10
 ECHO_ROUTE = b"\x01\x00agent-0"  # Route.NAME, least-loaded, "agent-0"
 KNOWN_CODES = {int(c) for c in ErrorCode}
@@ -74,21 +74,6 @@ pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/status"),
     pytest.mark.timeout(SOAK + 150),
 ]
-
-
-def hdr(
-    kind: int,
-    *,
-    corr: int = 0,
-    flags: int = 0,
-    aux: int = 0,
-    reserved: int = 0,
-    magic: bytes = b"OM",
-    version: int = 1,
-    job: int = 0,
-    deadline: int = 0,
-) -> bytes:
-    return HDR.pack(magic, version, kind, flags, 0, aux, reserved, corr, job, deadline)
 
 
 def memory_kib(pid: int) -> tuple[int, int]:

@@ -25,28 +25,11 @@ from orbitmesh._wire import header
 from orbitmesh.protocol import F_TRACKED, Kind
 
 from .conftest import endpoint_for, subprocess_env
-from .mesh import FAST, mesh
+from .mesh import FAST, HDR, hdr, mesh
 
 ROOT = Path(__file__).resolve().parent.parent
-HDR = struct.Struct("<2sBBHHIIQQQ")
 ERROR, HELLO, WELCOME, HEARTBEAT, REQUEST, ACCEPTED, REPLY = 10, 1, 2, 3, 4, 5, 7
 ECHO_ROUTE = b"\x01\x00agent-0"  # Route.NAME, least-loaded, "agent-0"
-
-
-def hdr(
-    kind: int,
-    *,
-    corr: int = 0,
-    flags: int = 0,
-    aux: int = 0,
-    reserved: int = 0,
-    magic: bytes = b"OM",
-    version: int = 1,
-    job: int = 0,
-    deadline: int = 0,
-) -> bytes:
-    """A header built by hand, so that every field can be wrong on purpose."""
-    return HDR.pack(magic, version, kind, flags, 0, aux, reserved, corr, job, deadline)
 
 
 def free_port() -> int:

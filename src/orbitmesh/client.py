@@ -462,6 +462,22 @@ class MeshClient:
 
     # ------------------------------------------------------------- sending
 
+    def _next_call(self) -> tuple[PeerConnection, int]:
+        """The connection and a fresh corr for a call sent now (corr must rise: replays are refused)."""
+        conn = self._conn
+        if conn is None or not conn.ready:
+            raise NotConnectedError(f"not connected to broker at {self.broker}")
+        self._corr += 1
+        return conn, self._corr
+
+    def _expect(self, corr: int, serializer: Serializer, kind: int, timeout: float) -> _Pending:
+        """Register the answer a sent call waits for, with its timeout."""
+        assert self._loop is not None
+        p = _Pending(self._loop.create_future(), serializer, kind)
+        self._pending[corr] = p
+        self._arm_timeout(corr, timeout)
+        return p
+
     def _route(self, target: Target) -> bytes:
         if isinstance(target, str):
             route = self._routes.get(target)
@@ -505,27 +521,20 @@ class MeshClient:
         The pipelining primitive: no task per call. Raises NotConnectedError
         at once if not connected; the future fails with the call's error.
         """
-        conn = self._conn
-        if conn is None or not conn.ready:
-            raise NotConnectedError(f"not connected to broker at {self.broker}")
+        conn, corr = self._next_call()
         s = self._serializer if serializer is None else self._serializers.get(serializer)
         body = EMPTY if params is None else s.dumps(params)  # empty: no params
         to = self.timeout if timeout is None else timeout
-        self._corr += 1
-        corr = self._corr
-        assert self._loop is not None
-        fut = self._loop.create_future()
-        p = _Pending(fut, s, _REQUEST)
         hdr = header(_REQUEST, (s.id << 8) | _flags, 0, _aux, corr, 0, wall_ms() + int(to * 1000))
         frames = [hdr, self._route(agent), self._command(command), body]
         if _options:
             frames.append(_options)
         conn.send(frames)
-        self._pending[corr] = p
-        self._arm_timeout(corr, to)
+        p = self._expect(corr, s, _REQUEST, to)
         if _flags & F_TRACKED:
+            assert self._loop is not None
             p.accepted = self._loop.create_future()
-        return fut
+        return p.fut
 
     async def invoke(
         self,
@@ -705,18 +714,10 @@ class MeshClient:
 
     def _submit_raw(self, agent: Target, parts: list[Any], size: int, to: float) -> asyncio.Future[Any]:
         """Send a RAW request now; the future gets the reply's frames."""
-        conn = self._conn
-        if conn is None or not conn.ready:
-            raise NotConnectedError(f"not connected to broker at {self.broker}")
-        self._corr += 1
-        corr = self._corr
-        assert self._loop is not None
-        fut = self._loop.create_future()
+        conn, corr = self._next_call()
         hdr = header(Kind.RAW, corr=corr, deadline=wall_ms() + int(to * 1000))
         conn.send([hdr, self._route(agent), *parts], copy=size < 65536)
-        self._pending[corr] = _Pending(fut, self._serializer, Kind.RAW)
-        self._arm_timeout(corr, to)
-        return fut
+        return self._expect(corr, self._serializer, Kind.RAW, to).fut
 
     async def execute_on_all(
         self,
@@ -746,17 +747,9 @@ class MeshClient:
     # ------------------------------------------------------------- queries
 
     def _send_query(self, q: dict[str, Any], timeout: float) -> asyncio.Future[Any]:
-        conn = self._conn
-        if conn is None or not conn.ready:
-            raise NotConnectedError(f"not connected to broker at {self.broker}")
-        self._corr += 1
-        corr = self._corr
-        assert self._loop is not None
-        fut = self._loop.create_future()
-        self._pending[corr] = _Pending(fut, self._serializers.get("msgpack"), Kind.QUERY)
+        conn, corr = self._next_call()
         conn.send([header(Kind.QUERY, corr=corr), EMPTY, msgpack.packb(q, use_bin_type=True)])
-        self._arm_timeout(corr, timeout)
-        return fut
+        return self._expect(corr, self._serializers.get("msgpack"), Kind.QUERY, timeout).fut
 
     async def _query(self, q: dict[str, Any], timeout: float | None = None) -> Any:
         # Every query is idempotent: one cut short by a lost connection is asked again once
