@@ -5,6 +5,8 @@ Run: ``python examples/quickstart.py``
 
 from __future__ import annotations
 
+import asyncio
+
 import orbitmesh as om
 
 
@@ -31,6 +33,11 @@ async def main() -> None:
             print(f"job {job.id} result =", await job.result(timeout=5))
             info = await job.info()
             print(f"job {job.id} state = {info.state.value} on {info.agent}")
+
+            # submit_job: execute's pipelining form, two futures and no task per job
+            sent = [client.submit_job("worker-1", "square", [n]) for n in range(1, 101)]
+            results = await asyncio.gather(*(s.result for s in sent))
+            print(f"100 pipelined jobs: sum of squares = {sum(results)}")
 
             # errors come back typed
             try:

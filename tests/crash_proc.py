@@ -71,14 +71,15 @@ async def run_broker(args: argparse.Namespace) -> None:
     from orbitmesh.storage import LmdbStore
 
     class HeldStore(LmdbStore):
-        def write(self, records, delete=()):  # type: ignore[no-untyped-def]
-            if any(r.idempotency_key == args.hold_key for r in records):
-                time.sleep(args.lifetime)  # never returns while the test runs
-            super().write(records, delete)
+        """The job log's writer calls ``write_prepared`` with ``prepare`` output."""
 
-    broker = om.Broker(
-        args.endpoint, store=HeldStore(args.store, "sync"), heartbeat_interval=args.heartbeat, liveness=args.liveness
-    )
+        def write_prepared(self, items, delete=()):  # type: ignore[no-untyped-def]
+            if any(key == args.hold_key for _, _, _, _, _, key, _, _ in items):
+                time.sleep(args.lifetime)  # never returns while the test runs
+            super().write_prepared(items, delete)
+
+    store = HeldStore(args.store, "sync")
+    broker = om.Broker(args.endpoint, store=store, heartbeat_interval=args.heartbeat, liveness=args.liveness)
     await broker.start()
     print(f"ready {broker.endpoints[0]}", flush=True)
     try:

@@ -13,7 +13,12 @@ from .conftest import subprocess_env
 ROOT = Path(__file__).resolve().parent.parent
 
 EXAMPLES = {
-    "quickstart": ["square(12) = 144", "job 1 state = SUCCEEDED on worker-1", "unknown command -> UNKNOWN_COMMAND"],
+    "quickstart": [
+        "square(12) = 144",
+        "job 1 state = SUCCEEDED on worker-1",
+        "100 pipelined jobs: sum of squares = 338350",
+        "unknown command -> UNKNOWN_COMMAND",
+    ],
     "streaming": ["consumed 100 readings", "normalised 100000 float64 values: mean 0.000, std 1.000"],
     "fleet": [
         "round_robin over gpu: gpu-eu-1, gpu-us-1, gpu-eu-1, gpu-us-1",

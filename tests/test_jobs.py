@@ -417,3 +417,47 @@ def test_batch_durability_writes_everything_by_stop(arun, ctx, core_impl, tmp_pa
     with LmdbStore(tmp_path / "jobs", "sync") as store:
         records = [store.get(i) for i in ids]
     assert all(r is not None and r.state == om.JobState.SUCCEEDED for r in records)
+
+
+def test_submit_job_pipelines_without_tasks(arun, ctx, core_impl):
+    counts: dict[str, int] = {}
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), setup=job_handlers(counts)) as (_, _, client):
+            # When 200 jobs go out with submit_job, no coroutine or task per job
+            sent = [client.submit_job("agent-0", "add", [i, 1]) for i in range(200)]
+            # Expect each one accepted under its own durable id, and each result in order of the calls
+            ids = await asyncio.wait_for(asyncio.gather(*(s.accepted for s in sent)), 10)
+            assert len(set(ids)) == 200 and ids == sorted(ids)
+            assert await asyncio.wait_for(asyncio.gather(*(s.result for s in sent)), 10) == [i + 1 for i in range(200)]
+            assert counts["add"] == 200
+            info = await client.wait(ids[-1], timeout=5)
+            assert info.state == JobState.SUCCEEDED and client.job_result(info) == 200
+            assert repr(sent[0]) == f"<SubmittedJob {ids[0]} done>"
+            # ... with the job's policy as execute takes it: a handler error is the result's error
+            failing = client.submit_job("agent-0", "refuse", max_attempts=3, non_retryable=["PermissionError"])
+            job_id = await asyncio.wait_for(failing.accepted, 5)
+            with pytest.raises(om.RemoteError) as info:
+                await asyncio.wait_for(failing.result, 5)
+            assert info.value.code == ErrorCode.HANDLER_ERROR and "never" in str(info.value)
+            assert (await client.wait(job_id, timeout=5)).attempts == 1
+            # When the broker refuses the job (bad options): Expect both futures to fail with its error
+            refused = client.submit_job("agent-0", "add", [1, 2], max_attempts=0)
+            for fut in (refused.accepted, refused.result):
+                with pytest.raises(om.OrbitMeshError) as err:
+                    await asyncio.wait_for(fut, 5)
+                assert err.value.code == ErrorCode.BAD_PAYLOAD and "max_attempts" in str(err.value)
+
+    arun(main())
+
+
+def test_submit_job_when_not_connected_raises_at_once(arun):
+    async def main():
+        # Given a client that never connected
+        client = om.MeshClient("tcp://127.0.0.1:1", timeout=1.0)
+        # Expect submit_job to refuse at once, with nothing left pending
+        with pytest.raises(om.NotConnectedError):
+            client.submit_job("agent-0", "add", [1, 2])
+        await client.close()
+
+    arun(main())

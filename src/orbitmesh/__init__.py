@@ -10,7 +10,7 @@ from ._core import core_impl
 from .acl import Policy
 from .agent import Agent, command
 from .broker import Broker
-from .client import Job, MeshClient, Outcome, Select, Stream, coerce
+from .client import Job, MeshClient, Outcome, Select, Stream, SubmittedJob, coerce
 from .errors import (
     AgentLostError,
     CancelledError,
@@ -57,6 +57,7 @@ __all__ = [
     "Outcome",
     "Select",
     "Stream",
+    "SubmittedJob",
     "coerce",
     # middleware and serializers
     "Call",

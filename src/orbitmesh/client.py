@@ -103,6 +103,37 @@ class _Pending:
         self.agent = ""
 
 
+def _job_options(
+    max_attempts: int,
+    retry_initial: float | None,
+    retry_max: float | None,
+    non_retryable: Sequence[str],
+    job_timeout: float | None,
+    delay: float | None,
+    run_at: float | None,
+    idempotency_key: str | None,
+) -> bytes | None:
+    """The REQUEST's options frame for a job (None: all defaults); the broker checks the values."""
+    opts: dict[str, Any] = {}
+    if max_attempts != 1:
+        opts["max_attempts"] = max_attempts
+    if retry_initial is not None:
+        opts["retry_initial"] = retry_initial
+    if retry_max is not None:
+        opts["retry_max"] = retry_max
+    if non_retryable:
+        opts["non_retryable"] = list(non_retryable)
+    if job_timeout is not None:
+        opts["timeout"] = job_timeout
+    if delay is not None:
+        opts["delay"] = delay
+    if run_at is not None:
+        opts["run_at"] = run_at
+    if idempotency_key is not None:
+        opts["key"] = idempotency_key
+    return msgpack.packb(opts) if opts else None
+
+
 def coerce(value: Any, tp: Any) -> Any:
     """Fit a decoded result to type ``tp`` (dataclasses, primitives, list/dict/tuple/Optional
     of those); raises ResultTypeError with the path of the first mismatch."""
@@ -167,6 +198,25 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         raise ResultTypeError(f"{path}: expected {tp.__name__}, got {type(value).__name__}")
     return value
+
+
+class SubmittedJob:
+    """A job sent by ``MeshClient.submit_job``: two futures, no task.
+
+    ``accepted``: the job id, once the broker has durably recorded the job.
+    ``result``: the job's decoded result, or its error (a failure before ACCEPTED too).
+    """
+
+    __slots__ = ("accepted", "result")
+
+    def __init__(self, accepted: asyncio.Future[int], result: asyncio.Future[Any]) -> None:
+        self.accepted = accepted
+        self.result = result
+
+    def __repr__(self) -> str:
+        acc = self.accepted
+        job = acc.result() if acc.done() and not acc.cancelled() and acc.exception() is None else "?"
+        return f"<SubmittedJob {job} {'done' if self.result.done() else 'pending'}>"
 
 
 class Job:
@@ -597,51 +647,75 @@ class MeshClient:
         the same job, and its effect runs at most once.
         """
         to = self.timeout if timeout is None else timeout
-        opts: dict[str, Any] = {}
-        if max_attempts != 1:
-            opts["max_attempts"] = max_attempts
-        if retry_initial is not None:
-            opts["retry_initial"] = retry_initial
-        if retry_max is not None:
-            opts["retry_max"] = retry_max
-        if non_retryable:
-            opts["non_retryable"] = list(non_retryable)
-        if job_timeout is not None:
-            opts["timeout"] = job_timeout
-        if delay is not None:
-            opts["delay"] = delay
-        if run_at is not None:
-            opts["run_at"] = run_at
-        if idempotency_key is not None:
-            opts["key"] = idempotency_key
-        options = msgpack.packb(opts) if opts else None
+        options = _job_options(
+            max_attempts, retry_initial, retry_max, non_retryable, job_timeout, delay, run_at, idempotency_key
+        )
         if not self._middleware:
             # The pipelining fast path: no Call, no closure, no coroutine besides this one.
             conn = self._conn
             if conn is None or not conn.ready:
                 await self._wait_ready(to)
-            fut = self.submit(
-                agent, command, params, timeout=to, serializer=serializer, _flags=F_TRACKED, _options=options
-            )
-            p = self._pending[self._corr]
+            p = self._submit_job(agent, command, params, to, serializer, options)
             assert p.accepted is not None
-            return Job(self, await p.accepted, fut, returns, p)
+            return Job(self, await p.accepted, p.fut, returns, p)
 
         async def endpoint(c: Call) -> Job:
             await self._wait_ready(to)
             # ``to`` bounds the wait for ACCEPTED (the shared deadline heap, no timer per call);
             # the result may come long after: the job's own policy decides when.
-            fut = self.submit(
-                agent, c.command, c.params, timeout=to, serializer=serializer, _flags=F_TRACKED, _options=options
-            )
-            accepted = self._pending[self._corr].accepted
-            assert accepted is not None
-            job_id = await accepted  # an error or the timeout before ACCEPTED fails it too
-            return Job(self, job_id, fut, returns)
+            p = self._submit_job(agent, c.command, c.params, to, serializer, options)
+            assert p.accepted is not None
+            job_id = await p.accepted  # an error or the timeout before ACCEPTED fails it too
+            return Job(self, job_id, p.fut, returns)
 
         call = Call("client", "execute", command, params, _target_name(agent))
         job: Job = await build_chain(self._middleware, endpoint)(call)
         return job
+
+    def submit_job(
+        self,
+        agent: Target,
+        command: str,
+        params: Any = None,
+        *,
+        timeout: float | None = None,
+        serializer: str | Serializer | None = None,
+        max_attempts: int = 1,
+        retry_initial: float | None = None,
+        retry_max: float | None = None,
+        non_retryable: Sequence[str] = (),
+        job_timeout: float | None = None,
+        delay: float | None = None,
+        run_at: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> SubmittedJob:
+        """Send a tracked job now, as ``execute`` does, without a task or a wait: the
+        pipelining primitive for jobs, as ``submit`` is for invoke (no middleware runs).
+
+        Returns a ``SubmittedJob``: ``accepted`` resolves to the job id once the broker has
+        durably recorded it, or fails (not recorded, no ACCEPTED within ``timeout``);
+        ``result`` resolves to the job's decoded result or fails with its error (also with
+        the error that failed ``accepted``). Raises NotConnectedError at once if not connected.
+        """
+        to = self.timeout if timeout is None else timeout
+        options = _job_options(
+            max_attempts, retry_initial, retry_max, non_retryable, job_timeout, delay, run_at, idempotency_key
+        )
+        p = self._submit_job(agent, command, params, to, serializer, options)
+        assert p.accepted is not None
+        return SubmittedJob(p.accepted, p.fut)
+
+    def _submit_job(
+        self,
+        agent: Target,
+        command: str,
+        params: Any,
+        timeout: float,
+        serializer: str | Serializer | None,
+        options: bytes | None,
+    ) -> _Pending:
+        self.submit(agent, command, params, timeout=timeout, serializer=serializer, _flags=F_TRACKED, _options=options)
+        return self._pending[self._corr]
 
     def stream(
         self,
@@ -929,8 +1003,11 @@ class MeshClient:
             p.waiter.set_result(None)
         if p.accepted is not None and not p.accepted.done():
             p.accepted.set_exception(exc)
+            # The same error is on both futures: whichever one the caller reads reports it,
+            # and the other one must not warn that nobody did.
+            p.accepted.exception()
             if p.fut.done():
-                p.fut.exception()  # the caller hears it through ``accepted``
+                p.fut.exception()
 
     def _on_event(self, frames: list[Any]) -> None:
         try:
@@ -1009,4 +1086,4 @@ def _target_name(target: Target) -> str:
     return ""
 
 
-__all__ = ["Job", "MeshClient", "Outcome", "Select", "Stream", "coerce"]
+__all__ = ["Job", "MeshClient", "Outcome", "Select", "Stream", "SubmittedJob", "coerce"]

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .errors import ErrorCode, StorageError
 from .storage.base import JobRecord, JobStore
@@ -24,6 +25,9 @@ from .storage.base import JobRecord, JobStore
 log = logging.getLogger("orbitmesh.joblog")
 
 Callback = Callable[[BaseException | None], None]
+# A queued item: (job id, the store's prepared snapshot, callback). Job id 0 is a barrier; a
+# snapshot of None deletes the job.
+_Item = tuple[int, Any, "Callback | None"]
 
 
 class JobLog:
@@ -43,7 +47,7 @@ class JobLog:
         self._flush_s = flush_ms / 1000
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._queue: list[tuple[JobRecord | int | None, Callback | None]] = []
+        self._queue: list[_Item] = []
         self._stopping = False
         self._failed: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="orbitmesh-joblog", daemon=True)
@@ -58,10 +62,15 @@ class JobLog:
         written (durably, in ``sync`` mode), with the StorageError if the write failed."""
         if self._failed is not None:
             raise StorageError(f"job log is down: {self._failed}", code=ErrorCode.STORAGE_ERROR)
-        snapshot = record.copy()
+        try:
+            snapshot = self.store.prepare(record)
+        except (ValueError, TypeError) as exc:  # a record no store may hold: refused, not queued
+            if done is not None:
+                self._loop.call_soon(done, StorageError(f"job {record.id} cannot be logged: {exc}"))
+            return
         with self._lock:  # the Condition's own lock: one C call in and out
             queue = self._queue
-            queue.append((snapshot, done))
+            queue.append((record.id, snapshot, done))
             if len(queue) == 1:
                 self._cond.notify()
 
@@ -69,14 +78,14 @@ class JobLog:
         """Run ``done`` on the loop once everything queued before it is written
         (read-your-writes for queries that go to the store)."""
         with self._cond:
-            self._queue.append((None, done))
+            self._queue.append((0, None, done))
             if len(self._queue) == 1:
                 self._cond.notify()
 
     def delete(self, job_ids: list[int]) -> None:
         """Queue deletions (retention)."""
         with self._cond:
-            self._queue.extend((i, None) for i in job_ids)
+            self._queue.extend((i, None, None) for i in job_ids)
             self._cond.notify()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -84,7 +93,8 @@ class JobLog:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("job log writer did not stop within %.1f s", timeout)
 
@@ -115,26 +125,25 @@ class JobLog:
             if stop:
                 return
 
-    def _write(self, batch: list[tuple[JobRecord | int | None, Callback | None]]) -> None:
-        latest: dict[int, JobRecord] = {}
+    def _write(self, batch: list[_Item]) -> None:
+        latest: dict[int, Any] = {}
         deletes: list[int] = []
-        for item, _ in batch:
-            if item is None:
-                continue  # a barrier
-            if isinstance(item, int):
-                latest.pop(item, None)
-                deletes.append(item)
-            else:
-                latest[item.id] = item  # a later snapshot of the same job supersedes
+        for job_id, item, _ in batch:
+            if item is not None:
+                latest[job_id] = item  # a later snapshot of the same job supersedes
+            elif job_id:
+                latest.pop(job_id, None)
+                deletes.append(job_id)
+            # else: a barrier
         error: BaseException | None = None
         try:
-            self.store.write(list(latest.values()), deletes)
+            self.store.write_prepared(list(latest.values()), deletes)
             self.batches += 1
             self.records += len(latest)
         except BaseException as exc:  # reported to every waiter, never swallowed
             log.error("job log write of %d records failed: %s", len(latest), exc)
             error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
-        callbacks = [cb for _, cb in batch if cb is not None]
+        callbacks = [cb for _, _, cb in batch if cb is not None]
         if callbacks:
             try:
                 self._loop.call_soon_threadsafe(_run_callbacks, callbacks, error)

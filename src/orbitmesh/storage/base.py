@@ -18,6 +18,7 @@ import operator
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 
@@ -160,6 +161,15 @@ class JobStore(ABC):
     @abstractmethod
     def max_id(self) -> int:
         """The highest id ever stored (0 if none): ids are never reused."""
+
+    def prepare(self, record: JobRecord) -> Any:
+        """A snapshot of ``record`` for ``write_prepared``, taken when the record is handed to
+        the job log (later changes to the record do not reach it). Default: a copy."""
+        return record.copy()
+
+    def write_prepared(self, items: Sequence[Any], delete: Sequence[int] = ()) -> None:
+        """``write`` for ``prepare`` output (the job log's writer calls this)."""
+        self.write(items, delete)
 
     def flush(self) -> None:  # noqa: B027 - optional: only batch-mode stores need it
         """Make everything written durable now (``batch`` mode); a no-op elsewhere."""

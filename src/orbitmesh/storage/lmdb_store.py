@@ -105,6 +105,8 @@ def _time_key(t: float) -> bytes:
 # What the indexes hold for a record as last written: state code, agent, command, created,
 # idempotency key, ``by_done`` key (empty unless terminal).
 _Indexed = tuple[bytes, str, str, float, str, bytes]
+# A record as ``write_prepared`` takes it: id, then ``_Indexed``'s fields, then the encoded record.
+Prepared = tuple[int, bytes, str, str, float, str, bytes, bytes]
 
 
 def _indexed(rec: JobRecord) -> _Indexed:
@@ -340,8 +342,30 @@ class LmdbStore(JobStore):
     # -- writes -------------------------------------------------------------------------------
 
     def write(self, records: Sequence[JobRecord], delete: Sequence[int] = ()) -> None:
+        self.write_prepared([self.prepare(rec) for rec in records], delete)
+
+    def prepare(self, record: JobRecord) -> Prepared:
+        """``record`` as the writer needs it: its encoded bytes and what its indexes hold. Taken on
+        the caller's thread, this is the snapshot (no copy of the record, and the encoding is
+        off the writer's share). Raises ValueError for a record no store may hold."""
+        data = encode_record(record)
+        state = record.state
+        done = _time_key(record.updated) + _be(record.id) if state.terminal else b""
+        return (
+            record.id,
+            _STATE_CODE[state],
+            record.agent,
+            record.command,
+            record.created,
+            record.idempotency_key,
+            done,
+            data,
+        )
+
+    def write_prepared(self, items: Sequence[Prepared], delete: Sequence[int] = ()) -> None:
+        """Write ``prepare`` output and delete ``delete`` ids, with every index, in one transaction."""
         deletes = [check_id(i) for i in delete]
-        if not records and not deletes:
+        if not items and not deletes:
             return
         with self._write_lock:
             while True:
@@ -355,7 +379,7 @@ class LmdbStore(JobStore):
                 except lmdb.Error as exc:
                     self._raise_lmdb(exc, "writing")
                 try:
-                    cache = self._apply(txn, records, deletes)
+                    cache = self._apply(txn, items, deletes)
                     txn.commit()
                     live = self._live_index
                     for job_id, entry in cache.items():
@@ -407,7 +431,7 @@ class LmdbStore(JobStore):
             entries.append((dbs[b"by_done"], _time_key(rec.updated) + rid, b""))
         return entries
 
-    def _apply(self, txn: Any, records: Sequence[JobRecord], deletes: list[int]) -> dict[int, _Indexed | None]:
+    def _apply(self, txn: Any, items: Sequence[Prepared], deletes: list[int]) -> dict[int, _Indexed | None]:
         """Write in ``txn``; returns the updates to ``_live_index``, applied once it commits.
 
         Per record only the index entries that changed are touched (all of them for a new
@@ -425,14 +449,9 @@ class LmdbStore(JobStore):
         # A cursor's put skips Transaction.put's argument parsing (~0.1 us each, ~5 per record).
         put_state, put_agent, put_command = (txn.cursor(db).put for db in (by_state, by_agent, by_command))
         put_time, put_done, put_job = (txn.cursor(db).put for db in (by_time, by_done, jobs))
-        codes = _STATE_CODE
-        for rec in records:
-            data = encode_record(rec)  # may raise midway: the caller aborts the whole txn
-            job_id = rec.id
+        for job_id, state, agent, command, created, key, done, data in items:
+            check_id(job_id)
             rid = _be(job_id)
-            state = codes[rec.state]
-            agent, command, created, key = rec.agent, rec.command, rec.created, rec.idempotency_key
-            done = _time_key(rec.updated) + rid if rec.state.terminal else b""
             known = cache[job_id] if job_id in cache else live.get(job_id)
             if known is None:
                 raw = txn.get(rid, db=jobs)
