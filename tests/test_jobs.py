@@ -4,6 +4,7 @@ redelivery and recovery after a broker restart, over real sockets and real LMDB 
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 import pytest
@@ -459,5 +460,42 @@ def test_submit_job_when_not_connected_raises_at_once(arun):
         with pytest.raises(om.NotConnectedError):
             client.submit_job("agent-0", "add", [1, 2])
         await client.close()
+
+    arun(main())
+
+
+def test_job_table_is_bounded(arun, ctx, core_impl):
+    counts: dict[str, int] = {}
+
+    async def main():
+        kw = {"max_live_jobs": 3, "dispatch_window": 30.0}
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), setup=job_handlers(counts), broker_kw=kw) as (
+            broker,
+            _,
+            client,
+        ):
+            # Given three jobs waiting for an agent that is not there: the table is full
+            waiting = [await client.execute("absent", "add", [i, 1]) for i in range(3)]
+            # When a fourth job comes, Expect a clear refusal that says why, and nothing recorded
+            with pytest.raises(om.OrbitMeshError) as full:
+                await client.execute("agent-0", "add", [1, 2])
+            assert full.value.code == ErrorCode.QUEUE_FULL and "max_live_jobs" in str(full.value)
+            refused = client.submit_job("agent-0", "add", [1, 2])
+            with pytest.raises(om.OrbitMeshError) as again:
+                await asyncio.wait_for(refused.result, 5)
+            assert again.value.code == ErrorCode.QUEUE_FULL
+            assert [j.id for j in waiting] == [1, 2, 3]
+            assert broker.jobs is not None and broker.jobs.stats()["jobs_refused_full"] == 2
+            # When one of them ends (cancelled), Expect room for a new job, which runs
+            seen: list[dict[str, object]] = []
+            asyncio.get_running_loop().set_exception_handler(lambda loop, context: seen.append(context))
+            await client.cancel(waiting[0].id)
+            job = await client.execute("agent-0", "add", [20, 22])
+            assert await job.result(timeout=5) == 42 and job.id == 4
+            # ... and a job nobody asked the outcome of (fire and forget) logs no unread error
+            await asyncio.sleep(0.05)
+            del waiting, refused
+            gc.collect()
+            assert seen == []
 
     arun(main())

@@ -154,7 +154,9 @@ class Broker:
     ``job_lease`` seconds (default: the agent liveness window), extended by the
     agent's progress; ``dispatch_window`` is how long a job waits for an agent
     that can take it; terminal jobs are compacted after ``retention_age``
-    seconds or beyond the newest ``retention_count``.
+    seconds or beyond the newest ``retention_count``. At most ``max_live_jobs``
+    unfinished jobs are kept (each in memory, ~1-2 KiB plus its params): beyond,
+    a new job is refused with QUEUE_FULL.
 
     Per-client limits (0 = none): ``client_max_inflight`` requests in flight or
     queued at once (TOO_MANY_REQUESTS beyond), and ``client_rate`` requests per
@@ -187,6 +189,7 @@ class Broker:
         dispatch_window: float = 60.0,
         retention_age: float = 7 * 86400.0,
         retention_count: int = 1_000_000,
+        max_live_jobs: int = 1_000_000,
         client_max_inflight: int = 0,
         client_rate: float = 0.0,
         client_burst: int = 0,
@@ -241,6 +244,9 @@ class Broker:
         self._job_lease = job_lease if job_lease is not None else self.heartbeat_ms * liveness / 1000
         self._dispatch_window = dispatch_window
         self._retention = (retention_age, retention_count)
+        if max_live_jobs < 1:
+            raise ValueError("max_live_jobs must be >= 1")
+        self._max_live_jobs = max_live_jobs
         self.jobs: JobManager | None = None
         self._session = 0
         self._counters: dict[str, int] = {}
@@ -341,6 +347,7 @@ class Broker:
             dispatch_window_s=self._dispatch_window,
             retention_age_s=self._retention[0],
             retention_count=self._retention[1],
+            max_live=self._max_live_jobs,
         )
         try:
             self.jobs.start()

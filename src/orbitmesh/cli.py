@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
     b.add_argument("--liveness", type=int, default=5, help="missed heartbeats before a peer is lost")
     b.add_argument("--queue-limit", type=int, default=10_000)
+    b.add_argument(
+        "--max-live-jobs", type=int, default=1_000_000, help="unfinished jobs held at once; beyond, QUEUE_FULL"
+    )
     b.add_argument("--queue-timeout", type=float, default=30.0)
     b.add_argument(
         "--store",
@@ -238,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 heartbeat_interval=args.heartbeat,
                 liveness=args.liveness,
                 queue_limit=args.queue_limit,
+                max_live_jobs=args.max_live_jobs,
                 queue_timeout=args.queue_timeout,
                 store=args.store,
                 durability=args.durability,

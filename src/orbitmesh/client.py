@@ -977,6 +977,8 @@ class MeshClient:
                     fut.set_result(s.loads(body) if body or s.id == RawSerializer.id else None)
                 except OrbitMeshError as exc:
                     fut.set_exception(exc)
+                    if p.accepted is not None:
+                        fut.exception()  # a job's outcome may never be asked for (see _settle_error)
         elif kind == Kind.ERROR:
             del self._pending[corr]
             self._settle_error(p, parse_error(fields[4], frames))
@@ -995,19 +997,19 @@ class MeshClient:
             p.token = frames[1]
 
     def _settle_error(self, p: _Pending, exc: OrbitMeshError) -> None:
-        if not p.fut.done():
-            p.fut.set_exception(exc)
-            if p.items is not None:
-                p.fut.exception()  # the stream reads it; don't warn if it never does
+        fut = p.fut
+        if not fut.done():
+            fut.set_exception(exc)
+            if p.items is not None or p.accepted is not None:
+                # A stream reads it itself; a job's outcome may never be asked for (a job is
+                # often fire and forget): neither is "an exception nobody retrieved".
+                fut.exception()
         if p.waiter is not None and not p.waiter.done():
             p.waiter.set_result(None)
         if p.accepted is not None and not p.accepted.done():
+            # The same error is on both futures: whichever one the caller reads reports it.
             p.accepted.set_exception(exc)
-            # The same error is on both futures: whichever one the caller reads reports it,
-            # and the other one must not warn that nobody did.
             p.accepted.exception()
-            if p.fut.done():
-                p.fut.exception()
 
     def _on_event(self, frames: list[Any]) -> None:
         try:

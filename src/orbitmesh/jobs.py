@@ -171,6 +171,7 @@ class JobManager:
         dispatch_window_s: float = 60.0,
         retention_age_s: float = 7 * 86400.0,
         retention_count: int = 1_000_000,
+        max_live: int = 1_000_000,
     ) -> None:
         self.store = store
         self._loop = loop
@@ -189,6 +190,8 @@ class JobManager:
         self.dispatch_window_s = dispatch_window_s
         self.retention_age_s = retention_age_s
         self.retention_count = retention_count
+        self.max_live = max_live  # unfinished jobs held in memory; beyond, a new job is refused
+        self.refused_full = 0
         self.log = JobLog(store, loop)
         self._live: dict[int, JobRecord] = {}
         self._mem: dict[int, _Live] = {}
@@ -262,6 +265,11 @@ class JobManager:
             if existing is not None:
                 self._attach(existing, rid, corr)
                 return
+        if len(self._live) >= self.max_live:
+            self.refused_full += 1
+            message = f"job table full: {len(self._live)} unfinished jobs (max_live_jobs); try again later"
+            self._to_peer(rid, error_message(ErrorCode.QUEUE_FULL, corr, message))
+            return
         now = time.time()
         job_id = self._next_id
         route = frames[1]
@@ -676,6 +684,7 @@ class JobManager:
     def stats(self) -> dict[str, int]:
         return {
             "jobs_live": len(self._live),
+            "jobs_refused_full": self.refused_full,
             "jobs_recovered": self.recovered,
             "joblog_batches": self.log.batches,
             "joblog_records": self.log.records,
