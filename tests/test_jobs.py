@@ -499,3 +499,39 @@ def test_job_table_is_bounded(arun, ctx, core_impl):
             assert seen == []
 
     arun(main())
+
+
+def test_jobs_wait_for_an_agent_without_polling(arun, ctx, core_impl):
+    counts: dict[str, int] = {}
+
+    async def main():
+        kw = {"dispatch_window": 30.0}
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), setup=job_handlers(counts), broker_kw=kw) as (
+            broker,
+            _,
+            client,
+        ):
+            # Given jobs for an agent that is not there yet: by name, and by a capability nobody has
+            named = [client.submit_job("late-1", "add", [i, 1]) for i in range(40)]
+            matched = [client.submit_job(om.Select(capability="late"), "add", [i, 2]) for i in range(40)]
+            ids = await asyncio.wait_for(asyncio.gather(*(s.accepted for s in named + matched)), 10)
+            # When they have waited a while
+            await asyncio.sleep(1.2)
+            # Expect them parked: one "waiting" note each, no retry every second
+            assert broker.jobs is not None and broker.jobs.stats()["jobs_waiting_for_agent"] == 80
+            for job_id in (ids[0], ids[-1]):
+                info = await client.get_job(job_id)
+                assert info.state == JobState.PENDING
+                assert [t[0] for t in info.transitions] == ["PENDING", "PENDING"]
+                assert info.transitions[1][2].startswith("waiting for an agent")
+            # When an agent with that name and capability joins, Expect every job sent to it at once
+            late = om.Agent("late-1", broker.endpoints[0], context=ctx, capabilities=["late"])
+            job_handlers(counts)(late)
+            async with late:
+                results = await asyncio.wait_for(asyncio.gather(*(s.result for s in named + matched)), 10)
+            assert results == [i + 1 for i in range(40)] + [i + 2 for i in range(40)]
+            assert broker.jobs.stats()["jobs_waiting_for_agent"] == 0
+            info = await client.wait(ids[0], timeout=5)
+            assert info.agent == "late-1" and states(info) == ["PENDING", "PENDING", "DISPATCHED", "SUCCEEDED"]
+
+    arun(main())

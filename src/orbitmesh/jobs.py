@@ -14,6 +14,7 @@ module decides whether an error is final or retried, and answers the client's ``
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import random
 import time
@@ -47,6 +48,8 @@ _WAIT_CODES = frozenset(
         ErrorCode.AGENT_BUSY,
     )
 )
+# What the control plane's own choice says when nobody can take a job now: it parks (_park).
+_NO_AGENT_CODES = frozenset((ErrorCode.NO_SUCH_AGENT, ErrorCode.NO_AGENT_AVAILABLE))
 _FINAL_CODES = frozenset(
     (ErrorCode.UNKNOWN_COMMAND, ErrorCode.BAD_PAYLOAD, ErrorCode.BAD_ROUTE, ErrorCode.NO_RAW_HANDLER)
 )
@@ -141,7 +144,7 @@ Watcher = Callable[[JobRecord, bytes, int], None]
 class _Live:
     """What the control plane keeps in memory about a live job (never persisted)."""
 
-    __slots__ = ("timer", "wait_rounds", "waiters", "waiting_since", "watchers")
+    __slots__ = ("parked", "timer", "wait_rounds", "waiters", "waiting_since", "watchers")
 
     def __init__(self, waiters: list[tuple[bytes, int]] | None = None) -> None:
         self.waiters: list[tuple[bytes, int]] = [] if waiters is None else waiters  # execute callers
@@ -149,6 +152,9 @@ class _Live:
         self.timer: asyncio.TimerHandle | None = None
         self.waiting_since = 0.0  # first "no agent" refusal of this dispatch round
         self.wait_rounds = 0  # "no agent" refusals so far in this round
+        # While no agent can take it: (where it waits: an agent name or a (route, command) key,
+        # the error code and message it fails with when its dispatch window closes).
+        self.parked: tuple[str | tuple[bytes, str], int, str] | None = None
 
 
 class JobManager:
@@ -200,7 +206,10 @@ class JobManager:
         self._dirty: dict[int, JobRecord] = {}  # changed, to be written with the next flush
         self._unwritten: dict[int, list[tuple[bytes, int]]] = {}  # new jobs not yet in the log -> parked submits
         self._flusher: asyncio.TimerHandle | None = None
-        self._awaiting: dict[str, set[int]] = {}  # agent name -> jobs held for it after a restart
+        self._awaiting: dict[str, set[int]] = {}  # agent name -> jobs waiting for it to (re-)register
+        self._parked_any: dict[tuple[bytes, str], set[int]] = {}  # (route, command) -> jobs no agent matches yet
+        self._park_deadlines: list[tuple[float, int, float]] = []  # heap: (window closes, job, waiting since)
+        self._park_timer: asyncio.TimerHandle | None = None
         self._next_id = 1
         self._sweeper: asyncio.TimerHandle | None = None
         self.recovered = 0
@@ -235,6 +244,8 @@ class JobManager:
             self._sweeper.cancel()
         if self._flusher is not None:
             self._flusher.cancel()
+        if self._park_timer is not None:
+            self._park_timer.cancel()
         self._flush_dirty()
         for mem in self._mem.values():
             if mem.timer is not None:
@@ -374,46 +385,125 @@ class JobManager:
             return
         mem = self._mem[job_id]
         mem.timer = None
+        if mem.parked is not None:
+            self._unpark(job_id, mem)
         session = self._agent_session(rec.agent) if rec.agent else None
         if session is not None:
             self._send_job(rec, mem, session)
             return
         now = time.time()
-        if rec.agent:
+        named = rec.route[:1] == _NAME_ROUTE
+        if rec.agent and not named:
             # Its agent is not (back) here. After a restart, give it a lease's time to
             # re-register: it may hold the answer. Then choose again.
             mem.waiting_since = mem.waiting_since or now
             left = self.lease_s - (now - mem.waiting_since)
-            if left > 0 and rec.route[:1] != _NAME_ROUTE:
+            if left > 0:
                 # Woken by agent_joined, or by this timer when the wait is over.
                 self._awaiting.setdefault(rec.agent, set()).add(job_id)
                 mem.timer = self._loop.call_later(left, self._dispatch, job_id)
                 return
-            if rec.route[:1] != _NAME_ROUTE:
-                self._awaiting.get(rec.agent, set()).discard(job_id)
-                rec.agent = ""
-        if not rec.agent:
-            chosen = self._choose(rec.route, rec.command)
-            if isinstance(chosen, OrbitMeshError):
-                rec.attempts += 1  # _on_error gives back the attempts of "no agent" refusals
-                self._on_error(rec, chosen.code, chosen.message, "", now)
-                return
-            rec.agent = chosen
-            # Written before it is sent, so a restart knows which agent may hold the answer.
-            self.log.append(rec, lambda err: self._send_chosen(job_id))
+            self._awaiting.get(rec.agent, set()).discard(job_id)
+            rec.agent = ""
+        if rec.agent:  # a named agent that is not registered (now)
+            self._park(rec, mem, rec.agent, ErrorCode.NO_SUCH_AGENT, f"no agent named '{rec.agent}'", now)
             return
-        self._send_chosen(job_id)
+        chosen = self._choose(rec.route, rec.command)
+        if isinstance(chosen, OrbitMeshError):
+            if chosen.code in _NO_AGENT_CODES:
+                where = rec.route[2:].decode("utf-8", "replace") if named else (rec.route, rec.command)
+                self._park(rec, mem, where, chosen.code, chosen.message, now)
+                return
+            rec.attempts += 1  # _on_error gives back the attempts of "no agent" refusals
+            self._on_error(rec, chosen.code, chosen.message, "", now)
+            return
+        rec.agent = chosen
+        # Written before it is sent, so a restart knows which agent may hold the answer.
+        self.log.append(rec, lambda err: self._send_chosen(job_id))
+
+    def _park(
+        self, rec: JobRecord, mem: _Live, where: str | tuple[bytes, str], code: int, message: str, now: float
+    ) -> None:
+        """No agent can take the job now: it waits, without polling, until an agent joins (the
+        one it names, or any agent for a selector: ``agent_joined``) or its dispatch window
+        closes (then FAILED with ``code``). Waiting adds one transition, not one per second."""
+        if not mem.waiting_since:
+            mem.waiting_since = now
+            rec.transitions.append((_VALUE[_PENDING], now, f"waiting for an agent: {message}"))
+            self._touch(rec)
+        elif now - mem.waiting_since >= self.dispatch_window_s:
+            rec.error_code, rec.error = code, message
+            self._finish(rec, JobState.FAILED, now)
+            return
+        deadline = mem.waiting_since + self.dispatch_window_s
+        entry = (deadline, rec.id, mem.waiting_since)
+        heapq.heappush(self._park_deadlines, entry)
+        if self._park_timer is None or self._park_deadlines[0] == entry:
+            self._arm_park_timer()  # the earliest deadline is the one the timer waits for
+        mem.parked = (where, code, message)
+        if isinstance(where, str):
+            rec.agent = where  # a named route: agent_joined(where) sends it
+            self._awaiting.setdefault(where, set()).add(rec.id)
+        else:
+            self._parked_any.setdefault(where, set()).add(rec.id)
+
+    def _unpark(self, job_id: int, mem: _Live) -> None:
+        assert mem.parked is not None
+        where = mem.parked[0]
+        mem.parked = None
+        waiting = self._awaiting.get(where) if isinstance(where, str) else self._parked_any.get(where)
+        if waiting is not None:
+            waiting.discard(job_id)
+            if not waiting:
+                if isinstance(where, str):
+                    del self._awaiting[where]
+                else:
+                    del self._parked_any[where]
+
+    def _arm_park_timer(self) -> None:
+        if self._park_timer is not None:
+            self._park_timer.cancel()
+        self._park_timer = None
+        if self._park_deadlines:
+            delay = max(0.0, self._park_deadlines[0][0] - time.time())
+            self._park_timer = self._loop.call_later(delay, self._expire_parked)
+
+    def _expire_parked(self) -> None:
+        """Fail the parked jobs whose dispatch window has closed."""
+        self._park_timer = None
+        now = time.time()
+        heap = self._park_deadlines
+        while heap and heap[0][0] <= now:
+            _, job_id, since = heapq.heappop(heap)
+            mem = self._mem.get(job_id)
+            rec = self._live.get(job_id)
+            if rec is None or mem is None or mem.parked is None or mem.waiting_since != since:
+                continue  # ended, sent meanwhile, or waiting in a later round (its own entry)
+            _, code, message = mem.parked
+            self._unpark(job_id, mem)
+            rec.error_code, rec.error = code, message
+            self._finish(rec, JobState.FAILED, now)
+        self._arm_park_timer()
 
     def agent_joined(self, name: str) -> None:
-        """An agent (re-)registered: send it the jobs that were waiting for it."""
+        """An agent (re-)registered: send it the jobs that were waiting for it, and try again
+        the jobs no agent matched (once per distinct route and command)."""
         for job_id in self._awaiting.pop(name, ()):
             rec = self._live.get(job_id)
             if rec is not None and rec.state == JobState.PENDING and rec.agent == name:
                 mem = self._mem[job_id]
+                mem.parked = None  # the set it was in is gone
                 if mem.timer is not None:
                     mem.timer.cancel()
                     mem.timer = None
                 self._dispatch(job_id)
+        for key in list(self._parked_any):
+            if isinstance(self._choose(*key), str):
+                for job_id in self._parked_any.pop(key, ()):
+                    waiting = self._mem.get(job_id)
+                    if waiting is not None:
+                        waiting.parked = None
+                        self._dispatch(job_id)
 
     def _send_chosen(self, job_id: int) -> None:
         """Send a job whose agent was just chosen (and logged), if it still waits for that."""
@@ -549,6 +639,8 @@ class JobManager:
     def _finish(self, rec: JobRecord, state: JobState, now: float) -> None:
         job_id = rec.id
         mem = self._mem.pop(job_id, None) or _Live()
+        if mem.parked is not None:
+            self._unpark(job_id, mem)
         if mem.timer is not None:
             mem.timer.cancel()
         self._live.pop(job_id, None)
@@ -684,6 +776,7 @@ class JobManager:
     def stats(self) -> dict[str, int]:
         return {
             "jobs_live": len(self._live),
+            "jobs_waiting_for_agent": sum(map(len, self._awaiting.values())) + sum(map(len, self._parked_any.values())),
             "jobs_refused_full": self.refused_full,
             "jobs_recovered": self.recovered,
             "joblog_batches": self.log.batches,
