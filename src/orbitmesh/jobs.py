@@ -210,6 +210,7 @@ class JobManager:
         self._parked_any: dict[tuple[bytes, str], set[int]] = {}  # (route, command) -> jobs no agent matches yet
         self._park_deadlines: list[tuple[float, int, float]] = []  # heap: (window closes, job, waiting since)
         self._park_timer: asyncio.TimerHandle | None = None
+        self._delivered: dict[int, None] = {}  # jobs sent to an agent (DISPATCHED / RUNNING, or were)
         self._next_id = 1
         self._sweeper: asyncio.TimerHandle | None = None
         self.recovered = 0
@@ -533,6 +534,7 @@ class JobManager:
         rec.state = _DISPATCHED
         rec.updated = now
         rec.transitions.append(("DISPATCHED", now, agent))
+        self._delivered[job_id] = None
         self._dirty[job_id] = rec  # _touch, inlined
         if self._flusher is None:
             self._flusher = self._loop.call_later(DIRTY_FLUSH_S, self._flush_dirty)
@@ -644,6 +646,7 @@ class JobManager:
         if mem.timer is not None:
             mem.timer.cancel()
         self._live.pop(job_id, None)
+        self._delivered.pop(job_id, None)
         rec.lease_expires = 0.0
         rec.state = state
         rec.updated = now
@@ -744,8 +747,14 @@ class JobManager:
         """Every second: expired leases are redelivered; old terminal jobs are compacted."""
         now = time.time()
         try:
-            for rec in list(self._live.values()):
-                if rec.state in (JobState.DISPATCHED, JobState.RUNNING) and 0 < rec.lease_expires < now:
+            # Only delivered jobs hold a lease: the sweep's cost follows the jobs in flight, not
+            # every unfinished job (up to max_live_jobs may wait for an agent).
+            delivered = self._delivered
+            for job_id in list(delivered):
+                rec = self._live.get(job_id)
+                if rec is None or rec.state not in (JobState.DISPATCHED, JobState.RUNNING):
+                    del delivered[job_id]  # ended or back to PENDING since
+                elif 0 < rec.lease_expires < now:
                     self._cancel_delivery(rec)
                     rec.error_code, rec.error = ErrorCode.AGENT_LOST, "lease expired"
                     if rec.attempts < rec.max_attempts:
