@@ -5,6 +5,13 @@ instead watch the socket's FD and, when it is readable, pull every waiting
 message with NOBLOCK and hand each to a plain callback. ZMQ_FD is
 edge-triggered, so after every send (which may consume the edge) a drain is
 scheduled once per loop iteration.
+
+Sends are coalesced the same way: what one turn of the loop sends goes to libzmq
+together at the start of the next. Sent one by one between other work, each
+message woke libzmq's I/O thread on its own (an eventfd write here, a wake-up
+and a TCP write there); together they share one. Measured on invoke (window
+1000): about 1 us less CPU per round trip in each of client, broker and agent,
+and 5-10 % more round trips/s.
 """
 
 from __future__ import annotations
@@ -96,28 +103,24 @@ class AsyncSocket:
             out.popleft()
 
     def send(self, frames: Frames, copy: bool = True) -> None:
-        """Queue one multipart message; it goes out now if the socket can take it.
+        """Queue one multipart message. It goes to libzmq with everything else queued in this
+        turn of the loop, at the start of the next one (or now, with ``flush``).
 
         ``copy=False`` sends buffers (bytes, memoryview, numpy arrays) without
         copying them; the caller must not modify them until they are sent.
         """
         if self._closed:
             raise zmq.ZMQError(zmq.ENOTSOCK, "socket is closed")
-        if not self._outbox:
-            if copy:
-                sent = self._send_parts(self.sock, frames)
-            else:
-                try:
-                    self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-                    sent = True
-                except zmq.Again:
-                    sent = False
-            if not sent:
-                self._outbox.append((frames, copy))
+        self._outbox.append((frames, copy))
+        if not self._scheduled:
+            self._schedule()
+
+    def flush(self) -> None:
+        """Hand what is queued to libzmq now (what the socket cannot take yet stays queued)."""
+        if self._outbox and not self._closed:
+            self._flush()
+            if self._outbox:
                 self._schedule_flush()
-        else:
-            self._outbox.append((frames, copy))
-        self._schedule()
 
     @property
     def pending_sends(self) -> int:
@@ -128,6 +131,11 @@ class AsyncSocket:
         """Stop watching the socket and close it."""
         if self._closed:
             return
+        if self._outbox:
+            try:
+                self._flush()  # what was sent before close goes out (a BYE, a last answer)
+            except zmq.ZMQError:
+                pass
         self._closed = True
         self._loop.remove_reader(self._fd)
         self._outbox.clear()

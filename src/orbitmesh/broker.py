@@ -445,6 +445,7 @@ class Broker:
             return
         if len(out) == 1:
             ctrl.send(out[0])
+            ctrl.flush()  # this is the turn's one message already: no reason to wait a turn more
             return
         op_batch, cap = self._dp_mod.OP["BATCH"], self._dp_mod.CTRL_MAX_FRAMES
         layout = bytearray()
@@ -457,6 +458,7 @@ class Broker:
             layout += len(frames).to_bytes(2, "little")
             batch += frames
         ctrl.send([op_batch, bytes(layout), *batch])
+        ctrl.flush()
 
     def _send(self, rid: bytes, frames: list[bytes]) -> None:
         if self._ctrl is not None:
