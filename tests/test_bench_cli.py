@@ -142,6 +142,54 @@ def test_bench_new_workloads_short_run(tmp_path: Path, capsys: pytest.CaptureFix
     assert set(_children_of(os.getpid())) <= before
 
 
+def test_bench_memory_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Given the memory workload in its quick form (200 agents, 1,000 held requests, 2,000 jobs)
+    out = tmp_path / "b.json"
+    before = set(_children_of(os.getpid()))
+    stores_before = set(Path(tempfile.gettempdir()).glob("orbitmesh-bench-*"))
+    # When it runs
+    started = time.monotonic()
+    rc = main(["bench", "--quick", "--workloads", "memory", "--json", str(out)])
+    took = time.monotonic() - started
+    # Expect the broker's memory per agent, per in-flight request and per unfinished job, no baseline
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "broker memory per connected agent, bytes (200)" in printed and "max_live_jobs=1,000,000" in printed
+    report = json.loads(out.read_text())
+    w, d = report["workloads"], report["details"]["memory"]
+    assert set(w) == {"memory_idle", "memory_per_agent", "memory_per_request", "memory_per_job"}
+    assert all(row["target"] is None for row in w.values())
+    assert all(w[key]["baseline"] is None for key in ("memory_idle", "memory_per_request", "memory_per_job"))
+    # ... each a plausible size in bytes: a delta of 0, a negative one or kB taken for bytes fails
+    assert 1_000 < w["memory_per_agent"]["orbitmesh"] < 1_000_000
+    assert 1_000 < w["memory_per_agent"]["baseline"] < 1_000_000  # a raw ROUTER: libzmq's own cost
+    assert 20 < w["memory_per_request"]["orbitmesh"] < 100_000
+    assert 200 < w["memory_per_job"]["orbitmesh"] < 1_000_000
+    assert 5 < w["memory_idle"]["orbitmesh"] < 1_000  # MiB
+    # ... from readings of RssAnon (VmRSS alongside) that agree with the rows
+    agents, requests, jobs = d["agents"], d["requests"], d["jobs"]
+    assert (agents["agents"], requests["requests"], jobs["jobs"]) == (200, 1000, 2000)
+    for side in ("orbitmesh", "baseline"):
+        grown = agents[side]["after"]["RssAnon"] - agents[side]["before"]["RssAnon"]
+        assert w["memory_per_agent"][side] == pytest.approx(grown / 200)
+    assert jobs["after"]["RssAnon"] - jobs["before"]["RssAnon"] == pytest.approx(
+        2000 * w["memory_per_job"]["orbitmesh"]
+    )
+    for reading in (d["idle"], agents["orbitmesh"]["after"], requests["after"], jobs["after"]):
+        assert reading["RssAnon"] < reading["VmRSS"] and reading["RssAnon"] % 1024 == 0
+    # ... every request held at once, then answered; every job accepted and still waiting
+    assert requests["held"] == requests["requests"] + requests["warm_up"]
+    assert jobs["jobs_live"] == jobs["jobs"] + jobs["warm_up"] and jobs["transitions_of_first_job"] >= 2
+    assert d["stats"]["agents"] == 201 and d["stats"]["forwarded_replies"] == requests["held"]
+    # ... and the broker's bounds next to them
+    assert d["limits"]["max_live_jobs"] == 1_000_000 and d["limits"]["queue_limit"] == 10_000
+    assert d["max_live_jobs_bytes"] == pytest.approx(w["memory_per_job"]["orbitmesh"] * 1_000_000)
+    # Expect it quick, every child process gone and the job store removed
+    assert took < 15
+    assert set(_children_of(os.getpid())) <= before
+    assert set(Path(tempfile.gettempdir()).glob("orbitmesh-bench-*")) <= stores_before
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

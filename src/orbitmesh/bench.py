@@ -11,8 +11,8 @@ Workloads: pipelined round trips/s with ``window`` requests in flight, and seque
 gives the broker's (or the proxy's) CPU cost per forwarded message. All processes of both sides
 (and of the raw peers, see ``measure_invoke``) run all along and the sides take turns of about
 ``CHUNK_S``, so a busy machine slows them alike and the ratios hold better than the absolute
-figures. More workloads (stream, raw bytes, fan-out, scale): :mod:`orbitmesh.bench_workloads`;
-select with ``--workloads``.
+figures. More workloads (stream, raw bytes, fan-out, scale, the broker's memory):
+:mod:`orbitmesh.bench_workloads`; select with ``--workloads``.
 
 Durable jobs: ``execute`` jobs/s end to end (a job counts when its result has arrived) with
 ``job_window`` jobs in flight, once per durability mode (``sync``, ``batch``, ``none``), each
@@ -21,9 +21,9 @@ agent; set against the pipelined invoke rate of the same run. The broker reports
 per thread too (control plane, job-log writer, data plane; the rest is libzmq's I/O thread).
 
 Children are ``sys.executable`` subprocesses (no multiprocessing helper process is left behind):
-each binds or connects, reports its endpoints as a JSON line on stdout, answers "cpu" on stdin,
-and exits on "stop" or when stdin closes (the bench process went away); one that does not exit in
-time is terminated. POSIX only (``select`` on pipes).
+each binds or connects, reports its endpoints as a JSON line on stdout, answers "cpu" (and its
+role's own requests) on stdin, and exits on "stop" or when stdin closes (the bench process went
+away); one that does not exit in time is terminated. POSIX only (``select`` on pipes).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ P50_TARGET = 1.3  # invoke p50 <= 1.3x raw p50
 P99_TARGET = 2.0  # invoke p99 <= 2x raw p99
 BROKER_CPU_TARGET = 0.7  # broker CPU per forwarded message <= 0.7x zmq.proxy's
 JOBS_SYNC_TARGET = 0.4  # durable execute in sync mode >= 0.4x pipelined invoke
-WORKLOADS = ("invoke", "latency", "jobs", "stream", "raw", "fanout", "scale")
+WORKLOADS = ("invoke", "latency", "jobs", "stream", "raw", "fanout", "scale", "memory")
 RAW_SIZES = (1024, 65536, 1048576)
 
 
@@ -280,7 +280,7 @@ class Report:
     baseline: Figures  # raw pyzmq -> zmq.proxy -> raw pyzmq
     broker_core: str
     jobs: list[JobFigures] = field(default_factory=list)  # durable execute, one per durability mode
-    sections: list[Section] = field(default_factory=list)  # stream, raw, fanout, scale
+    sections: list[Section] = field(default_factory=list)  # stream, raw, fanout, scale, memory
 
     def rows(self) -> list[Row]:
         """Invoke and latency side by side with the baseline, with issue 5's targets."""
@@ -458,14 +458,16 @@ def percentile_us(sorted_ns: list[int], q: float) -> float:
 
 
 class _Parent:
-    """A child's link to the bench process: commands come as lines on stdin ("cpu", "stop"),
-    answers go out as JSON lines on the original stdout (stray prints go to stderr)."""
+    """A child's link to the bench process: commands come as lines on stdin ("cpu", "stop", or
+    one of ``commands``), answers go out as JSON lines on the original stdout (stray prints go to
+    stderr)."""
 
     def __init__(self) -> None:
         self.fd = sys.stdin.fileno()
         self._out = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
         self._buf = b""
+        self.commands: dict[str, Callable[[], dict[str, Any]]] = {}  # a role's own requests -> its answer
 
     def send(self, **msg: Any) -> None:
         self._out.write(json.dumps(msg) + "\n")
@@ -479,9 +481,13 @@ class _Parent:
         self._buf += data
         while b"\n" in self._buf:
             line, _, self._buf = self._buf.partition(b"\n")
-            if line.strip() != b"cpu":
+            command = line.strip().decode(errors="replace")
+            if command == "cpu":
+                self.send(cpu=time.process_time_ns(), threads=_thread_cpu_ns())
+            elif command in self.commands:
+                self.send(**self.commands[command]())
+            else:
                 return False
-            self.send(cpu=time.process_time_ns(), threads=_thread_cpu_ns())
         return True
 
     def close(self) -> None:
@@ -742,6 +748,11 @@ class Child:
         self._send("cpu")
         msg = self._recv(REPLY_TIMEOUT)
         return int(msg["cpu"]), {k: int(v) for k, v in msg.get("threads", {}).items()}
+
+    def ask(self, command: str, timeout: float = REPLY_TIMEOUT) -> dict[str, Any]:
+        """Send one of the role's own requests (``_Parent.commands``) and return its answer."""
+        self._send(command)
+        return self._recv(timeout)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Ask the child to exit; terminate (then kill) it if it has not within ``timeout`` s."""
@@ -1279,6 +1290,8 @@ def run_bench(s: Settings) -> Report:
         sections.append(bench_workloads.measure_fanout(s, payload))
     if "scale" in chosen:
         sections.append(bench_workloads.measure_scale(s, payload))
+    if "memory" in chosen:
+        sections.append(bench_workloads.measure_memory(s))
     machine["load_average_end"] = _loadavg()
     return Report(s, machine, om, raw, base, broker_core, jobs, sections)
 
@@ -1380,6 +1393,8 @@ def _section_notes(r: Report) -> list[str]:
             f" over the same {d['idle_seconds']:g} s, latency in alternating bursts); swarm CPU"
             f" {d['idle_cpu_percent']['swarm']['total']:.1f} % of a core."
         )
+    for sec in r.sections:
+        out += sec.notes
     return [""] + out if out else []
 
 

@@ -1,4 +1,4 @@
-"""``orbitmesh bench`` workloads beyond invoke / latency / jobs: stream, raw, fanout, scale.
+"""``orbitmesh bench`` workloads beyond invoke / latency / jobs: stream, raw, fanout, scale, memory.
 
 Each workload starts its own children (see :mod:`orbitmesh.bench`), OrbitMesh's and its
 baseline's at once; the two sides take turns of about 0.5 s (``bench.chunks``), so both see the
@@ -17,6 +17,10 @@ the JSON file.
 * scale: N raw-pyzmq agents (HELLO, then a HEARTBEAT back for each of the broker's) over a few
   processes: join rate, the broker's CPU while idle, invoke p50 to one real Agent under that
   population against the same with that one agent alone (same broker, same run).
+* memory: the broker's private memory (``RssAnon`` in /proc/<pid>/status; LMDB's map is page
+  cache, not in it) before and after N raw agents join, M requests are held by an agent that
+  never answers, and J durable jobs wait for an agent that is not there: bytes per agent, per
+  in-flight request, per unfinished job. No baseline; the notes give the bounds the broker sets.
 """
 
 from __future__ import annotations
@@ -24,8 +28,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import math
+import os
 import resource
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -36,9 +44,12 @@ import msgpack
 import zmq
 
 from . import bench as b
-from ._wire import header
+from ._wire import HDR, error_message, header
 from .agent import Agent
-from .client import MeshClient
+from .broker import Broker
+from .client import MeshClient, SubmittedJob
+from .errors import ErrorCode
+from .models import JobState
 from .protocol import Kind, Role
 from .runtime import run
 
@@ -52,6 +63,17 @@ RAW_TARGET_SIZE = 1 << 20  # the issue's raw-bandwidth target applies at 1 MiB
 RAW_TARGET = 0.8
 SCALE_IDLE_CPU_TARGET = 20.0  # % of one core
 SCALE_P50_TARGET = 1.2
+HOLD_AGENT_NAME = "bench-hold-agent"
+HOLD_COMMAND = "hold"
+ABSENT_AGENT_NAME = "bench-absent-agent"  # the jobs of the memory workload wait for it: it never comes
+MEMORY_AGENTS = (2000, 200)  # memory: at most this many of --agents join (full run, --quick)
+MEMORY_REQUESTS = (5000, 1000)  # requests held in flight
+MEMORY_JOBS = (20_000, 2000)  # unfinished durable jobs
+MEMORY_BATCH = 250  # requests sent at once, the next batch once the agent holds them
+MEMORY_SETTLE_S = 1.2  # one broker heartbeat tick (1 s) and a little more
+MEMORY_GROWTH_S = (5.0, 1.0)  # then the waiting jobs' growth over this long
+MEMORY_WAIT_S = 30.0  # every wait of the memory workload gives up after this long
+MEMORY_FIELDS = ("RssAnon", "RssFile", "RssShmem", "VmRSS", "VmHWM")
 
 
 @dataclass
@@ -248,11 +270,106 @@ def _swarm_main(parent: b._Parent, endpoint: str, count: int, prefix: str) -> No
         ctx.term()
 
 
+def _hold_main(parent: b._Parent, endpoint: str, capacity: int, name: str) -> None:
+    """A raw agent of ``capacity`` that holds every REQUEST unanswered (what a slow agent makes
+    the broker keep) and answers the broker's HEARTBEATs. Parent requests: "held" -> its counts;
+    "release" -> an empty REPLY to every held request. A CANCEL (its client went away) is
+    answered CANCELLED, as an Agent does, and that request is no longer held."""
+    ctx = zmq.Context()
+    sock = _raw_socket(ctx, endpoint)
+    sock.setsockopt(zmq.RCVTIMEO, int(b.READY_TIMEOUT * 1000))
+    held: dict[bytes, tuple[int, int]] = {}  # token -> (corr, serializer flags) of the request
+    counts = {"requests": 0, "cancelled": 0, "released": 0}
+    heartbeat = [header(Kind.HEARTBEAT), b""]
+    nil = msgpack.packb(None)
+
+    def release() -> dict[str, Any]:
+        for token, (corr, flags) in held.items():
+            sock.send_multipart([header(Kind.REPLY, flags=flags, corr=corr), token, nil])
+        counts["released"] += len(held)
+        held.clear()
+        return {"held": 0, **counts}
+
+    parent.commands["held"] = lambda: {"held": len(held), **counts}
+    parent.commands["release"] = release
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(parent.fd, zmq.POLLIN)
+    try:
+        hello = {"role": "agent", "name": name, "capacity": capacity, "commands": [HOLD_COMMAND]}
+        b._raw_hello(sock, Role.AGENT, hello)
+        parent.send(ready={})
+        while True:
+            events = dict(poller.poll())
+            if sock in events:
+                for _ in range(b._BATCH):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    fields = HDR.unpack(frames[0])
+                    kind = fields[2]
+                    if kind == Kind.REQUEST:
+                        held[frames[1]] = (fields[7], fields[3] & 0x0F00)  # the serializer id bits
+                        counts["requests"] += 1
+                    elif kind == Kind.CANCEL:
+                        if held.pop(frames[1], None) is not None:
+                            counts["cancelled"] += 1
+                            sock.send_multipart(
+                                error_message(ErrorCode.CANCELLED, fields[7], "cancelled", route=frames[1])
+                            )
+                    elif kind == Kind.HEARTBEAT:
+                        sock.send_multipart(heartbeat)
+            if parent.fd in events and not parent.serve():
+                return
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def _welcome_main(parent: b._Parent, count: int) -> None:
+    """The per-agent memory baseline: a raw pyzmq ROUTER (the broker's socket options) that
+    answers HELLO with WELCOME and HEARTBEAT with HEARTBEAT and keeps nothing per peer: what a
+    connection costs in libzmq alone."""
+    raise_nofile(count + 256)
+    ctx = zmq.Context()
+    sock: zmq.Socket[Any] = ctx.socket(zmq.ROUTER)
+    for opt, value in ((zmq.ROUTER_MANDATORY, 1), (zmq.LINGER, 0), (zmq.SNDHWM, 100_000), (zmq.RCVHWM, 100_000)):
+        sock.setsockopt(opt, value)
+    sock.setsockopt(zmq.BACKLOG, 4096)
+    sock.bind(b.LOCALHOST)
+    welcome, heartbeat = header(Kind.WELCOME), header(Kind.HEARTBEAT)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(parent.fd, zmq.POLLIN)
+    try:
+        parent.send(ready={"endpoint": sock.getsockopt_string(zmq.LAST_ENDPOINT)})
+        while True:
+            events = dict(poller.poll())
+            if sock in events:
+                for _ in range(b._BATCH):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    kind = frames[1][3]
+                    if kind in (Kind.HELLO, Kind.HEARTBEAT):
+                        with contextlib.suppress(zmq.ZMQError):  # the peer went away meanwhile
+                            sock.send_multipart([frames[0], welcome if kind == Kind.HELLO else heartbeat, b""])
+            if parent.fd in events and not parent.serve():
+                return
+    finally:
+        sock.close()
+        ctx.term()
+
+
 ROLES: dict[str, Callable[..., None]] = {
     "sink": _sink_main,
     "fanworkers": _fanworkers_main,
     "fanagents": lambda parent, endpoint, count: run(_fanagents_main(parent, endpoint, count)),
     "swarm": _swarm_main,
+    "hold": _hold_main,
+    "welcome": _welcome_main,
 }
 
 
@@ -681,4 +798,255 @@ def measure_scale(s: b.Settings, payload: bytes) -> Section:
     return Section("scale", "scale", rows, details)
 
 
-__all__ = ["ROLES", "Section", "measure_fanout", "measure_scale", "measure_stream_raw", "raw_window", "size_text"]
+# ------------------------------------------------------------------ memory
+
+
+def proc_memory(pid: int) -> dict[str, int]:
+    """``RssAnon`` (private heap), ``RssFile``, ``RssShmem``, ``VmRSS``, ``VmHWM`` of process
+    ``pid`` in bytes, from /proc/<pid>/status (Linux); {} where there is none."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                name, _, rest = line.partition(":")
+                if name in MEMORY_FIELDS:
+                    value, unit = rest.split()
+                    out[name] = int(value) * (1024 if unit == "kB" else 1)
+    return out
+
+
+def _delta(before: dict[str, int], after: dict[str, int], count: int) -> float:
+    """Private-memory growth per unit: RssAnon after - before, over ``count``."""
+    return (after["RssAnon"] - before["RssAnon"]) / max(1, count)
+
+
+async def _until(what: str, done: Callable[[], bool]) -> float:
+    """Poll ``done()`` every 5 ms until it is true; the seconds it took. RuntimeError after
+    MEMORY_WAIT_S."""
+    t0 = time.monotonic()
+    while not done():
+        if time.monotonic() - t0 > MEMORY_WAIT_S:
+            raise RuntimeError(f"memory: {what} not done within {MEMORY_WAIT_S:.0f} s")
+        await asyncio.sleep(0.005)
+    return time.monotonic() - t0
+
+
+async def _memory_per_agent(
+    stack: contextlib.ExitStack[Any], routers: dict[str, tuple[b.Child, str]], n: int
+) -> dict[str, Any]:
+    """RssAnon of each router (name -> (process, endpoint): the broker with one client
+    connected, its baseline), settled, before and one heartbeat tick after ``n`` raw agents (the
+    scale workload's swarm) have joined each."""
+    procs = max(1, math.ceil(n / SWARM_PER_PROCESS))
+    before = {name: proc_memory(child.proc.pid) for name, (child, _) in routers.items()}
+    swarm = []
+    for _, endpoint in routers.values():
+        for p in range(procs):
+            child = b.Child("swarm", endpoint=endpoint, count=n // procs + (p < n % procs), prefix=f"mem-{p}")
+            stack.callback(child.stop)
+            swarm.append(child)
+    for child in swarm:
+        await asyncio.to_thread(child.ready)  # the loop keeps the client's heartbeats going
+    await asyncio.sleep(MEMORY_SETTLE_S)
+    after = {name: proc_memory(child.proc.pid) for name, (child, _) in routers.items()}
+    out: dict[str, Any] = {"agents": n, "processes": procs}
+    for name in routers:
+        per_agent = _delta(before[name], after[name], n)
+        out[name] = {"before": before[name], "after": after[name], "bytes_per_agent": per_agent}
+    return out
+
+
+async def _memory_per_request(
+    stack: contextlib.ExitStack[Any], client: MeshClient, broker: b.Child, endpoint: str, n: int
+) -> dict[str, Any]:
+    """RssAnon of the broker before and after ``n`` requests are in flight to an agent that
+    holds them; then the agent answers them all (nothing is left in flight)."""
+    warm = max(10, n // 100)  # the first requests to an agent allocate once (routes, the entry table)
+    hold = b.Child("hold", endpoint=endpoint, capacity=warm + n, name=HOLD_AGENT_NAME)
+    stack.callback(hold.stop)
+    await asyncio.to_thread(hold.ready)
+    submit = functools.partial(client.submit, HOLD_AGENT_NAME, HOLD_COMMAND, timeout=4 * MEMORY_WAIT_S)
+    futures = [submit() for _ in range(warm)]
+    await _until("warm-up requests held", lambda: hold.ask("held")["requests"] >= warm)
+    pid = broker.proc.pid
+    before = proc_memory(pid)
+    t0 = time.monotonic()
+    for start in range(0, n, MEMORY_BATCH):  # in batches: no burst piles up in the broker's buffers
+        futures += [submit() for _ in range(min(MEMORY_BATCH, n - start))]
+        sent = len(futures)
+        await _until(f"{sent - warm:,} of {n:,} requests held", lambda: hold.ask("held")["requests"] >= sent)  # noqa: B023
+    took = time.monotonic() - t0
+    after = proc_memory(pid)
+    held = hold.ask("held")
+    hold.ask("release")
+    done, pending = await asyncio.wait(futures, timeout=MEMORY_WAIT_S)
+    if pending:
+        raise RuntimeError(f"memory: {len(pending)} of {len(futures)} held requests not answered once released")
+    failed = [f.exception() for f in done if f.exception() is not None]
+    if failed:
+        raise RuntimeError(f"memory: {len(failed)} held requests failed, first: {failed[0]!r}")
+    return {
+        "requests": n,
+        "warm_up": warm,
+        "seconds_to_hold": took,
+        "held": held["held"],
+        "before": before,
+        "after": after,
+        "after_release": proc_memory(pid),
+        "bytes_per_request": _delta(before, after, n),
+    }
+
+
+async def _memory_per_job(client: MeshClient, broker: b.Child, n: int, growth_s: float) -> dict[str, Any]:
+    """RssAnon of the broker (LMDB store, sync) before and after ``n`` durable jobs for an agent
+    that is not connected have been accepted (each stays PENDING: retried while it waits), and
+    again ``growth_s`` later (a waiting job's record grows by one transition per retry)."""
+
+    async def accepted(jobs: list[SubmittedJob]) -> list[int]:
+        done, pending = await asyncio.wait([j.accepted for j in jobs], timeout=MEMORY_WAIT_S)
+        if pending:
+            raise RuntimeError(f"memory: {len(pending)} of {len(jobs)} jobs not accepted in {MEMORY_WAIT_S:.0f} s")
+        failed = [f.exception() for f in done if f.exception() is not None]
+        if failed:
+            raise RuntimeError(f"memory: {len(failed)} jobs refused, first: {failed[0]!r}")
+        return [f.result() for f in done]
+
+    submit_job = functools.partial(client.submit_job, ABSENT_AGENT_NAME, HOLD_COMMAND, timeout=MEMORY_WAIT_S)
+    warm = max(20, n // 100)
+    await accepted([submit_job() for _ in range(warm)])
+    pid = broker.proc.pid
+    before = proc_memory(pid)
+    t0 = time.monotonic()
+    ids = await accepted([submit_job() for _ in range(n)])
+    took = time.monotonic() - t0
+    after = proc_memory(pid)
+    await asyncio.sleep(growth_s)
+    later = proc_memory(pid)
+    stats = await client.stats()
+    oldest = await client.get_job(min(ids))
+    if oldest.state is not JobState.PENDING or stats.get("jobs_live") != warm + n:
+        raise RuntimeError(f"memory: job {oldest.id} is {oldest.state.value}, {stats.get('jobs_live')} jobs live")
+    return {
+        "jobs": n,
+        "warm_up": warm,
+        "seconds_to_accept": took,
+        "growth_seconds": growth_s,
+        "before": before,
+        "after": after,
+        "later": later,
+        "bytes_per_job": _delta(before, after, n),
+        "growth_bytes_per_job_per_s": _delta(after, later, n) / growth_s,
+        "transitions_of_first_job": len(oldest.transitions),
+        "jobs_live": stats.get("jobs_live"),
+    }
+
+
+def measure_memory(s: b.Settings) -> Section:
+    """The broker's private memory (RssAnon) per connected agent, per in-flight request and per
+    unfinished durable job: one broker for the first two, one on an LMDB job store (sync) in a
+    temporary directory for the jobs; each figure is a difference of readings of the same
+    broker, over the count that made it."""
+    quick = int(s.quick)
+    n_agents = min(s.agents, MEMORY_AGENTS[quick])
+    n_requests, n_jobs = MEMORY_REQUESTS[quick], MEMORY_JOBS[quick]
+    if "RssAnon" not in proc_memory(os.getpid()):
+        note = "memory: not measured here (needs Linux /proc/<pid>/status with RssAnon)."
+        return Section("memory", "memory", [], {"measured": False}, [note])
+    raise_nofile(n_agents + 1024)
+    with contextlib.ExitStack() as stack:
+        broker, info = b._start(stack, "broker", core=s.core)
+        top = tempfile.mkdtemp(prefix="orbitmesh-bench-")
+        stack.callback(shutil.rmtree, top, ignore_errors=True)  # after the broker has stopped
+        job_broker, job_info = b._start(stack, "broker", core=s.core, store=b._store_url("lmdb", top))
+        router, router_info = b._start(stack, "welcome", count=n_agents)
+        routers = {"orbitmesh": (broker, info["endpoint"]), "baseline": (router, router_info["endpoint"])}
+
+        async def session() -> dict[str, Any]:
+            ctx: zmq.Context[Any] = zmq.Context()
+            client = MeshClient(info["endpoint"], context=ctx, timeout=b.REPLY_TIMEOUT)
+            job_client = MeshClient(job_info["endpoint"], context=ctx, timeout=b.REPLY_TIMEOUT)
+            try:
+                await client.connect(b.READY_TIMEOUT)
+                await job_client.connect(b.READY_TIMEOUT)
+                await asyncio.sleep(MEMORY_SETTLE_S)
+                idle = proc_memory(broker.proc.pid)
+                agents = await _memory_per_agent(stack, routers, n_agents)
+                requests = await _memory_per_request(stack, client, broker, info["endpoint"], n_requests)
+                jobs = await _memory_per_job(job_client, job_broker, n_jobs, MEMORY_GROWTH_S[quick])
+                registered = len(await client.agents())  # last: a query of N agents allocates too
+                if registered != n_agents + 1:
+                    raise RuntimeError(f"memory: {registered} agents registered, expected {n_agents + 1}")
+                stats = await client.stats()
+                return {"idle": idle, "agents": agents, "requests": requests, "jobs": jobs, "stats": stats}
+            finally:
+                await job_client.close()
+                await client.close()
+                ctx.term()
+
+        details: dict[str, Any] = run(session())
+
+    limits = broker_limits()
+    per_agent = details["agents"]["orbitmesh"]["bytes_per_agent"]
+    base_agent = details["agents"]["baseline"]["bytes_per_agent"]
+    per_request = details["requests"]["bytes_per_request"]
+    per_job = details["jobs"]["bytes_per_job"]
+    details |= {"measured": True, "figure": "RssAnon", "limits": limits}
+    details["max_live_jobs_bytes"] = per_job * limits["max_live_jobs"]
+    rows = [
+        b.Row("memory_idle", "broker RssAnon at idle (1 client), MiB", details["idle"]["RssAnon"] / (1 << 20), 0.0),
+        b.Row(
+            "memory_per_agent",
+            f"broker memory per connected agent, bytes ({n_agents:,})",
+            per_agent,
+            base_agent,
+            higher_is_better=False,
+        ),
+        b.Row("memory_per_request", f"broker memory per in-flight request, bytes ({n_requests:,})", per_request, 0.0),
+        b.Row("memory_per_job", f"broker memory per unfinished job, bytes ({n_jobs:,}, lmdb)", per_job, 0.0),
+    ]
+    return Section("memory", "memory", rows, details, _memory_notes(details))
+
+
+def broker_limits() -> dict[str, Any]:
+    """The Broker's default bounds on what it holds in memory (from its signature)."""
+    params = inspect.signature(Broker.__init__).parameters
+    names = ("queue_limit", "client_max_inflight", "max_live_jobs", "dispatch_window")
+    return {k: params[k].default for k in names}
+
+
+def _memory_notes(d: dict[str, Any]) -> list[str]:
+    """What the memory rows measure, and the bounds the broker sets on each."""
+    lim = d["limits"]
+    a, r, j = d["agents"], d["requests"], d["jobs"]
+    mib = 1 << 20
+    return [
+        f"memory: the broker's RssAnon (private heap, libzmq buffers included; LMDB's map is page cache, not"
+        f" in it), read from /proc; VmRSS and RssFile in the JSON. Idle {d['idle']['RssAnon'] / mib:.1f} MiB"
+        f" (VmRSS {d['idle']['VmRSS'] / mib:.1f} MiB), 1 client.",
+        f"  per agent: {a['agents']:,} raw agents (HELLO, heartbeats) joined, one heartbeat tick later; baseline:"
+        " the same swarm on a raw pyzmq ROUTER (the broker's options) that answers HELLO and keeps nothing:"
+        " libzmq's own cost of a connection. Bound: none in the broker; each holds one fd there, its TCP"
+        " connection (RLIMIT_NOFILE, OS limits).",
+        f"  per request: {r['requests']:,} invokes in flight to one agent that holds them (capacity"
+        f" {r['requests'] + r['warm_up']:,}). Bound: the agents' advertised capacities (1..1,000,000 each) plus"
+        f" queue_limit={lim['queue_limit']:,} queued broker-wide (each with its payload);"
+        f" client_max_inflight={lim['client_max_inflight']} per client (0 = none).",
+        f"  per job: {j['jobs']:,} durable jobs (lmdb, sync) for an agent that is not there, all PENDING. Bound:"
+        f" max_live_jobs={lim['max_live_jobs']:,} (QUEUE_FULL beyond): ~{d['max_live_jobs_bytes'] / (1 << 30):.1f}"
+        f" GiB at this size. A job waiting for its agent is retried about once a second and its record keeps"
+        f" every transition: +{j['growth_bytes_per_job_per_s']:,.0f} B per job per s over the next"
+        f" {j['growth_seconds']:g} s, for up to dispatch_window={lim['dispatch_window']:g} s.",
+    ]
+
+
+__all__ = [
+    "ROLES",
+    "Section",
+    "measure_fanout",
+    "measure_memory",
+    "measure_scale",
+    "measure_stream_raw",
+    "proc_memory",
+    "raw_window",
+    "size_text",
+]
