@@ -899,8 +899,8 @@ async def _memory_per_request(
 
 async def _memory_per_job(client: MeshClient, broker: b.Child, n: int, growth_s: float) -> dict[str, Any]:
     """RssAnon of the broker (LMDB store, sync) before and after ``n`` durable jobs for an agent
-    that is not connected have been accepted (each stays PENDING: retried while it waits), and
-    again ``growth_s`` later (a waiting job's record grows by one transition per retry)."""
+    that is not connected have been accepted (each stays PENDING, parked until its agent joins),
+    and again ``growth_s`` later (a waiting job should not grow)."""
 
     async def accepted(jobs: list[SubmittedJob]) -> list[int]:
         done, pending = await asyncio.wait([j.accepted for j in jobs], timeout=MEMORY_WAIT_S)
@@ -1033,9 +1033,9 @@ def _memory_notes(d: dict[str, Any]) -> list[str]:
         f" client_max_inflight={lim['client_max_inflight']} per client (0 = none).",
         f"  per job: {j['jobs']:,} durable jobs (lmdb, sync) for an agent that is not there, all PENDING. Bound:"
         f" max_live_jobs={lim['max_live_jobs']:,} (QUEUE_FULL beyond): ~{d['max_live_jobs_bytes'] / (1 << 30):.1f}"
-        f" GiB at this size. A job waiting for its agent is retried about once a second and its record keeps"
-        f" every transition: +{j['growth_bytes_per_job_per_s']:,.0f} B per job per s over the next"
-        f" {j['growth_seconds']:g} s, for up to dispatch_window={lim['dispatch_window']:g} s.",
+        f" GiB at this size. A job waiting for its agent is parked (no retries, one transition): it grew"
+        f" {j['growth_bytes_per_job_per_s']:+,.0f} B per job per s over the next {j['growth_seconds']:g} s"
+        f" (it waits up to dispatch_window={lim['dispatch_window']:g} s).",
     ]
 
 

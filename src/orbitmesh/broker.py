@@ -155,7 +155,7 @@ class Broker:
     agent's progress; ``dispatch_window`` is how long a job waits for an agent
     that can take it; terminal jobs are compacted after ``retention_age``
     seconds or beyond the newest ``retention_count``. At most ``max_live_jobs``
-    unfinished jobs are kept (each in memory, ~1-2 KiB plus its params): beyond,
+    unfinished jobs are kept (each in memory, ~3 KiB plus its params): beyond,
     a new job is refused with QUEUE_FULL.
 
     Per-client limits (0 = none): ``client_max_inflight`` requests in flight or

@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--workloads",
         metavar="LIST",
-        help="comma-separated: invoke,latency,jobs,stream,raw,fanout,scale (default: all)",
+        help="comma-separated: invoke,latency,jobs,stream,raw,fanout,scale,memory (default: all)",
     )
     bench.add_argument("--agents", type=int, default=None, help="scale: agents connected (default 5000, quick 500)")
     bench.add_argument("--fanout-agents", type=int, default=100, help="fanout: agents answering execute_on_all")
