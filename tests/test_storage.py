@@ -463,6 +463,27 @@ def test_invalid_arguments(store: JobStore) -> None:
     assert store.get(0) is None and store.get(-3) is None and store.get(2**70) is None
 
 
+def test_prepare_takes_a_snapshot(store: JobStore) -> None:
+    # Given a record handed to the job log (prepared) and then changed by the control plane
+    rec = full_record(7)
+    rec.state = JobState.RUNNING
+    item = store.prepare(rec)
+    before = full_record(7)
+    before.state = JobState.RUNNING
+    rec.state = JobState.SUCCEEDED
+    rec.transitions.append(("SUCCEEDED", 99.0, "worker-2"))
+    rec.agent = "worker-2"
+    # When the prepared item is written, Expect the record as it was when prepared, indexes too
+    store.write_prepared([item])
+    assert store.get(7) == before
+    assert [r.id for r in store.query(state=JobState.RUNNING)[0]] == [7]
+    assert store.query(state=JobState.SUCCEEDED)[0] == [] and store.query(agent="worker-2")[0] == []
+    # ... and the later change, prepared and written, replaces it in every index
+    store.write_prepared([store.prepare(rec)])
+    assert store.get(7) == rec and [r.id for r in store.query(agent="worker-2")[0]] == [7]
+    assert store.query(state=JobState.RUNNING)[0] == []
+
+
 def test_closed_store_refuses(stores: Stores) -> None:
     # Given a store not opened yet, or closed, Expect StorageError; close twice is fine
     s = stores.make()

@@ -65,8 +65,10 @@ class JobLog:
         try:
             snapshot = self.store.prepare(record)
         except (ValueError, TypeError) as exc:  # a record no store may hold: refused, not queued
+            error = StorageError(f"job {record.id} cannot be logged: {exc}")
+            log.error("%s", error)
             if done is not None:
-                self._loop.call_soon(done, StorageError(f"job {record.id} cannot be logged: {exc}"))
+                self._loop.call_soon(done, error)
             return
         with self._lock:  # the Condition's own lock: one C call in and out
             queue = self._queue
