@@ -60,6 +60,7 @@ class _Path:
             choose=lambda route, command: AGENT,
             agent_session=lambda name: 7,
             listening=lambda: False,
+            agent_capacity=lambda name: JOBS,  # room for a whole round: no backlog (as the bench's agent)
         )
         self.jobs.start()
         self._want = 0

@@ -535,3 +535,33 @@ def test_jobs_wait_for_an_agent_without_polling(arun, ctx, core_impl):
             assert info.agent == "late-1" and states(info) == ["PENDING", "PENDING", "DISPATCHED", "SUCCEEDED"]
 
     arun(main())
+
+
+def test_a_backlog_is_fed_to_its_agent_as_it_answers(arun, ctx, core_impl):
+    counts: dict[str, int] = {}
+
+    async def main():
+        # Given a broker whose request queue is small, and 600 jobs parked for an agent not there
+        kw = {"dispatch_window": 30.0, "queue_limit": 100}
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), setup=job_handlers(counts), broker_kw=kw) as (
+            broker,
+            _,
+            client,
+        ):
+            sent = [client.submit_job("slow-1", "add", [i, 1]) for i in range(600)]
+            await asyncio.wait_for(asyncio.gather(*(s.accepted for s in sent)), 10)
+            # When the agent joins with room for only 4 jobs at a time
+            slow = om.Agent("slow-1", broker.endpoints[0], context=ctx, capacity=4)
+            job_handlers(counts)(slow)
+            async with slow:
+                results = await asyncio.wait_for(asyncio.gather(*(s.result for s in sent)), 20)
+            # Expect every job done once, fed as the agent answered: none refused by the full queue
+            # and retried, each record PENDING -> waiting -> DISPATCHED -> SUCCEEDED
+            assert results == [i + 1 for i in range(600)]
+            assert broker.jobs is not None and broker.jobs.stats()["jobs_backlogged"] == 0
+            infos = await client.list_jobs(command="add", limit=1000)
+            assert len(infos) == 600
+            assert all(states(i) == ["PENDING", "PENDING", "DISPATCHED", "SUCCEEDED"] for i in infos)
+            assert all(i.attempts == 1 and i.agent == "slow-1" for i in infos)
+
+    arun(main())

@@ -342,6 +342,7 @@ class Broker:
             publish=self._publish,
             choose=self._choose_agent,
             agent_session=self._agent_session,
+            agent_capacity=self._agent_capacity,
             listening=self._has_subscribers,
             lease_s=self._job_lease,
             dispatch_window_s=self._dispatch_window,
@@ -852,6 +853,10 @@ class Broker:
     def _agent_session(self, name: str) -> int | None:
         agent = self._by_name.get(name)
         return agent.info.session if agent is not None else None
+
+    def _agent_capacity(self, name: str) -> int:
+        agent = self._by_name.get(name)
+        return agent.info.capacity if agent is not None else 0
 
     def _resolve_labels(self, route: bytes, command: str) -> bytes | OrbitMeshError:
         """A LABELS route becomes a NAME route to the agent chosen here; others pass as they are."""

@@ -144,7 +144,7 @@ Watcher = Callable[[JobRecord, bytes, int], None]
 class _Live:
     """What the control plane keeps in memory about a live job (never persisted)."""
 
-    __slots__ = ("parked", "timer", "wait_rounds", "waiters", "waiting_since", "watchers")
+    __slots__ = ("backlogged", "parked", "sent_to", "timer", "wait_rounds", "waiters", "waiting_since", "watchers")
 
     def __init__(self, waiters: list[tuple[bytes, int]] | None = None) -> None:
         self.waiters: list[tuple[bytes, int]] = [] if waiters is None else waiters  # execute callers
@@ -155,6 +155,8 @@ class _Live:
         # While no agent can take it: (where it waits: an agent name or a (route, command) key,
         # the error code and message it fails with when its dispatch window closes).
         self.parked: tuple[str | tuple[bytes, str], int, str] | None = None
+        self.sent_to: str | None = None  # the agent its current delivery went to (one of its slots)
+        self.backlogged: str | None = None  # the agent whose backlog it waits in for a slot
 
 
 class JobManager:
@@ -173,6 +175,7 @@ class JobManager:
         choose: Callable[[bytes, str], str | OrbitMeshError],
         agent_session: Callable[[str], int | None],
         listening: Callable[[], bool] | None = None,
+        agent_capacity: Callable[[str], int] | None = None,
         lease_s: float = 5.0,
         dispatch_window_s: float = 60.0,
         retention_age_s: float = 7 * 86400.0,
@@ -211,6 +214,13 @@ class JobManager:
         self._park_deadlines: list[tuple[float, int, float]] = []  # heap: (window closes, job, waiting since)
         self._park_timer: asyncio.TimerHandle | None = None
         self._delivered: dict[int, None] = {}  # jobs sent to an agent (DISPATCHED / RUNNING, or were)
+        # Jobs out with each agent, and the ones waiting for a slot (oldest first): an agent takes
+        # its capacity plus a little, so a backlog (an agent back after a while, a restart) is fed
+        # to it as it answers instead of overflowing the data plane's queue into retries.
+        self._agent_capacity = agent_capacity or (lambda name: 0)
+        self._outstanding: dict[str, int] = {}
+        self._backlog: dict[str, dict[int, None]] = {}
+        self._feeding: set[str] = set()
         self._next_id = 1
         self._sweeper: asyncio.TimerHandle | None = None
         self.recovered = 0
@@ -388,6 +398,8 @@ class JobManager:
         mem.timer = None
         if mem.parked is not None:
             self._unpark(job_id, mem)
+        if mem.backlogged is not None:
+            self._drop_backlogged(job_id, mem)
         session = self._agent_session(rec.agent) if rec.agent else None
         if session is not None:
             self._send_job(rec, mem, session)
@@ -516,6 +528,13 @@ class JobManager:
     def _send_job(self, rec: JobRecord, mem: _Live, session: int) -> None:
         job_id = rec.id
         agent = rec.agent
+        out = self._outstanding.get(agent, 0)
+        if out >= self._window(agent):
+            self._backlog.setdefault(agent, {})[job_id] = None
+            mem.backlogged = agent
+            return
+        self._outstanding[agent] = out + 1
+        mem.sent_to = agent
         rec.attempts += 1
         rec.lease = lease = (rec.lease + 1) & 0xFFFFFFFF or 1
         hdr = _pack_header(b"OM", 1, _REQUEST, rec.flags | F_TRACKED, 0, lease, 0, job_id, job_id, 0)
@@ -540,6 +559,50 @@ class JobManager:
             self._flusher = self._loop.call_later(DIRTY_FLUSH_S, self._flush_dirty)
         if rec.timeout:
             mem.timer = self._loop.call_later(rec.timeout, self._timed_out, job_id, lease)
+
+    def _window(self, agent: str) -> int:
+        """Jobs one agent may have out at once: its capacity plus up to 256 queued for it."""
+        capacity = self._agent_capacity(agent)
+        return max(64, capacity + min(capacity, 256))
+
+    def _release(self, mem: _Live) -> None:
+        """A delivery ended (answered, lost, retried): its slot goes to the agent's backlog."""
+        agent = mem.sent_to
+        assert agent is not None
+        mem.sent_to = None
+        out = self._outstanding.get(agent, 0) - 1
+        if out > 0:
+            self._outstanding[agent] = out
+        else:
+            self._outstanding.pop(agent, None)
+        if agent in self._backlog and agent not in self._feeding:
+            self._feeding.add(agent)
+            self._loop.call_soon(self._feed, agent)
+
+    def _feed(self, agent: str) -> None:
+        """Send an agent's backlog while it has slots (a job that cannot go to it any more, e.g.
+        the agent left, is dispatched anew: parked, or sent elsewhere)."""
+        self._feeding.discard(agent)
+        backlog = self._backlog.get(agent)
+        while backlog and self._outstanding.get(agent, 0) < self._window(agent):
+            job_id = next(iter(backlog))
+            del backlog[job_id]
+            mem = self._mem.get(job_id)
+            if mem is not None:
+                mem.backlogged = None
+                self._dispatch(job_id)
+        if not backlog:
+            self._backlog.pop(agent, None)
+
+    def _drop_backlogged(self, job_id: int, mem: _Live) -> None:
+        agent = mem.backlogged
+        assert agent is not None
+        mem.backlogged = None
+        backlog = self._backlog.get(agent)
+        if backlog is not None:
+            backlog.pop(job_id, None)
+            if not backlog:
+                del self._backlog[agent]
 
     # ------------------------------------------------------------- answers
 
@@ -618,6 +681,9 @@ class JobManager:
             if rec.route[:1] != _NAME_ROUTE:
                 rec.agent = ""
         rec.run_at = now + delay
+        mem = self._mem.get(rec.id)
+        if mem is not None and mem.sent_to is not None:
+            self._release(mem)
         self._transition(rec, JobState.PENDING, now, f"retry in {delay:.3f}s")
         self._touch(rec)
         self._schedule(rec, rec.run_at)
@@ -643,6 +709,10 @@ class JobManager:
         mem = self._mem.pop(job_id, None) or _Live()
         if mem.parked is not None:
             self._unpark(job_id, mem)
+        if mem.backlogged is not None:
+            self._drop_backlogged(job_id, mem)
+        if mem.sent_to is not None:
+            self._release(mem)
         if mem.timer is not None:
             mem.timer.cancel()
         self._live.pop(job_id, None)
@@ -787,6 +857,7 @@ class JobManager:
             "jobs_live": len(self._live),
             "jobs_waiting_for_agent": sum(map(len, self._awaiting.values())) + sum(map(len, self._parked_any.values())),
             "jobs_refused_full": self.refused_full,
+            "jobs_backlogged": sum(map(len, self._backlog.values())),
             "jobs_recovered": self.recovered,
             "joblog_batches": self.log.batches,
             "joblog_records": self.log.records,
