@@ -453,7 +453,7 @@ class LmdbStore(JobStore):
             check_id(job_id)
             rid = _be(job_id)
             known = cache[job_id] if job_id in cache else live.get(job_id)
-            if known is None and job_id <= max_id:  # above every id stored so far: a new job
+            if known is None and job_id <= top:  # above every id stored so far (this txn too): new
                 raw = txn.get(rid, db=jobs)
                 if raw is not None:
                     known = _indexed(JobRecord.from_bytes(raw))
