@@ -565,3 +565,36 @@ def test_a_backlog_is_fed_to_its_agent_as_it_answers(arun, ctx, core_impl):
             assert all(i.attempts == 1 and i.agent == "slow-1" for i in infos)
 
     arun(main())
+
+
+def test_a_backlog_moves_on_when_its_agent_is_lost(arun, ctx, core_impl):
+    counts: dict[str, int] = {}
+
+    async def main():
+        agents = [{"name": "first", "capabilities": ["work"], "capacity": 2}]
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), agents, setup=job_handlers(counts)) as (
+            broker,
+            started,
+            client,
+        ):
+            # Given 100 jobs for any "work" agent while only a small one is there: most wait in its backlog
+            work = om.Select(capability="work")
+            sent = [client.submit_job(work, "sleep", [0.05], max_attempts=3) for _ in range(100)]
+            await asyncio.wait_for(asyncio.gather(*(s.accepted for s in sent)), 10)
+            assert broker.jobs is not None
+            for _ in range(100):
+                if broker.jobs.stats()["jobs_backlogged"]:
+                    break
+                await asyncio.sleep(0.01)
+            assert broker.jobs.stats()["jobs_backlogged"] > 0
+            # When a second agent joins and the first vanishes without a word
+            second = om.Agent("second", broker.endpoints[0], context=ctx, capabilities=["work"], capacity=64)
+            job_handlers(counts)(second)
+            async with second:
+                started[0]._conn.close()
+                # Expect every job to finish, the ones it still held or had waiting on the second agent
+                results = await asyncio.wait_for(asyncio.gather(*(s.result for s in sent)), 20)
+            assert set(results) <= {"first", "second"} and "second" in results
+            assert broker.jobs.stats()["jobs_backlogged"] == 0 and broker.jobs.stats()["jobs_live"] == 0
+
+    arun(main())

@@ -584,12 +584,16 @@ class JobManager:
         the agent left, is dispatched anew: parked, or sent elsewhere)."""
         self._feeding.discard(agent)
         backlog = self._backlog.get(agent)
+        gone = self._agent_session(agent) is None
         while backlog and self._outstanding.get(agent, 0) < self._window(agent):
             job_id = next(iter(backlog))
             del backlog[job_id]
             mem = self._mem.get(job_id)
-            if mem is not None:
+            rec = self._live.get(job_id)
+            if mem is not None and rec is not None:
                 mem.backlogged = None
+                if gone and rec.route[:1] != _NAME_ROUTE:
+                    rec.agent = ""  # never sent to it: choose another agent now, no lease's wait
                 self._dispatch(job_id)
         if not backlog:
             self._backlog.pop(agent, None)
