@@ -31,6 +31,8 @@ from .security import PeerKeys
 from .serializers import SERIALIZER_MASK, RawSerializer, Serializer, SerializerSet
 
 log = logging.getLogger("orbitmesh.agent")
+# The hot path compares plain ints (an enum attribute costs ~60 ns a compare).
+_REQUEST, _RAW, _REPLY = int(Kind.REQUEST), int(Kind.RAW), int(Kind.REPLY)
 
 F = TypeVar("F", bound=Callable[..., Any])
 _COMMAND_ATTR = "__orbitmesh_command__"
@@ -322,9 +324,9 @@ class Agent:
 
     def _on_message(self, frames: list[Any], fields: tuple[Any, ...]) -> None:
         kind = fields[2]
-        if kind == Kind.REQUEST:
+        if kind == _REQUEST:
             self._on_request(frames, fields)
-        elif kind == Kind.RAW:
+        elif kind == _RAW:
             self._on_raw(frames, fields)
         elif kind == Kind.CANCEL:
             task = self._running.get(bytes(frames[1]))
@@ -368,7 +370,7 @@ class Agent:
                 token, corr, aux = delivery
                 frames[0] = _redirect(frames[0], corr, aux)
                 frames[1] = token
-            if frames[0][3] == Kind.REPLY:
+            if frames[0][3] == _REPLY:
                 self._jobs_done[job] = frames
                 if len(self._jobs_done) > self.remember_jobs:
                     self._jobs_done.popitem(last=False)

@@ -13,6 +13,7 @@ import typing
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from time import time_ns
 from typing import Any, Generic, TypeVar, Union  # Union: matched in coerce()
 
 import msgpack
@@ -20,7 +21,7 @@ import zmq
 
 from ._core import frame
 from ._peer import PeerConnection
-from ._wire import EMPTY, header, parse_error, wall_ms
+from ._wire import EMPTY, HDR, header, parse_error
 from .errors import (
     ErrorCode,
     NotConnectedError,
@@ -40,6 +41,7 @@ log = logging.getLogger("orbitmesh.client")
 
 T = TypeVar("T")
 # The hot paths compare plain ints (an IntEnum attribute lookup costs ~150 ns).
+_pack_hdr = HDR.pack
 _ACCEPTED, _REPLY, _REQUEST, _QUERY, _RAW = (
     int(k) for k in (Kind.ACCEPTED, Kind.REPLY, Kind.REQUEST, Kind.QUERY, Kind.RAW)
 )
@@ -575,7 +577,8 @@ class MeshClient:
         s = self._serializer if serializer is None else self._serializers.get(serializer)
         body = EMPTY if params is None else s.dumps(params)  # empty: no params
         to = self.timeout if timeout is None else timeout
-        hdr = header(_REQUEST, (s.id << 8) | _flags, 0, _aux, corr, 0, wall_ms() + int(to * 1000))
+        deadline = time_ns() // 1_000_000 + int(to * 1000)  # wall_ms(), inlined: the hot path
+        hdr = _pack_hdr(b"OM", 1, _REQUEST, (s.id << 8) | _flags, 0, _aux, 0, corr, 0, deadline)
         frames = [hdr, self._route(agent), self._command(command), body]
         if _options:
             frames.append(_options)
@@ -789,7 +792,7 @@ class MeshClient:
     def _submit_raw(self, agent: Target, parts: list[Any], size: int, to: float) -> asyncio.Future[Any]:
         """Send a RAW request now; the future gets the reply's frames."""
         conn, corr = self._next_call()
-        hdr = header(Kind.RAW, corr=corr, deadline=wall_ms() + int(to * 1000))
+        hdr = _pack_hdr(b"OM", 1, _RAW, 0, 0, 0, 0, corr, 0, time_ns() // 1_000_000 + int(to * 1000))
         conn.send([hdr, self._route(agent), *parts], copy=size < 65536)
         return self._expect(corr, self._serializer, Kind.RAW, to).fut
 
