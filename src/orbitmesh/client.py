@@ -40,8 +40,8 @@ from .serializers import RawSerializer, Serializer, SerializerSet
 log = logging.getLogger("orbitmesh.client")
 
 T = TypeVar("T")
-# The hot paths compare plain ints (an IntEnum attribute lookup costs ~150 ns).
 _pack_hdr = HDR.pack
+# The hot paths compare plain ints (an IntEnum attribute lookup costs ~150 ns).
 _ACCEPTED, _REPLY, _REQUEST, _QUERY, _RAW = (
     int(k) for k in (Kind.ACCEPTED, Kind.REPLY, Kind.REQUEST, Kind.QUERY, Kind.RAW)
 )
