@@ -4,9 +4,12 @@
   result is back: tasks/s.
 * ``sequential``: one task at a time, submit to result: p50 / p99 latency.
 
-OrbitMesh runs as ``orbitmesh bench`` does (broker and agent in their own processes, client here),
-twice: ``invoke`` (fire-and-forget request/reply, window 1000) and durable ``execute`` (LMDB job log,
-sync durability, 1000 jobs in flight). Celery: a worker process (its default prefork pool, concurrency =
+OrbitMesh runs as ``orbitmesh bench`` does (broker and agent in their own processes, client here):
+``invoke`` (request/reply) and durable ``execute`` (LMDB job log, sync durability), 1000 in flight,
+sent with the pipelining primitives ``submit`` / ``submit_job`` (futures and done-callbacks, as
+Ray's ``.remote()`` and Celery's ``.delay()`` hand back futures), and again with the coroutine API
+(``invoke()`` / ``execute()`` + ``Job.result()``, one coroutine per task). Sequential: the
+coroutine API, one in flight. Celery: a worker process (its default prefork pool, concurrency =
 CPUs) on a Redis broker + result backend (a redis-server started here on a free port, stopped by PID,
 unless ``--redis-url``). Ray: ``ray.init`` on this machine (num_cpus = CPUs), remote functions, and an
 actor method for the sequential case too.
@@ -100,25 +103,34 @@ def run_orbitmesh(tasks: int, samples: int, budget: float) -> dict[str, Any]:
                         job = await client.execute(b.AGENT_NAME, b.COMMAND, PAYLOAD)
                         await job.result()
 
-                for name, one in (("invoke", one_invoke), ("execute", one_job)):
-                    await asyncio.gather(*(one() for _ in range(min(tasks, 1000))))  # warm-up
+                async def batch_of(name: str, n: int) -> float:
+                    """Seconds for ``n`` tasks, 1,000 in flight: with the primitives (submit /
+                    submit_job and done-callbacks: futures, as Ray's .remote() and Celery's .delay()
+                    return) or with the coroutine API (one coroutine each)."""
                     t = time.perf_counter()
-                    await asyncio.gather(*(one() for _ in range(tasks)))
-                    elapsed = time.perf_counter() - t
-                    lat: list[float] = []
-                    end = time.perf_counter() + budget
-                    while len(lat) < samples and time.perf_counter() < end:
-                        t = time.perf_counter()
-                        await one()
-                        lat.append(time.perf_counter() - t)
-                    out[name] = {
-                        "tasks": tasks,
-                        "batch_seconds": elapsed,
-                        "tasks_per_s": tasks / elapsed,
-                        "p50_ms": percentile_ms(lat, 0.5),
-                        "p99_ms": percentile_ms(lat, 0.99),
-                        "samples": len(lat),
-                    }
+                    if name in ("invoke", "execute"):
+                        calls = b._invokes(client, PAYLOAD) if name == "invoke" else b._jobs(client, PAYLOAD)
+                        done, _ = await b._Pipeline(calls, 1000, 3600.0, n, "a task").run()
+                        assert done == n
+                    else:
+                        one = one_invoke if name == "invoke_coroutines" else one_job
+                        await asyncio.gather(*(one() for _ in range(n)))
+                    return time.perf_counter() - t
+
+                for name in ("invoke", "execute", "invoke_coroutines", "execute_coroutines"):
+                    await batch_of(name, min(tasks, 1000))  # warm-up
+                    elapsed = await batch_of(name, tasks)
+                    out[name] = {"tasks": tasks, "batch_seconds": elapsed, "tasks_per_s": tasks / elapsed}
+                    if name in ("invoke", "execute"):  # one at a time: the coroutine API (one in flight)
+                        one = one_invoke if name == "invoke" else one_job
+                        lat: list[float] = []
+                        end = time.perf_counter() + budget
+                        while len(lat) < samples and time.perf_counter() < end:
+                            t = time.perf_counter()
+                            await one()
+                            lat.append(time.perf_counter() - t)
+                        p50, p99 = percentile_ms(lat, 0.5), percentile_ms(lat, 0.99)
+                        out[name].update(p50_ms=p50, p99_ms=p99, samples=len(lat))
             finally:
                 await client.close()
 
@@ -272,13 +284,19 @@ def run_ray(tasks: int, samples: int, budget: float) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     """One line per system: batch tasks/s and sequential p50 / p99."""
-    lines = [f"{'system':34}  {'batch tasks/s':>13}  {'seq p50 ms':>10}  {'seq p99 ms':>10}"]
+    lines = [f"{'system':38}  {'batch tasks/s':>13}  {'seq p50 ms':>10}  {'seq p99 ms':>10}"]
     lines.append("-" * len(lines[0]))
     rows: list[tuple[str, dict[str, Any]]] = []
     om = results.get("orbitmesh", {})
-    for name in ("invoke", "execute"):
+    labels = {
+        "invoke": "OrbitMesh invoke (submit)",
+        "execute": "OrbitMesh execute (submit_job, sync)",
+        "invoke_coroutines": "OrbitMesh invoke() coroutines",
+        "execute_coroutines": "OrbitMesh execute() coroutines",
+    }
+    for name, label in labels.items():
         if name in om:
-            rows.append((f"OrbitMesh {name}" + (" (durable, sync)" if name == "execute" else ""), om[name]))
+            rows.append((label, om[name]))
     if "tasks" in results.get("celery", {}):
         rows.append(("Celery + Redis", results["celery"]["tasks"]))
     if "tasks" in results.get("ray", {}):
@@ -286,7 +304,14 @@ def table(results: dict[str, Any]) -> str:
         rows.append(("Ray actor method (sequential only)", {"tasks_per_s": 0.0, **results["ray"]["actor"]}))
     for name, r in rows:
         rate = f"{r['tasks_per_s']:,.0f}" if r.get("tasks_per_s") else "-"
-        lines.append(f"{name:34}  {rate:>13}  {r['p50_ms']:>10.2f}  {r['p99_ms']:>10.2f}")
+        p50 = f"{r['p50_ms']:.2f}" if "p50_ms" in r else "-"
+        p99 = f"{r['p99_ms']:.2f}" if "p99_ms" in r else "-"
+        lines.append(f"{name:38}  {rate:>13}  {p50:>10}  {p99:>10}")
+    ours = om.get("invoke", {}).get("tasks_per_s")
+    for peer, key in (("celery", "Celery + Redis"), ("ray", "Ray tasks")):
+        theirs = results.get(peer, {}).get("tasks", {}).get("tasks_per_s")
+        if ours and theirs:
+            lines.append(f"OrbitMesh invoke / {key}: {ours / theirs:,.1f}x")
     for name, r in results.items():
         if "skipped" in r:
             lines.append(f"{name}: skipped ({r['skipped']})")
