@@ -57,7 +57,7 @@ class _Path:
             send=self._send,
             to_peer=self._to_peer,
             publish=lambda topic, data: None,
-            choose=lambda route, command: AGENT,
+            choose=lambda route, command, free: AGENT,
             agent_session=lambda name: 7,
             listening=lambda: False,
             agent_capacity=lambda name: JOBS,  # room for a whole round: no backlog (as the bench's agent)

@@ -598,3 +598,29 @@ def test_a_backlog_moves_on_when_its_agent_is_lost(arun, ctx, core_impl):
             assert broker.jobs.stats()["jobs_backlogged"] == 0 and broker.jobs.stats()["jobs_live"] == 0
 
     arun(main())
+
+
+def test_a_selector_job_goes_to_an_agent_with_room(arun, ctx, core_impl):
+    counts: dict[str, int] = {}
+
+    async def main():
+        # Given two agents behind one capability, taken in turn: a slow one with room for one job
+        # at a time, and a fast one
+        agents = [{"name": "slow", "capabilities": ["w"], "capacity": 1}, {"name": "fast", "capabilities": ["w"]}]
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), agents, setup=job_handlers(counts)) as (
+            broker,
+            _,
+            client,
+        ):
+            # When 200 jobs come at once
+            pick = om.Select(capability="w", strategy="round_robin")
+            sent = [client.submit_job(pick, "sleep", [0.01]) for _ in range(200)]
+            done = await asyncio.wait_for(asyncio.gather(*(s.result for s in sent)), 20)
+            # Expect the slow agent given what it has room for as it goes (its capacity plus as many
+            # queued: 2 at a time; 2 - 50 jobs in all here), the rest to the fast one: taking
+            # turns would have given each exactly 100
+            assert len(done) == 200 and set(done) == {"slow", "fast"}
+            assert done.count("slow") < 80 and done.count("fast") > 120
+            assert broker.jobs is not None and broker.jobs.stats()["jobs_backlogged"] == 0
+
+    arun(main())

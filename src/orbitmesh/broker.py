@@ -18,6 +18,7 @@ import struct
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -850,6 +851,14 @@ class Broker:
             return {"serving": True}
         return OrbitMeshError(f"unknown route type {rtype}", code=ErrorCode.BAD_ROUTE)
 
+    def _by_strategy(self, strategy: int, matches: list[_Agent]) -> _Agent:
+        if strategy == Strategy.RANDOM:
+            return random.choice(matches)
+        if strategy == Strategy.ROUND_ROBIN:
+            self._labels_rr += 1
+            return matches[self._labels_rr % len(matches)]
+        return min(matches, key=lambda a: a.inflight / max(1, a.info.capacity))
+
     def _agent_session(self, name: str) -> int | None:
         agent = self._by_name.get(name)
         return agent.info.session if agent is not None else None
@@ -867,9 +876,13 @@ class Broker:
             return chosen
         return bytes((Route.NAME, 0)) + chosen.encode()
 
-    def _choose_agent(self, route: bytes, command: str) -> str | OrbitMeshError:
+    def _choose_agent(
+        self, route: bytes, command: str, free: Callable[[str], int] | None = None
+    ) -> str | OrbitMeshError:
         """Pick the agent a route means, here in the control plane (label routes, and tracked
-        jobs, whose agent is written to the job log before the job is sent)."""
+        jobs, whose agent is written to the job log before the job is sent). ``free(name)``:
+        the room an agent has for one more (tracked jobs: slots not taken); a selector passes
+        over an agent with none when another matching agent has some."""
         if len(route) < 2:
             return OrbitMeshError("bad route frame", code=ErrorCode.BAD_ROUTE)
         rtype, strategy, key = route[0], route[1], route[2:]
@@ -922,13 +935,11 @@ class Broker:
             what = ", ".join(parts) or "the selector"
             reach = " within this key's reach" if acl else ""
             return OrbitMeshError(f"no agent matches {what}{reach}", code=ErrorCode.NO_AGENT_AVAILABLE)
-        if strategy == Strategy.RANDOM:
-            chosen = random.choice(matches)
-        elif strategy == Strategy.ROUND_ROBIN:
-            self._labels_rr += 1
-            chosen = matches[self._labels_rr % len(matches)]
-        else:
-            chosen = min(matches, key=lambda a: a.inflight / max(1, a.info.capacity))
+        chosen = self._by_strategy(strategy, matches)
+        if free is not None and free(chosen.info.name) <= 0 and len(matches) > 1:
+            roomy = [a for a in matches if free(a.info.name) > 0]
+            if roomy:
+                chosen = self._by_strategy(strategy, roomy)
         # Count it now, so a burst spreads before the next load report.
         chosen.inflight += 1
         return chosen.info.name

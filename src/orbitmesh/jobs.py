@@ -144,7 +144,17 @@ Watcher = Callable[[JobRecord, bytes, int], None]
 class _Live:
     """What the control plane keeps in memory about a live job (never persisted)."""
 
-    __slots__ = ("backlogged", "parked", "sent_to", "timer", "wait_rounds", "waiters", "waiting_since", "watchers")
+    __slots__ = (
+        "backlogged",
+        "parked",
+        "rerouted",
+        "sent_to",
+        "timer",
+        "wait_rounds",
+        "waiters",
+        "waiting_since",
+        "watchers",
+    )
 
     def __init__(self, waiters: list[tuple[bytes, int]] | None = None) -> None:
         self.waiters: list[tuple[bytes, int]] = [] if waiters is None else waiters  # execute callers
@@ -157,6 +167,7 @@ class _Live:
         self.parked: tuple[str | tuple[bytes, str], int, str] | None = None
         self.sent_to: str | None = None  # the agent its current delivery went to (one of its slots)
         self.backlogged: str | None = None  # the agent whose backlog it waits in for a slot
+        self.rerouted = False  # sent elsewhere once already because its agent had no room
 
 
 class JobManager:
@@ -172,7 +183,7 @@ class JobManager:
         send: Callable[[list[bytes]], None],
         to_peer: Callable[[bytes, list[bytes]], None],
         publish: Callable[[str, dict[str, Any]], None],
-        choose: Callable[[bytes, str], str | OrbitMeshError],
+        choose: Callable[[bytes, str, Callable[[str], int]], str | OrbitMeshError],
         agent_session: Callable[[str], int | None],
         listening: Callable[[], bool] | None = None,
         agent_capacity: Callable[[str], int] | None = None,
@@ -317,7 +328,7 @@ class JobManager:
         if name is not None and self._agent_session(name) is not None:
             rec.agent = name  # a NAME route to a registered agent, as _choose would say
         else:
-            chosen = self._choose(route, command)
+            chosen = self._choose(route, command, self._free)
             if isinstance(chosen, str):
                 rec.agent = chosen
                 if route[:1] == _NAME_ROUTE and len(self._names) < 4096:
@@ -421,7 +432,7 @@ class JobManager:
         if rec.agent:  # a named agent that is not registered (now)
             self._park(rec, mem, rec.agent, ErrorCode.NO_SUCH_AGENT, f"no agent named '{rec.agent}'", now)
             return
-        chosen = self._choose(rec.route, rec.command)
+        chosen = self._choose(rec.route, rec.command, self._free)
         if isinstance(chosen, OrbitMeshError):
             if chosen.code in _NO_AGENT_CODES:
                 where = rec.route[2:].decode("utf-8", "replace") if named else (rec.route, rec.command)
@@ -511,7 +522,7 @@ class JobManager:
                     mem.timer = None
                 self._dispatch(job_id)
         for key in list(self._parked_any):
-            if isinstance(self._choose(*key), str):
+            if isinstance(self._choose(*key, self._free), str):
                 for job_id in self._parked_any.pop(key, ()):
                     waiting = self._mem.get(job_id)
                     if waiting is not None:
@@ -530,11 +541,21 @@ class JobManager:
         agent = rec.agent
         out = self._outstanding.get(agent, 0)
         if out >= self._window(agent):
+            if rec.route[:1] != _NAME_ROUTE and not mem.rerouted:
+                # A selector job whose agent has no room: another matching agent with room
+                # takes it. Written first (idempotency: a restart must know where it went).
+                other = self._choose(rec.route, rec.command, self._free)
+                if isinstance(other, str) and other != agent and self._free(other) > 0:
+                    rec.agent = other
+                    mem.rerouted = True
+                    self.log.append(rec, lambda err: self._send_chosen(job_id))
+                    return
             self._backlog.setdefault(agent, {})[job_id] = None
             mem.backlogged = agent
             return
         self._outstanding[agent] = out + 1
         mem.sent_to = agent
+        mem.rerouted = False
         rec.attempts += 1
         rec.lease = lease = (rec.lease + 1) & 0xFFFFFFFF or 1
         hdr = _pack_header(b"OM", 1, _REQUEST, rec.flags | F_TRACKED, 0, lease, 0, job_id, job_id, 0)
@@ -561,9 +582,14 @@ class JobManager:
             mem.timer = self._loop.call_later(rec.timeout, self._timed_out, job_id, lease)
 
     def _window(self, agent: str) -> int:
-        """Jobs one agent may have out at once: its capacity plus up to 256 queued for it."""
+        """Jobs one agent may have out at once: its capacity plus as many queued for it, up to
+        256 (a queued job's lease runs while it waits: keep that wait short); 64 if unknown."""
         capacity = self._agent_capacity(agent)
-        return max(64, capacity + min(capacity, 256))
+        return capacity + min(capacity, 256) if capacity > 0 else 64
+
+    def _free(self, agent: str) -> int:
+        """Slots an agent has for one more job now (its window minus the jobs out with it)."""
+        return self._window(agent) - self._outstanding.get(agent, 0)
 
     def _release(self, mem: _Live) -> None:
         """A delivery ended (answered, lost, retried): its slot goes to the agent's backlog."""
