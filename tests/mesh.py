@@ -35,6 +35,31 @@ def hdr(
     return HDR.pack(magic, version, kind, flags, code, aux, reserved, corr, job, deadline)
 
 
+def expected_refusal(frames: list[bytes], max_frame: int) -> tuple[int, int, bool]:
+    """The ERROR a peer that never said HELLO must get for ``frames`` from a broker whose
+    max_frame_bytes is ``max_frame``: (code, corr, counted as malformed). Written from
+    docs/protocol.md, apart from the codec under test."""
+    h = frames[0]
+    if len(h) != 40:
+        return om.ErrorCode.BAD_HEADER, 0, True
+    corr = struct.unpack_from("<Q", h, 16)[0]
+    if h[:2] != b"OM":
+        return om.ErrorCode.BAD_MAGIC, corr, True
+    if h[2] != 1:
+        return om.ErrorCode.UNSUPPORTED_VERSION, corr, True
+    if not 1 <= h[3] <= 16:
+        return om.ErrorCode.UNKNOWN_KIND, corr, True
+    if h[12:16] != b"\0\0\0\0":
+        return om.ErrorCode.BAD_HEADER_FIELD, corr, True
+    if len(frames) + 1 > 64:  # the routing-id frame counts
+        return om.ErrorCode.BAD_FRAMES, corr, True
+    if any(len(f) > max_frame for f in frames):
+        return om.ErrorCode.FRAME_TOO_LARGE, corr, True
+    if h[3] == 1:  # HELLO
+        return om.ErrorCode.BAD_HELLO, corr, False
+    return om.ErrorCode.NOT_REGISTERED, corr, False
+
+
 def standard_handlers(agent: om.Agent) -> None:
     """Handlers most tests use: echo, add, sleep, boom, count, reverse (raw)."""
 

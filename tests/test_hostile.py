@@ -30,7 +30,6 @@ import os
 import random
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -53,7 +52,7 @@ from orbitmesh.acl import Policy
 from orbitmesh.security import Keypair, KeyStore, PeerKeys
 
 from .conftest import subprocess_env
-from .mesh import HDR, hdr
+from .mesh import HDR, expected_refusal, hdr
 
 ROOT = Path(__file__).resolve().parent.parent
 SOAK = float(os.environ.get("ORBITMESH_SOAK_SECONDS", "20"))
@@ -198,30 +197,6 @@ class Peer:
         return False
 
 
-def expected_answer(frames: list[bytes]) -> tuple[int, int, bool]:
-    """The ERROR a peer that never said HELLO must get: (code, corr, counted as malformed).
-    Written from docs/protocol.md, apart from the codec."""
-    h = frames[0]
-    if len(h) != 40:
-        return ErrorCode.BAD_HEADER, 0, True
-    corr = struct.unpack_from("<Q", h, 16)[0]
-    if h[:2] != b"OM":
-        return ErrorCode.BAD_MAGIC, corr, True
-    if h[2] != 1:
-        return ErrorCode.UNSUPPORTED_VERSION, corr, True
-    if not 1 <= h[3] <= 16:
-        return ErrorCode.UNKNOWN_KIND, corr, True
-    if h[12:16] != b"\0\0\0\0":
-        return ErrorCode.BAD_HEADER_FIELD, corr, True
-    if len(frames) + 1 > 64:  # the routing-id frame counts
-        return ErrorCode.BAD_FRAMES, corr, True
-    if any(len(f) > MAX_FRAME for f in frames):
-        return ErrorCode.FRAME_TOO_LARGE, corr, True
-    if h[3] == HELLO:
-        return ErrorCode.BAD_HELLO, corr, False
-    return ErrorCode.NOT_REGISTERED, corr, False
-
-
 BAD_HELLO_BODIES = [
     b"\xc1",
     b"",
@@ -320,7 +295,7 @@ class Soak:
         try:
             while self.running():
                 batch = [random_message(rng) for _ in range(rng.randint(1, 20))]
-                expected = [expected_answer(m) for m in batch]
+                expected = [expected_refusal(m, MAX_FRAME) for m in batch]
                 for m in batch:
                     peer.send(m)
                 tally.sent += len(batch)

@@ -25,7 +25,7 @@ from orbitmesh._wire import header
 from orbitmesh.protocol import F_TRACKED, Kind
 
 from .conftest import endpoint_for, subprocess_env
-from .mesh import FAST, HDR, hdr, mesh
+from .mesh import FAST, HDR, expected_refusal, hdr, mesh
 
 ROOT = Path(__file__).resolve().parent.parent
 ERROR, HELLO, WELCOME, HEARTBEAT, REQUEST, ACCEPTED, REPLY = 10, 1, 2, 3, 4, 5, 7
@@ -255,32 +255,6 @@ def test_hostile_frames_get_exact_errors_while_others_are_served(arun, ctx, core
     arun(main())
 
 
-def _expected_reply(frames: list[bytes]) -> tuple[int, int, bool]:
-    """What the broker must answer an unregistered peer: (code, corr, counted as malformed).
-
-    Written from docs/protocol.md, independently of the codec under test.
-    """
-    h = frames[0]
-    if len(h) != 40:
-        return ErrorCode.BAD_HEADER, 0, True
-    corr = struct.unpack_from("<Q", h, 16)[0]
-    if h[:2] != b"OM":
-        return ErrorCode.BAD_MAGIC, corr, True
-    if h[2] != 1:
-        return ErrorCode.UNSUPPORTED_VERSION, corr, True
-    if h[3] == 0 or h[3] > 16:
-        return ErrorCode.UNKNOWN_KIND, corr, True
-    if h[12:16] != b"\0\0\0\0":
-        return ErrorCode.BAD_HEADER_FIELD, corr, True
-    if len(frames) + 1 > 64:
-        return ErrorCode.BAD_FRAMES, corr, True
-    if any(len(f) > MAX_FRAME for f in frames):
-        return ErrorCode.FRAME_TOO_LARGE, corr, True
-    if h[3] == HELLO:
-        return ErrorCode.BAD_HELLO, corr, False
-    return ErrorCode.NOT_REGISTERED, corr, False
-
-
 def _random_message(rng: random.Random, *, valid_header: bool = False) -> list[bytes]:
     style = rng.random()
     if valid_header or style < 0.6:
@@ -347,7 +321,7 @@ def test_random_burst_never_kills_the_broker(arun, ctx, core_impl, seed):
                 before = await stats_after_tick(client, broker)
                 # Given 300 random multipart messages from a peer that never said HELLO
                 burst = [_random_message(rng) for _ in range(300)]
-                expected = [_expected_reply(m) for m in burst]
+                expected = [expected_refusal(m, MAX_FRAME) for m in burst]
                 for m in burst:
                     stranger.send(m)
                 # Expect exactly one ERROR each, with the code and corr the spec says

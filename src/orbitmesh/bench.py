@@ -622,35 +622,47 @@ def _echo_main(parent: _Parent, endpoint: str) -> None:
         ctx.term()
 
 
+def _serve_raw(parent: _Parent, sock: zmq.Socket[Any], handle: Callable[[list[bytes]], None]) -> None:
+    """Until the parent says stop: hand each message ``sock`` receives to ``handle`` (up to
+    _BATCH per wake-up) and answer the parent's requests. For the raw peers that speak OrbitMesh's
+    protocol; the baselines' own workers (echo, sink, fan-out) keep their loops inline, one
+    Python call per message less."""
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(parent.fd, zmq.POLLIN)
+    while True:
+        events = dict(poller.poll())
+        if sock in events:
+            for _ in range(_BATCH):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                handle(frames)
+        if parent.fd in events and not parent.serve():
+            return
+
+
 def _raw_agent_main(parent: _Parent, endpoint: str, capacity: int) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.RCVTIMEO, int(READY_TIMEOUT * 1000))):
         sock.setsockopt(opt, value)
     sock.connect(endpoint)
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    poller.register(parent.fd, zmq.POLLIN)
     reply, heartbeat = header(Kind.REPLY), [header(Kind.HEARTBEAT), b""]
+
+    def handle(frames: list[bytes]) -> None:
+        kind = frames[0][3]
+        if kind == Kind.REQUEST:
+            sock.send_multipart([reply, frames[1], frames[3]])
+        elif kind == Kind.HEARTBEAT:
+            sock.send_multipart(heartbeat)
+
     try:
         hello = {"role": "agent", "name": RAW_AGENT_NAME, "capacity": capacity, "commands": [COMMAND]}
         _raw_hello(sock, Role.AGENT, hello)
         parent.send(ready={})
-        while True:
-            events = dict(poller.poll())
-            if sock in events:
-                for _ in range(_BATCH):
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    kind = frames[0][3]
-                    if kind == Kind.REQUEST:
-                        sock.send_multipart([reply, frames[1], frames[3]])
-                    elif kind == Kind.HEARTBEAT:
-                        sock.send_multipart(heartbeat)
-            if parent.fd in events and not parent.serve():
-                return
+        _serve_raw(parent, sock, handle)
     finally:
         sock.close()
         ctx.term()

@@ -292,36 +292,25 @@ def _hold_main(parent: b._Parent, endpoint: str, capacity: int, name: str) -> No
 
     parent.commands["held"] = lambda: {"held": len(held), **counts}
     parent.commands["release"] = release
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    poller.register(parent.fd, zmq.POLLIN)
+
+    def handle(frames: list[bytes]) -> None:
+        fields = HDR.unpack(frames[0])
+        kind = fields[2]
+        if kind == Kind.REQUEST:
+            held[frames[1]] = (fields[7], fields[3] & 0x0F00)  # the serializer id bits
+            counts["requests"] += 1
+        elif kind == Kind.CANCEL:
+            if held.pop(frames[1], None) is not None:
+                counts["cancelled"] += 1
+                sock.send_multipart(error_message(ErrorCode.CANCELLED, fields[7], "cancelled", route=frames[1]))
+        elif kind == Kind.HEARTBEAT:
+            sock.send_multipart(heartbeat)
+
     try:
         hello = {"role": "agent", "name": name, "capacity": capacity, "commands": [HOLD_COMMAND]}
         b._raw_hello(sock, Role.AGENT, hello)
         parent.send(ready={})
-        while True:
-            events = dict(poller.poll())
-            if sock in events:
-                for _ in range(b._BATCH):
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    fields = HDR.unpack(frames[0])
-                    kind = fields[2]
-                    if kind == Kind.REQUEST:
-                        held[frames[1]] = (fields[7], fields[3] & 0x0F00)  # the serializer id bits
-                        counts["requests"] += 1
-                    elif kind == Kind.CANCEL:
-                        if held.pop(frames[1], None) is not None:
-                            counts["cancelled"] += 1
-                            sock.send_multipart(
-                                error_message(ErrorCode.CANCELLED, fields[7], "cancelled", route=frames[1])
-                            )
-                    elif kind == Kind.HEARTBEAT:
-                        sock.send_multipart(heartbeat)
-            if parent.fd in events and not parent.serve():
-                return
+        b._serve_raw(parent, sock, handle)
     finally:
         sock.close()
         ctx.term()
@@ -339,25 +328,16 @@ def _welcome_main(parent: b._Parent, count: int) -> None:
     sock.setsockopt(zmq.BACKLOG, 4096)
     sock.bind(b.LOCALHOST)
     welcome, heartbeat = header(Kind.WELCOME), header(Kind.HEARTBEAT)
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    poller.register(parent.fd, zmq.POLLIN)
+
+    def handle(frames: list[bytes]) -> None:
+        kind = frames[1][3]
+        if kind in (Kind.HELLO, Kind.HEARTBEAT):
+            with contextlib.suppress(zmq.ZMQError):  # the peer went away meanwhile
+                sock.send_multipart([frames[0], welcome if kind == Kind.HELLO else heartbeat, b""])
+
     try:
         parent.send(ready={"endpoint": sock.getsockopt_string(zmq.LAST_ENDPOINT)})
-        while True:
-            events = dict(poller.poll())
-            if sock in events:
-                for _ in range(b._BATCH):
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    kind = frames[1][3]
-                    if kind in (Kind.HELLO, Kind.HEARTBEAT):
-                        with contextlib.suppress(zmq.ZMQError):  # the peer went away meanwhile
-                            sock.send_multipart([frames[0], welcome if kind == Kind.HELLO else heartbeat, b""])
-            if parent.fd in events and not parent.serve():
-                return
+        b._serve_raw(parent, sock, handle)
     finally:
         sock.close()
         ctx.term()
