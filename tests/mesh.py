@@ -40,6 +40,21 @@ def expected_refusal(frames: list[bytes], max_frame: int) -> tuple[int, int, boo
     max_frame_bytes is ``max_frame``: (code, corr, counted as malformed). Written from
     docs/protocol.md, apart from the codec under test."""
     h = frames[0]
+    if h[:2] == b"OM" and h[2:3] == b"\x02":  # packed framing (protocol 2)
+        if len(h) < 40:
+            return om.ErrorCode.BAD_HEADER, 0, True
+        corr = struct.unpack_from("<Q", h, 16)[0]
+        if h[13:16] != b"\0\0\0":
+            return om.ErrorCode.BAD_HEADER_FIELD, corr, True
+        parts, at = [], 40
+        for _ in range(h[12] if h[12] <= 62 else 0):
+            size = struct.unpack_from("<I", h, at)[0] if at + 4 <= len(h) else len(h)
+            parts.append(h[at + 4 : at + 4 + size])
+            at += 4 + size
+        if h[12] > 62 or at != len(h):
+            return om.ErrorCode.BAD_FRAMES, corr, True
+        frames = [h[:2] + b"\x01" + h[3:12] + b"\0" + h[13:40], *parts, *frames[1:]]
+        h = frames[0]
     if len(h) != 40:
         return om.ErrorCode.BAD_HEADER, 0, True
     corr = struct.unpack_from("<Q", h, 16)[0]

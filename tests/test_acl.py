@@ -15,6 +15,7 @@ import zmq
 
 import orbitmesh as om
 from orbitmesh import acl
+from orbitmesh._core.frame import unpack_parts
 from orbitmesh._wire import HDR, header
 from orbitmesh.acl import Policy
 from orbitmesh.errors import ErrorCode
@@ -199,7 +200,7 @@ def test_roles_decide_who_may_connect_as_what(arun, ctx, core_impl, tmp_path):
 def _answer(sock: zmq.Socket[Any], corr: int) -> tuple[int, int, list[bytes]]:
     """(kind, code, frames) of the next message about ``corr`` (heartbeats skipped)."""
     while True:
-        frames = sock.recv_multipart()
+        frames = unpack_parts(sock.recv_multipart())  # a protocol-2 session's answers are packed
         fields = HDR.unpack(frames[0])
         if fields[2] != Kind.HEARTBEAT and fields[7] == corr:
             return fields[2], fields[4], frames
@@ -349,7 +350,7 @@ def test_policy_changes_apply_to_live_sessions(arun, ctx, core_impl, tmp_path):
 
 def test_an_older_protocol_is_refused(arun, ctx, core_impl, tmp_path):
     with pytest.raises(ValueError, match="min_protocol"):
-        om.Broker("tcp://127.0.0.1:0", min_protocol=2)
+        om.Broker("tcp://127.0.0.1:0", min_protocol=3)
 
     async def main():
         async with Mesh(ctx, core_impl, tmp_path / "keys") as mesh:
@@ -365,6 +366,9 @@ def test_an_older_protocol_is_refused(arun, ctx, core_impl, tmp_path):
             assert b"requires v1 or newer" in (await loop.run_in_executor(None, hello, 0))[2][2]
             kind, _, frames = await loop.run_in_executor(None, hello, 1)
             assert kind == Kind.WELCOME and msgpack.unpackb(frames[2])["protocol"] == 1
+            # A newer offer gets the newest both speak: 2 (packed framing)
+            kind, _, frames = await loop.run_in_executor(None, hello, 7)
+            assert kind == Kind.WELCOME and msgpack.unpackb(frames[2])["protocol"] == 2
 
     arun(main())
 

@@ -29,11 +29,12 @@ from hypothesis import strategies as st
 
 from orbitmesh import _core
 from orbitmesh._core._dataplane_py import ACL_CHECKED, ACL_NO_REQUESTS
-from orbitmesh.protocol import Flag, Kind, Role, Route, Strategy
+from orbitmesh._core._frame_py import pack_parts, unpack_parts
+from orbitmesh.protocol import HEADER_SIZE, Flag, Kind, Role, Route, Strategy
 
 from .mesh import HDR, hdr
 
-META = struct.Struct("<BII")
+META = struct.Struct("<BIIB")  # role, capacity, acl, session protocol (2: packed framing)
 TOKEN = struct.Struct("<II")
 OP_SEND, OP_REG, OP_UNREG, OP_INJECT, OP_STOP = (bytes([i]) for i in range(1, 6))
 EV_MSG, EV_LOST, EV_JOB, EV_DISPATCHED, EV_STATE, EV_LOAD, EV_STOPPED, EV_HELLO = range(1, 9)
@@ -103,6 +104,7 @@ class Rig:
         self.ctx = zmq.Context()
         self.sockets: dict[str, zmq.Socket[Any]] = {}
         self.closed: set[str] = set()
+        self.packed: set[str] = set()  # peers whose session speaks protocol 2
         self.rid: dict[str, bytes] = {}
         self.label: dict[bytes, str] = {}
         self.inbox: dict[str, list[tuple[bytes, bytes]]] = {a: [] for a in AGENTS}  # live (token, hdr)
@@ -208,6 +210,8 @@ class Rig:
 
     def send(self, peer: str, frames: list[bytes]) -> None:
         self.sender = peer
+        if peer in self.packed and len(frames[0]) == HEADER_SIZE:
+            frames = pack_parts(frames)  # a protocol-2 session sends packed framing
         self.sockets[peer].send_multipart(frames)
 
     def corr(self, peer: str) -> int:
@@ -318,10 +322,11 @@ def register(
     groups: list[bytes] | None = None,
     commands: list[bytes] | None = None,
     acl: int = 0,
+    protocol: int = 1,
 ) -> dict[str, Any]:
     """``peer`` says HELLO; the test, as the control plane, registers it (OP_REG, with ``acl``
-    flags) and welcomes it. An agent is any peer given a capacity or keys; ``name`` defaults to
-    the peer's label."""
+    flags and session ``protocol``: 2 sends and receives packed framing) and welcomes it. An
+    agent is any peer given a capacity or keys; ``name`` defaults to the peer's label."""
     corr = rig.corr(peer)
     rig.send(peer, [hdr(Kind.HELLO, corr=corr), peer.encode()])
     got = rig.peer_barrier(peer)  # the EV_MSG of the HELLO taught the rig the peer's routing id
@@ -330,10 +335,15 @@ def register(
     agent = peer in AGENTS or capacity or caps or groups or commands
     role = Role.AGENT if agent else Role.CLIENT
     keys = [join(caps or []), join(groups or []), join(commands or [])]
-    reg = [META.pack(role, capacity, acl), peer.encode() if name is None else name, *keys]
+    reg = [META.pack(role, capacity, acl, protocol), peer.encode() if name is None else name, *keys]
     rig.control.send_multipart([OP_REG, rid, *reg])
     rig.control.send_multipart([OP_SEND, rid, hdr(Kind.WELCOME, corr=corr), b""])
-    return _merge(got, rig.collect(peer, lambda f: f[0] == hdr(Kind.WELCOME, corr=corr)), rig.control_barrier())
+    welcomed = rig.collect(peer, lambda f: unpack_parts(f)[0] == hdr(Kind.WELCOME, corr=corr))
+    if protocol >= 2:
+        rig.packed.add(peer)
+    else:
+        rig.packed.discard(peer)
+    return _merge(got, welcomed, rig.control_barrier())
 
 
 def hello(rig: Rig, who: int, bits: int, *_: int) -> dict[str, Any]:
@@ -343,10 +353,13 @@ def hello(rig: Rig, who: int, bits: int, *_: int) -> dict[str, Any]:
         return {}
     # Now and then a session whose key may send no requests, or whose requests go up for a check.
     acl = {7: ACL_NO_REQUESTS, 6: ACL_CHECKED}.get(bits >> 9 & 7, 0)
+    protocol = 2 if bits % 7 >= 3 else 1  # most sessions packed, some not: both meet in one broker
     if peer in AGENTS:
         capacity, caps, groups, commands = agent_config(AGENTS.index(peer), bits)
-        return register(rig, peer, capacity=capacity, caps=caps, groups=groups, commands=commands, acl=acl)
-    return register(rig, peer, acl=acl)
+        return register(
+            rig, peer, capacity=capacity, caps=caps, groups=groups, commands=commands, acl=acl, protocol=protocol
+        )
+    return register(rig, peer, acl=acl, protocol=protocol)
 
 
 def _request_frames(rig: Rig, peer: str, raw: bool, r: int, s: int, k: int, flags: int) -> list[bytes]:
@@ -857,7 +870,7 @@ def test_batched_control_messages_run_in_order() -> None:
                     [OP_SEND, c0, hdr(Kind.EVENT), b"", b"one"],
                     [OP_SEND, c1, hdr(Kind.EVENT), b"", b"two"],
                     _batch([OP_SEND, c0, hdr(Kind.EVENT), b"", b"nested"]),
-                    [OP_REG, b"agent-x", META.pack(Role.AGENT, 1, 0), b"agent-x", b"gpu", b"", b""],
+                    [OP_REG, b"agent-x", META.pack(Role.AGENT, 1, 0, 1), b"agent-x", b"gpu", b"", b""],
                     [OP_UNREG, c1],
                     [OP_SEND, c0, hdr(Kind.EVENT), b"", b"three"],
                 ),

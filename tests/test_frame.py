@@ -448,3 +448,63 @@ def test_twins_agree_on_odd_argument_types(name: str, args: tuple[Any, ...]) -> 
     # When each twin is called with it
     # Expect the same result or the same error (class and text)
     assert outcome(getattr(C, name), *args) == outcome(getattr(PY, name), *args)
+
+
+# --- packed framing (protocol 2) --------------------------------------------------------
+
+PARTS = st.lists(st.binary(max_size=64) | st.sampled_from([b"", b"x" * 4000, b"y" * 5000]), max_size=70)
+
+
+@PROPERTY
+@given(fields=st.lists(st.integers(0, U16), min_size=2, max_size=2), parts=PARTS)
+def test_twins_pack_identical_frames_that_unpack_to_the_message(fields: list[int], parts: list[bytes]) -> None:
+    # Given a message: a header and up to 70 parts, small and large
+    message = [valid_header(flags=fields[0], corr=fields[1]), *parts]
+    # When each twin packs it
+    packed = C.pack_parts(message)
+    # Expect the same frames; a header frame within PACK_LIMIT (or the header alone) that
+    # carries the leading parts; and unpacking, by either twin, gives the message back
+    assert packed == PY.pack_parts(message)
+    head = packed[0]
+    assert head[2] == 2 and head[12] == len(message) - len(packed)
+    assert len(head) <= 4096 or head[12] == 0
+    assert C.unpack_parts(packed) == PY.unpack_parts(packed) == message
+
+
+@st.composite
+def packed_like(draw: st.DrawFn) -> bytes:
+    """A packed header frame with a few bytes changed (count, lengths, reserved), or cut."""
+    parts = draw(st.lists(st.binary(max_size=8), max_size=4))
+    data = bytearray(PY.pack_parts([valid_header(corr=draw(st.integers(0, U64))), *parts])[0])
+    for _ in range(draw(st.integers(0, 2))):
+        data[draw(st.sampled_from([12, 13, 15, 40, 41, 44, len(data) - 1])) % len(data)] = draw(BYTE_EDGES)
+    return bytes(data[: draw(st.sampled_from([len(data)] * 5 + [2, 39, 41, len(data) - 1]))])
+
+
+@PROPERTY
+@given(data=st.binary(max_size=48) | packed_like(), more=st.lists(st.binary(max_size=4), max_size=2))
+def test_twins_agree_on_unpacking(data: bytes, more: list[bytes]) -> None:
+    # Given arbitrary bytes or a damaged packed header frame, then a few more frames
+    # When each twin unpacks them
+    # Expect the same message, or the same error class, code and message; frames whose first
+    # is not a packed header frame come back as they are
+    frames = [data, *more]
+    assert outcome(C.unpack_parts, frames) == outcome(PY.unpack_parts, frames)
+    if data[:3] != b"OM\x02":
+        assert PY.unpack_parts(frames) == frames
+
+
+def test_a_packed_frame_that_does_not_add_up_is_refused(frame: ModuleType) -> None:
+    good = frame.pack_parts([valid_header(corr=9), b"route", b"cmd"])[0]
+    for data, code, text in [
+        (good[:39], ErrorCode.BAD_HEADER, "at least 40"),
+        (with_byte(good, 14, 1), ErrorCode.BAD_HEADER_FIELD, "13-15"),
+        (good + b"x", ErrorCode.BAD_FRAMES, "do not fill"),
+        (good[:-1], ErrorCode.BAD_FRAMES, "do not fill"),
+        (with_byte(good, 12, 63), ErrorCode.BAD_FRAMES, "at most 62"),
+    ]:
+        with pytest.raises(ProtocolError) as err:
+            frame.unpack_parts([data])
+        assert err.value.code == code and text in err.value.message
+    with pytest.raises(ValueError):
+        frame.pack_parts([b"short header"])

@@ -21,6 +21,7 @@ import zmq
 
 import orbitmesh as om
 from orbitmesh import ErrorCode
+from orbitmesh._core._frame_py import pack_parts
 from orbitmesh._wire import header
 from orbitmesh.protocol import F_TRACKED, Kind
 
@@ -142,6 +143,13 @@ async def next_event(events: Any, types: set[str], timeout: float) -> om.Event:
 MAX_FRAME = 4096  # the broker's max_frame_bytes in these tests; ZMQ_MAXMSGSIZE is 4096 + 1024
 
 
+def _packed(header: bytes, at: int, value: int) -> bytes:
+    """``header`` as a packed header frame (version byte 2) with byte ``at`` set to ``value``."""
+    out = bytearray(header)
+    out[2], out[at] = 2, value
+    return bytes(out)
+
+
 def test_hostile_frames_get_exact_errors_while_others_are_served(arun, ctx, core_impl):
     async def main():
         kw = {"broker_kw": {"max_frame_bytes": MAX_FRAME}}
@@ -181,6 +189,16 @@ def test_hostile_frames_get_exact_errors_while_others_are_served(arun, ctx, core
                     # ... size limits, which hold before registration is even looked at (64 frames here)
                     ([hdr(REQUEST, corr=19), ECHO_ROUTE, b"echo", b""] + [b""] * 60, E.BAD_FRAMES, 19),
                     ([hdr(REQUEST, corr=20), ECHO_ROUTE, b"echo", b"x" * 5000], E.FRAME_TOO_LARGE, 20),
+                    # ... packed framing (protocol 2): a well-packed message is read as any other,
+                    # one whose parts do not add up is refused before anything else
+                    (pack_parts([hdr(REQUEST, corr=50), ECHO_ROUTE, b"echo", b""]), E.NOT_REGISTERED, 50),
+                    ([b"OM\x02" + bytes(30)], E.BAD_HEADER, 0),
+                    ([_packed(hdr(REQUEST, corr=51), 13, 1)], E.BAD_HEADER_FIELD, 51),
+                    ([_packed(hdr(REQUEST, corr=52), 12, 1) + b"\x09\x00\x00\x00abc"], E.BAD_FRAMES, 52),
+                    ([_packed(hdr(REQUEST, corr=53), 12, 1) + b"\x01\x00\x00\x00ab"], E.BAD_FRAMES, 53),
+                    ([_packed(hdr(REQUEST, corr=54), 12, 63) + b"\x00\x00\x00\x00" * 63], E.BAD_FRAMES, 54),
+                    ([pack_parts([hdr(200, corr=55), ECHO_ROUTE])[0]], E.UNKNOWN_KIND, 55),
+                    (pack_parts([hdr(REQUEST, corr=56), ECHO_ROUTE, b"echo", b""]) + [b""] * 60, E.BAD_FRAMES, 56),
                 ]:
                     await expect(stranger, frames, code, corr)
 
@@ -240,12 +258,12 @@ def test_hostile_frames_get_exact_errors_while_others_are_served(arun, ctx, core
                 reply = await rogue.recv({REPLY}, 2.0)
                 assert reply is not None and msgpack.unpackb(reply[2]) == "back"
 
-                # Expect the counters to have seen every malformed message: the 18 answered
+                # Expect the counters to have seen every malformed message: the 25 answered
                 # with a 1xx code above (the dropped connection never reached the data plane)
                 after = await stats_after_tick(client, broker)
-                assert after["malformed"] - before["malformed"] == 18
-                # ... plus the routing errors: 3 NOT_REGISTERED and 4 BAD_ROUTE
-                assert after["errors_sent"] - before["errors_sent"] >= 18 + 7
+                assert after["malformed"] - before["malformed"] == 25
+                # ... plus the routing errors: 4 NOT_REGISTERED and 4 BAD_ROUTE
+                assert after["errors_sent"] - before["errors_sent"] >= 25 + 8
             finally:
                 stranger.close()
                 rogue.close()
@@ -900,3 +918,32 @@ def test_a_job_redelivered_while_running_survives_the_next_broker_loss(arun, ctx
             router.close(0)
 
     arun(main(), timeout=30)
+
+
+def test_packed_and_protocol_1_sessions_meet_in_one_broker(arun, ctx, core_impl):
+    """Protocol 2 (packed framing) is what client and agent speak; a peer that offers no newer
+    protocol in its HELLO gets protocol 1 framing, and both are served by the same agent."""
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("tcp")) as (broker, agents, client):
+            assert client._conn is not None and client._conn.protocol == 2
+            assert agents[0]._conn is not None and agents[0]._conn.protocol == 2
+            # A payload beyond the header frame's 4 KiB goes as a frame of its own, both ways
+            for value in ("small", "v" * 3900, "w" * 100_000):
+                assert await client.invoke("agent-0", "echo", {"value": value}) == value
+            # Given a protocol-1 peer: it is welcomed in protocol 1, and answered part by part
+            old = RawPeer(ctx, broker.endpoints[0])
+            try:
+                await old.hello()
+                old.send([hdr(REQUEST, corr=7), ECHO_ROUTE, b"echo", msgpack.packb(["plain"])])
+                reply = await old.recv({REPLY, ERROR}, 2.0)
+                assert reply is not None and reply[0][2] == 1 and reply[0][3] == REPLY, reply
+                assert len(reply) == 3 and msgpack.unpackb(reply[2]) == "plain"
+                # ... and a packed request from it is read all the same
+                old.send(pack_parts([hdr(REQUEST, corr=8), ECHO_ROUTE, b"echo", msgpack.packb(["packed"])]))
+                reply = await old.recv({REPLY, ERROR}, 2.0)
+                assert reply is not None and len(reply) == 3 and msgpack.unpackb(reply[2]) == "packed"
+            finally:
+                old.close()
+
+    arun(main())

@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from ._core import io
+from ._core import frame, io
 
 _BATCH = 512
 Frames = Sequence[Any]
@@ -36,6 +36,10 @@ class AsyncSocket:
     synchronously, from the loop. ``send`` never blocks: if the socket's
     high-water mark is reached the message waits in an unbounded local queue
     until the socket is writable again (callers bound what they send).
+
+    Messages are received in either framing (a packed one comes back unpacked); ``packed``
+    says how they are sent: True once the session speaks protocol 2 (packed framing), when
+    every message sent must start with its 40-byte header.
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class AsyncSocket:
         self._recv_batch = io.recv_batch
         self._send_parts = io.send_parts
         self._closed = False
+        self.packed = False
         loop.add_reader(self._fd, self._drain)
         self._schedule()
 
@@ -90,14 +95,15 @@ class AsyncSocket:
     def _flush(self) -> None:
         out = self._outbox
         send = self.sock.send_multipart
+        packed = self.packed
         while out:
             frames, copy = out[0]
             if copy:
-                if not self._send_parts(self.sock, frames):
+                if not self._send_parts(self.sock, frames, packed):
                     return
             else:
                 try:
-                    send(frames, zmq.NOBLOCK, copy=False)
+                    send(frame.pack_parts(list(frames)) if packed else frames, zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     return
             out.popleft()

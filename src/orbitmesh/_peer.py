@@ -20,7 +20,7 @@ from ._aio import AsyncSocket
 from ._core import frame
 from ._wire import HDR, header, parse_error
 from .errors import ErrorCode, NotConnectedError, OrbitMeshError, ProtocolError
-from .protocol import F_DRAIN, VERSION, Kind
+from .protocol import F_DRAIN, PROTOCOL, Kind
 
 log = logging.getLogger("orbitmesh.peer")
 
@@ -57,7 +57,7 @@ class PeerConnection:
         socket_options: dict[int, Any] | None = None,
     ) -> None:
         self.endpoint = endpoint
-        self._hello = {**hello, "protocol": VERSION}  # the highest protocol version we speak
+        self._hello = {**hello, "protocol": PROTOCOL}  # the newest protocol version we speak
         self._role = role
         self._on_message = on_message
         self._on_lost = on_lost
@@ -70,6 +70,7 @@ class PeerConnection:
         self.heartbeat_ms = DEFAULT_HEARTBEAT_MS
         self.liveness = DEFAULT_LIVENESS
         self.session = 0
+        self.protocol = 1  # of the current session, as WELCOME said (2: packed framing)
         self.broker_id = ""
         self.ready = False
         self.closed = False
@@ -130,6 +131,7 @@ class PeerConnection:
         assert self._sock is not None and self._loop is not None
         self._hello_corr += 1
         self._hello_sent = self._loop.time()
+        self._sock.packed = False  # HELLO in protocol 1 framing, which every broker reads
         self._sock.send([header(Kind.HELLO, aux=self._role, corr=self._hello_corr), b"", msgpack.packb(self._hello)])
 
     def close(self) -> None:
@@ -264,6 +266,9 @@ class PeerConnection:
         self.liveness = int(body.get("liveness", DEFAULT_LIVENESS))
         self.session = int(body.get("session", 0))
         self.broker_id = str(body.get("broker", ""))
+        self.protocol = int(body.get("protocol", 1))
+        assert self._sock is not None
+        self._sock.packed = self.protocol >= 2
         self.ready = True
         self._attempt = 0
         self._arm(self.heartbeat_ms / 1000)

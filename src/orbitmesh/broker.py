@@ -32,13 +32,13 @@ from .acl import ADMIN, RAW_COMMAND, Policy, in_reach
 from .errors import ErrorCode, OrbitMeshError
 from .jobs import JobManager
 from .models import AgentInfo, JobState
-from .protocol import F_DRAIN, F_TRACKED, VERSION, Kind, Role, Route, Strategy
+from .protocol import F_DRAIN, F_TRACKED, PROTOCOL, VERSION, Kind, Role, Route, Strategy
 from .security import CurveAdmission, is_loopback
 from .storage import JobRecord, JobStore, check_durability, open_store
 
 log = logging.getLogger("orbitmesh.broker")
 
-_META = struct.Struct("<BII")
+_META = struct.Struct("<BIIB")  # OP_REG meta: role, capacity, ACL flags, session protocol
 _LOAD = struct.Struct("<II")
 _NAME_MAX = 200
 _LIST_MAX = 256
@@ -169,7 +169,8 @@ class Broker:
     unless ``allow_plaintext=True``, which is logged. Each accepted key has a
     policy (role, command patterns, agent selectors: ``orbitmesh.acl``), read
     at HELLO and re-checked every heartbeat. A peer whose HELLO offers a
-    protocol version below ``min_protocol`` is refused (no downgrade). A
+    protocol version below ``min_protocol`` is refused (no downgrade); a session
+    speaks the newest version both sides do (2, packed framing, by default). A
     connection that has not finished its ZMTP / CURVE handshake within
     ``handshake_timeout`` seconds is dropped.
     """
@@ -211,8 +212,8 @@ class Broker:
                 "or allow_plaintext=True to run unencrypted and unauthenticated"
             )
         self._exposed_plaintext = bool(exposed) and keys_dir is None
-        if not 1 <= min_protocol <= VERSION:
-            raise ValueError(f"min_protocol must be from 1 to {VERSION} (the newest this broker speaks)")
+        if not 1 <= min_protocol <= PROTOCOL:
+            raise ValueError(f"min_protocol must be from 1 to {PROTOCOL} (the newest this broker speaks)")
         self.min_protocol = min_protocol
         if handshake_timeout <= 0:
             raise ValueError("handshake_timeout must be > 0 seconds")
@@ -556,8 +557,8 @@ class Broker:
             sess.policy = policy
             after = policy.session_flags(sess.role)
             if after != before and sess.reg:
-                role, capacity, _ = _META.unpack(sess.reg[2])
-                sess.reg[2] = _META.pack(role, capacity, after)
+                role, capacity, _, protocol = _META.unpack(sess.reg[2])
+                sess.reg[2] = _META.pack(role, capacity, after, protocol)
                 self._ctl(list(sess.reg))
 
     def _close_session(self, rid: bytes, code: int, message: str, reason: str) -> None:
@@ -648,15 +649,16 @@ class Broker:
             else:
                 known.policy = policy  # a HELLO again on the same connection
         flags = policy.session_flags(role)
+        protocol = min(offered, PROTOCOL)
         registered = False
         try:
             if role == "agent":
-                registered = self._register_agent(rid, corr, body, flags)
+                registered = self._register_agent(rid, corr, body, flags, protocol)
             else:
                 self._clients.add(rid)
-                meta = _META.pack(Role.CLIENT, 0, flags)
+                meta = _META.pack(Role.CLIENT, 0, flags, protocol)
                 self._send_reg(rid, meta, str(body.get("name", "")).encode()[:_NAME_MAX], [], [], [])
-                self._welcome(rid, corr)
+                self._welcome(rid, corr, protocol)
                 registered = True
         except (ValueError, TypeError) as exc:
             self._error(rid, ErrorCode.BAD_HELLO, corr, f"bad HELLO: {exc}")
@@ -670,7 +672,7 @@ class Broker:
             # this peer and will never report it lost, so its session must not stay behind.
             del self._sessions[rid]
 
-    def _register_agent(self, rid: bytes, corr: int, body: dict[str, Any], flags: int = 0) -> bool:
+    def _register_agent(self, rid: bytes, corr: int, body: dict[str, Any], flags: int = 0, protocol: int = 1) -> bool:
         """Register (or re-register) an agent session; False if refused (the peer was told)."""
         name = body.get("name")
         if not isinstance(name, str) or not name or "\0" in name or len(name) > _NAME_MAX:
@@ -711,8 +713,8 @@ class Broker:
         agent = _Agent(rid, info, instance=instance)
         self._agents[rid] = agent
         self._by_name[name] = agent
-        self._send_reg(rid, _META.pack(Role.AGENT, capacity, flags), name.encode(), caps, groups, commands)
-        self._welcome(rid, corr)
+        self._send_reg(rid, _META.pack(Role.AGENT, capacity, flags, protocol), name.encode(), caps, groups, commands)
+        self._welcome(rid, corr, protocol)
         if self.jobs is not None:
             self.jobs.agent_joined(name)
         log.info("agent %s joined (capacity %d, commands %s)", name, capacity, ", ".join(commands) or "-")
@@ -738,13 +740,13 @@ class Broker:
             if sess is not None:
                 sess.reg = frames
 
-    def _welcome(self, rid: bytes, corr: int) -> None:
+    def _welcome(self, rid: bytes, corr: int, protocol: int) -> None:
         body = {
             "session": self._session,
             "heartbeat_ms": self.heartbeat_ms,
             "liveness": self.liveness,
             "broker": self.id,
-            "protocol": VERSION,  # the version this session speaks (the newest both sides do)
+            "protocol": protocol,  # the version this session speaks (the newest both sides do)
         }
         self._send(rid, [header(Kind.WELCOME, corr=corr), b"", msgpack.packb(body)])
 

@@ -418,10 +418,13 @@ class JobManager:
         now = time.time()
         named = rec.route[:1] == _NAME_ROUTE
         if rec.agent and not named:
-            # Its agent is not (back) here. After a restart, give it a lease's time to
-            # re-register: it may hold the answer. Then choose again.
+            # Its agent is not (back) here. After a restart, give it two leases' time to
+            # re-register: it may hold the answer (and an idempotent job must not run twice).
+            # One lease was too short on a loaded machine: an agent notices the old broker's
+            # silence only after its liveness window, then reconnects with backoff; a job that
+            # moved on meanwhile ran on two agents (seen once in the crash test, 1 of 16 seeds).
             mem.waiting_since = mem.waiting_since or now
-            left = self.lease_s - (now - mem.waiting_since)
+            left = 2 * self.lease_s - (now - mem.waiting_since)
             if left > 0:
                 # Woken by agent_joined, or by this timer when the wait is over.
                 self._awaiting.setdefault(rec.agent, set()).add(job_id)

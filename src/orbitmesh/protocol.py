@@ -1,4 +1,4 @@
-"""Wire protocol v1 constants: header layout, message kinds, flags, route types.
+"""Wire protocol constants: header layout, message kinds, flags, route types, packed framing.
 
 The authoritative description, with byte offsets, is ``docs/protocol.md``.
 Everything here is plain data shared by the compiled core, its pure-Python
@@ -12,9 +12,15 @@ from typing import NamedTuple
 
 MAGIC = b"OM"
 MAGIC_U16 = 0x4D4F  # b"OM" read as little-endian u16
-VERSION = 1
+VERSION = 1  # the header's version byte: the messages (kinds, frames) of protocol 1
+PROTOCOL = 2  # the newest protocol spoken: 2 is protocol 1's messages in packed framing
+PACKED_VERSION = 2  # header byte 2 of a packed header frame
 HEADER_SIZE = 40
 TOKEN_SIZE = 8
+# Packed framing (protocol 2): the header frame carries the parts after it inline, each as a
+# u32 length and its bytes, while the frame stays within PACK_LIMIT bytes; the rest follow as
+# frames of their own (large payloads travel without a copy). Header byte 12 = parts inline.
+PACK_LIMIT = 4096
 
 # Limits the broker enforces before anything else reads a message.
 MAX_FRAMES = 64
@@ -111,6 +117,9 @@ __all__ = [
     "MAGIC",
     "MAGIC_U16",
     "MAX_FRAMES",
+    "PACKED_VERSION",
+    "PACK_LIMIT",
+    "PROTOCOL",
     "TOKEN_SIZE",
     "VERSION",
     "Flag",

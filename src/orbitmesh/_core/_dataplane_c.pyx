@@ -23,8 +23,16 @@ from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from orbitmesh._core._frame_c cimport (
     OM_HEADER_SIZE,
+    OM_INLINE_MAX,
+    OM_PACK_LIMIT,
+    OM_PACKED_VERSION,
     OM_TOKEN_SIZE,
     om_check_header,
+    om_check_packed,
+    om_is_packed,
+    om_ld32,
+    om_normalize_packed,
+    om_st32,
     om_hdr_corr,
     om_hdr_deadline,
     om_hdr_flags,
@@ -61,7 +69,7 @@ from orbitmesh._core._dataplane_py import (
     STATE_SUSPECT,
     pack_reg_meta,
 )
-from orbitmesh._core._frame_py import header_error_message
+from orbitmesh._core._frame_py import header_error_message, packed_error_message
 from orbitmesh.errors import ErrorCode
 
 public_api = [
@@ -177,6 +185,7 @@ cdef struct Peer:
     uint32_t pending    # its own untracked requests in flight or queued (as a client)
     uint32_t acl        # ACL_* flags from the control plane
     uint64_t last_corr  # corr of its last REQUEST / RAW: each must be greater
+    cbool packed        # its session speaks protocol 2: what is sent to it is packed
     double tokens       # rate-limit bucket
     int64_t refill      # monotonic ms the bucket was last topped up
     string rid          # ROUTER routing id
@@ -260,6 +269,11 @@ cdef class DataPlane:
     cdef uint64_t _queued
     cdef uint64_t _seq
     cdef string _text                    # the message of the last refusal _select decided
+    cdef zmq_msg_t _packed_in            # the packed header frame self._in[1] was unpacked from
+    cdef cbool _has_packed_in
+    cdef cbool _o_open                   # a packed header frame is being built (see _out)
+    cdef int _o_k                        # parts inline in it; -1 before the header
+    cdef string _o_buf
 
     def __cinit__(self):
         self._z = NULL
@@ -267,6 +281,7 @@ cdef class DataPlane:
         if self._in == NULL:
             raise MemoryError()
         self._nin = 0
+        self._has_packed_in = False
 
     def __dealloc__(self):
         cdef pair[string, deque[QItem]] kv
@@ -434,6 +449,31 @@ cdef class DataPlane:
         for i in range(n):
             self._z.zmq_msg_close(&self._in[i])
         self._nin = 0
+        if self._has_packed_in:
+            self._z.zmq_msg_close(&self._packed_in)
+            self._has_packed_in = False
+
+    cdef void _unpack_in(self) noexcept nogil:
+        """Replace the packed header frame self._in[1] (checked, not truncated) by the header and
+        the parts it carries; it is kept aside until _close_in, for its connection's metadata."""
+        cdef const unsigned char* p = self._data(&self._in[1])
+        cdef int k = p[12], i
+        cdef size_t at = OM_HEADER_SIZE, ln
+        # zmq_msg_t moves by value (libzmq's msg_t::move is a struct copy and a re-init)
+        for i in range(self._nin - 1, 1, -1):
+            memcpy(&self._in[i + k], &self._in[i], sizeof(zmq_msg_t))
+        for i in range(k):
+            ln = om_ld32(p + at)
+            self._z.zmq_msg_init_size(&self._in[2 + i], ln)
+            memcpy(self._z.zmq_msg_data(&self._in[2 + i]), p + at + 4, ln)
+            at += 4 + ln
+        memcpy(&self._packed_in, &self._in[1], sizeof(zmq_msg_t))
+        self._has_packed_in = True
+        self._z.zmq_msg_init_size(&self._in[1], OM_HEADER_SIZE)
+        memcpy(self._z.zmq_msg_data(&self._in[1]), p, OM_HEADER_SIZE)
+        om_normalize_packed(<unsigned char*>self._z.zmq_msg_data(&self._in[1]))
+        self._nin += k
+        self._in_cap += k  # _close_in closes every part
 
     cdef inline const unsigned char* _data(self, zmq_msg_t* m) noexcept nogil:
         return <const unsigned char*>self._z.zmq_msg_data(m)
@@ -488,6 +528,66 @@ cdef class DataPlane:
                 return err
         return 0
 
+    # A message to a peer goes out through _out_begin and _out: packed for a protocol-2 session
+    # (the header frame carries the leading parts, as _frame_py.pack_parts), else part by part.
+
+    cdef int _out_begin(self, const string& rid, cbool packed) noexcept nogil:
+        """Start a message to peer ``rid``; 0, or the errno (counted)."""
+        self._o_open = packed
+        self._o_k = -1
+        return self._begin(rid, 1)
+
+    cdef int _out(self, const char* data, size_t n, zmq_msg_t* m, cbool last) noexcept nogil:
+        """The next part of the message begun by _out_begin: ``m`` (moved, not copied, if it
+        goes as a frame of its own; the caller closes it either way), or data[0:n]."""
+        cdef int err
+        cdef unsigned char lb[4]
+        if self._o_open:
+            if self._o_k < 0:
+                if n == OM_HEADER_SIZE:
+                    self._o_buf.assign(data, n)
+                    self._o_k = 0
+                    return self._out_close(False) if last else 0
+                self._o_open = False  # no header first: sent as it is
+            elif self._o_k < OM_INLINE_MAX and self._o_buf.size() + 4 + n <= OM_PACK_LIMIT:
+                om_st32(lb, <uint32_t>n)
+                self._o_buf.append(<const char*>lb, 4)
+                self._o_buf.append(data, n)
+                self._o_k += 1
+                return self._out_close(False) if last else 0
+            else:
+                err = self._out_close(True)
+                if err:
+                    return err
+        if m != NULL:
+            return self._send_msg(self._router, m, not last)
+        return self._send_bytes(self._router, data, n, not last)
+
+    cdef int _out_close(self, cbool more) noexcept nogil:
+        """Send the packed header frame built so far."""
+        cdef unsigned char* p = <unsigned char*>&self._o_buf[0]
+        self._o_open = False
+        p[2] = OM_PACKED_VERSION
+        p[12] = <unsigned char>self._o_k
+        return self._send_bytes(self._router, self._o_buf.data(), self._o_buf.size(), more)
+
+    cdef inline int _out_msg(self, zmq_msg_t* m, cbool last) noexcept nogil:
+        return self._out(<const char*>self._z.zmq_msg_data(m), self._z.zmq_msg_size(m), m, last)
+
+    cdef int _out_parts(self, zmq_msg_t* parts, int n) noexcept nogil:
+        """The remaining ``n`` parts of the message, the last of them last."""
+        cdef int i, err
+        for i in range(n):
+            err = self._out_msg(&parts[i], i + 1 == n)
+            if err:
+                return err
+        return 0
+
+    cdef cbool _packed(self, const string& rid) noexcept nogil:
+        """Peer ``rid`` is registered with a packed (protocol 2) session."""
+        cdef unordered_map[string, uint32_t].iterator it = self._by_rid.find(rid)
+        return it != self._by_rid.end() and self._peers[deref(it).second].packed
+
     cdef int _begin(self, const string& rid, int more) noexcept nogil:
         """Start a message to a ROUTER peer: its routing id; 0, or the errno (counted)."""
         cdef int err = self._send_bytes(self._router, rid.data(), rid.size(), more)
@@ -500,13 +600,13 @@ cdef class DataPlane:
         cdef unsigned char hdr[OM_HEADER_SIZE]
         self._counters[C_ERRORS_SENT] += 1
         om_write_header(hdr, K_ERROR, 0, code, 0, corr, job, 0)
-        if self._begin(rid, 1):
+        if self._out_begin(rid, self._packed(rid)):
             return
-        if self._send_bytes(self._router, <const char*>hdr, OM_HEADER_SIZE, 1):
+        if self._out(<const char*>hdr, OM_HEADER_SIZE, NULL, False):
             return
-        if self._send_bytes(self._router, route, route_n, 1):
+        if self._out(route, route_n, NULL, False):
             return
-        self._send_bytes(self._router, text.data(), text.size(), 0)
+        self._out(text.data(), text.size(), NULL, True)
 
     cdef void _up_error(self, uint16_t code, uint64_t corr, uint64_t job, const string& text, uint32_t aux,
                         const char* agent=NULL, size_t agent_n=0,
@@ -553,7 +653,7 @@ cdef class DataPlane:
         """EV_HELLO: [ev, user id, rid, hdr, ...]; the User-Id is the ZAP handler's (the CURVE key),
         read from the connection's metadata, so no peer can forge it."""
         cdef char e = EV_HELLO
-        cdef const char* uid = self._z.zmq_msg_gets(&self._in[1], b"User-Id")
+        cdef const char* uid = self._z.zmq_msg_gets(&self._packed_in if self._has_packed_in else &self._in[1], b"User-Id")
         self._counters[C_TO_CONTROL] += 1
         self._send_bytes(self._control, &e, 1, 1)
         self._send_bytes(self._control, uid, strlen(uid) if uid != NULL else 0, 1)
@@ -583,8 +683,8 @@ cdef class DataPlane:
         cdef string rid
         if op == OP_SEND and n >= 3:
             rid = self._str(&self._in[1])
-            if self._begin(rid, 1) == 0:
-                self._send_parts(self._router, &self._in[2], n - 2)
+            if self._out_begin(rid, self._packed(rid)) == 0:
+                self._out_parts(&self._in[2], n - 2)
         elif op == OP_REG and n >= 7:
             self._register()
         elif op == OP_UNREG and n >= 2:
@@ -661,6 +761,7 @@ cdef class DataPlane:
             p.pending = 0
             p.last_corr = 0
         p.acl = acl
+        p.packed = self._size(&self._in[2]) >= 10 and meta[9] >= OM_PACKED_VERSION
         p.rid = rid
         p.name = self._str(&self._in[3])
         p.keys.clear()
@@ -738,9 +839,9 @@ cdef class DataPlane:
                 # Nobody waits for this answer any more: stop the work (a tracked job goes on).
                 om_write_header(cancel, K_CANCEL, 0, 0, 0, e.corr, e.job, 0)
                 om_write_token(token, i, e.gen)
-                if self._begin(self._peers[e.agent].rid, 1) == 0:
-                    self._send_bytes(self._router, <const char*>cancel, OM_HEADER_SIZE, 1)
-                    self._send_bytes(self._router, <const char*>token, OM_TOKEN_SIZE, 0)
+                if self._out_begin(self._peers[e.agent].rid, self._peers[e.agent].packed) == 0:
+                    self._out(<const char*>cancel, OM_HEADER_SIZE, NULL, False)
+                    self._out(<const char*>token, OM_TOKEN_SIZE, NULL, True)
         p.used = False
         p.keys.clear()
         p.gen += 1
@@ -769,6 +870,11 @@ cdef class DataPlane:
         self._counters[C_MALFORMED] += 1
         self._send_error(rid, code, corr, 0, NULL, 0, text)
 
+    cdef void _bad_packed(self, const string& rid, int code, uint64_t corr,
+                          const unsigned char* hdr, size_t hn) noexcept with gil:
+        text = packed_error_message(code, (<const char*>hdr)[:hn]).encode()
+        self._malformed(rid, <uint16_t>code, corr, text)
+
     cdef void _bad_header(self, const string& rid, int code, uint64_t corr,
                           const unsigned char* hdr, size_t hn) noexcept with gil:
         # Malformed input only: the one place the loop takes the GIL, for the message text.
@@ -784,6 +890,7 @@ cdef class DataPlane:
         cdef uint64_t corr
         cdef uint8_t kind
         cdef char buf[128]
+        cdef unsigned char packed_hdr[OM_HEADER_SIZE]
         cdef int64_t now
         self._counters[C_RECEIVED] += 1
         if n < 2:
@@ -791,6 +898,22 @@ cdef class DataPlane:
             return
         hdr = self._data(&self._in[1])
         hn = self._size(&self._in[1])
+        if om_is_packed(hdr, hn):
+            code = om_check_packed(hdr, hn)
+            if code:
+                self._bad_packed(rid, code, om_hdr_corr(hdr) if hn >= OM_HEADER_SIZE else 0, hdr, hn)
+                return
+            if n <= self._in_cap + 1:
+                self._unpack_in()
+                n = self._nin
+                hdr = self._data(&self._in[1])
+                hn = OM_HEADER_SIZE
+            else:  # too many frames (truncated by _recv): the header, then the count, decide
+                memcpy(packed_hdr, hdr, OM_HEADER_SIZE)
+                om_normalize_packed(packed_hdr)
+                n += hdr[12]
+                hdr = packed_hdr
+                hn = OM_HEADER_SIZE
         code = om_check_header(hdr, hn)
         if code:
             corr = om_hdr_corr(hdr) if hn == OM_HEADER_SIZE else 0
@@ -1065,13 +1188,13 @@ cdef class DataPlane:
         om_write_token(token, index, e.gen)
         cdef char hdr_copy[OM_HEADER_SIZE]
         memcpy(hdr_copy, hdr, OM_HEADER_SIZE)  # for an error after frames[0] was sent
-        err = self._begin(agent.rid, 1)
+        err = self._out_begin(agent.rid, agent.packed)
         if err == 0:
-            err = self._send_msg(self._router, &frames[0], 1)
+            err = self._out_msg(&frames[0], False)
             if err == 0:
-                err = self._send_bytes(self._router, <const char*>token, OM_TOKEN_SIZE, n > 2)
+                err = self._out(<const char*>token, OM_TOKEN_SIZE, NULL, n <= 2)
                 if err == 0 and n > 2:
-                    err = self._send_parts(self._router, &frames[2], n - 2)
+                    err = self._out_parts(&frames[2], n - 2)
         if err:
             # A ROUTER fails on the first part (routing id) or not at all.
             self._release_entry(index)
@@ -1133,8 +1256,8 @@ cdef class DataPlane:
             self._send_bytes(self._control, &ev, 1, 1)
             self._send_bytes(self._control, self._peers[slot].rid.data(), self._peers[slot].rid.size(), 1)
             self._send_parts(self._control, &self._in[1], n - 1)
-        elif self._begin(e.client, 1) == 0:
-            self._send_parts(self._router, &self._in[1], n - 1)
+        elif self._out_begin(e.client, self._packed(e.client)) == 0:
+            self._out_parts(&self._in[1], n - 1)
         if kind == K_REPLY or kind == K_STREAM_END or kind == K_ERROR:
             self._free_entry(<uint32_t>found)
             if self._queued:
@@ -1160,11 +1283,11 @@ cdef class DataPlane:
             return
         e = &self._entries[found]
         om_write_token(token, <uint32_t>found, e.gen)
-        if self._begin(self._peers[e.agent].rid, 1) == 0:
-            self._send_msg(self._router, &self._in[base], 1)
-            self._send_bytes(self._router, <const char*>token, OM_TOKEN_SIZE, self._nin > base + 2)
+        if self._out_begin(self._peers[e.agent].rid, self._peers[e.agent].packed) == 0:
+            self._out_msg(&self._in[base], False)
+            self._out(<const char*>token, OM_TOKEN_SIZE, NULL, self._nin <= base + 2)
             if self._nin > base + 2:
-                self._send_parts(self._router, &self._in[base + 2], self._nin - base - 2)
+                self._out_parts(&self._in[base + 2], self._nin - base - 2)
 
     # ---------------------------------------------------------------- queue
 
@@ -1331,9 +1454,9 @@ cdef class DataPlane:
                 rec[6] = (p.capacity >> 16) & 0xFF
                 rec[7] = (p.capacity >> 24) & 0xFF
                 load.append(<const char*>rec, 8)
-            if self._begin(p.rid, 1) == 0:
-                self._send_bytes(self._router, <const char*>hb, OM_HEADER_SIZE, 1)
-                self._send_bytes(self._router, NULL, 0, 0)
+            if self._out_begin(p.rid, p.packed) == 0:
+                self._out(<const char*>hb, OM_HEADER_SIZE, NULL, False)
+                self._out(NULL, 0, NULL, True)
         ev = EV_LOAD
         self._counters[C_TO_CONTROL] += 1
         self._send_bytes(self._control, &ev, 1, 1)

@@ -12,7 +12,8 @@ Control protocol (first frame: one op byte):
 control -> data plane
     OP_SEND     [op, rid, frames...]          send frames to a peer
     OP_REG      [op, rid, meta, name, caps, groups, commands]
-                meta = <BII: role, capacity, acl flags>; lists are NUL-joined
+                meta = <BIIB: role, capacity, acl flags, session protocol (absent: 1)>;
+                lists are NUL-joined. A protocol-2 peer is sent packed framing
                 acl flags: 1 = refuse this peer's REQUEST / RAW (FORBIDDEN),
                 2 = send them to the control plane (EV_MSG) for a policy check
     OP_UNREG    [op, rid]                     forget a peer; its in-flight fail AGENT_LOST
@@ -43,9 +44,9 @@ from typing import Any
 
 import zmq
 
-from ..errors import ErrorCode
-from ..protocol import HEADER_SIZE, MAX_FRAMES, TOKEN_SIZE, Flag, Kind, Role, Route, Strategy
-from ._frame_py import check_header, header_error_message
+from ..errors import ErrorCode, ProtocolError
+from ..protocol import HEADER_SIZE, MAX_FRAMES, PACKED_VERSION, TOKEN_SIZE, Flag, Kind, Role, Route, Strategy
+from ._frame_py import check_header, header_error_message, pack_parts, unpack_parts
 
 public_api = [
     "ACL_CHECKED",
@@ -105,7 +106,7 @@ COUNTERS = (
 ACL_NO_REQUESTS = 0x1
 ACL_CHECKED = 0x2
 
-_META = struct.Struct("<BII")
+_META = struct.Struct("<BIIB")
 _HDR_ERR = struct.Struct("<2sBBHHIIQQQ")
 _LOAD = struct.Struct("<II")
 _Q = struct.Struct("<Q")
@@ -125,9 +126,9 @@ def _seed_rng(seed: int) -> int:
     return x or 88172645463325252
 
 
-def pack_reg_meta(role: int, capacity: int, acl: int = 0) -> bytes:
+def pack_reg_meta(role: int, capacity: int, acl: int = 0, protocol: int = 1) -> bytes:
     """The ``meta`` frame of OP_REG."""
-    return _META.pack(role, capacity, acl)
+    return _META.pack(role, capacity, acl, protocol)
 
 
 def _now_ms() -> int:
@@ -156,6 +157,7 @@ class _Peer:
         "last_corr",
         "last_seen",
         "name",
+        "packed",
         "pending",
         "refill",
         "rid",
@@ -166,6 +168,7 @@ class _Peer:
 
     def __init__(self, rid: bytes, role: int, capacity: int, name: bytes, now: int) -> None:
         self.acl = 0  # ACL_* flags from the control plane
+        self.packed = False  # its session speaks protocol 2: what is sent to it is packed
         self.last_corr = 0  # the corr of its last REQUEST / RAW: each must be greater
         self.rid = rid
         self.role = role
@@ -306,7 +309,11 @@ class DataPlane:
     # --------------------------------------------------------------- sending
 
     def _send(self, rid: bytes, frames: list[bytes]) -> int:
-        """Send without blocking; 0, or the errno (EHOSTUNREACH: peer gone, EAGAIN: its pipe is full)."""
+        """Send without blocking (packed to a protocol-2 peer when ``frames`` start with a
+        header); 0, or the errno (EHOSTUNREACH: peer gone, EAGAIN: its pipe is full)."""
+        peer = self._peers.get(rid)
+        if peer is not None and peer.packed and len(frames[0]) == HEADER_SIZE:
+            frames = pack_parts(frames)
         try:
             self._router.send_multipart([rid, *frames], zmq.NOBLOCK)
             return 0
@@ -369,13 +376,15 @@ class DataPlane:
 
     def _register(self, frames: list[bytes]) -> None:
         rid = frames[1]
-        role, capacity, acl = _META.unpack(frames[2])
+        meta = frames[2]
+        role, capacity, acl = struct.unpack_from("<BII", meta)
         old = self._peers.get(rid)
         if old is not None:
             self._unindex(old, fail_queued=False)
         peer = _Peer(rid, role, capacity, frames[3], _now_ms())
         peer.tokens = self._burst
         peer.acl = acl
+        peer.packed = len(meta) >= 10 and meta[9] >= PACKED_VERSION
         if old is not None:
             peer.inflight = old.inflight
             peer.pending = old.pending
@@ -462,6 +471,15 @@ class DataPlane:
             self._malformed(rid, ErrorCode.BAD_FRAMES, 0, "message has no header frame")
             return
         hdr = frames[1]
+        if len(hdr) >= 3 and hdr[0] == 0x4F and hdr[1] == 0x4D and hdr[2] == PACKED_VERSION:
+            try:
+                frames = [rid, *unpack_parts(frames[1:])]
+            except ProtocolError as exc:
+                corr = _Q.unpack_from(hdr, 16)[0] if len(hdr) >= HEADER_SIZE else 0
+                self._malformed(rid, exc.code, corr, exc.message)
+                return
+            n = len(frames)
+            hdr = frames[1]
         code = check_header(hdr)
         if code:
             corr = _Q.unpack_from(hdr, 16)[0] if len(hdr) == HEADER_SIZE else 0

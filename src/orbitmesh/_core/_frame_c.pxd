@@ -9,7 +9,9 @@
 # gcc and clang turn each one into a single move on little-endian targets.
 # _frame_c.pyx checks at import that these constants match protocol.py and errors.py.
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
 
 cdef enum:
     OM_HEADER_SIZE = 40
@@ -24,6 +26,11 @@ cdef enum:
     OM_E_UNSUPPORTED_VERSION = 102
     OM_E_UNKNOWN_KIND = 103
     OM_E_BAD_HEADER_FIELD = 108
+    OM_E_BAD_FRAMES = 104
+    # packed framing (protocol 2): see _frame_py.pack_parts
+    OM_PACKED_VERSION = 2
+    OM_PACK_LIMIT = 4096
+    OM_INLINE_MAX = 62
 
 
 # --- little-endian loads / stores -------------------------------------------------------
@@ -175,3 +182,52 @@ cdef inline uint32_t om_token_generation(const unsigned char* p) noexcept nogil:
 cdef inline void om_write_token(unsigned char* p, uint32_t index, uint32_t generation) noexcept nogil:
     om_st32(p, index)
     om_st32(p + 4, generation)
+
+
+# --- packed framing (protocol 2; see _frame_py.pack_parts / unpack_parts) -----------------
+
+cdef inline bint om_is_packed(const unsigned char* p, size_t n) noexcept nogil:
+    """p[0:n] is a packed header frame: "OM", version byte 2 (it may still not add up)."""
+    return n >= 3 and p[0] == OM_MAGIC0 and p[1] == OM_MAGIC1 and p[2] == OM_PACKED_VERSION
+
+
+cdef inline int om_check_packed(const unsigned char* p, size_t n) noexcept nogil:
+    """0 if the packed header frame p[0:n] adds up, else the ErrorCode (as _frame_py)."""
+    cdef size_t at = OM_HEADER_SIZE
+    cdef int i, k
+    if n < OM_HEADER_SIZE:
+        return OM_E_BAD_HEADER
+    if p[13] | p[14] | p[15]:
+        return OM_E_BAD_HEADER_FIELD
+    k = p[12]
+    if k > OM_INLINE_MAX:
+        return OM_E_BAD_FRAMES
+    for i in range(k):
+        if at + 4 > n:
+            return OM_E_BAD_FRAMES
+        at += 4 + <size_t>om_ld32(p + at)
+        if at > n:
+            return OM_E_BAD_FRAMES
+    return 0 if at == n else OM_E_BAD_FRAMES
+
+
+cdef inline void om_normalize_packed(unsigned char* p) noexcept nogil:
+    """Turn the first 40 bytes of a packed header frame into the protocol-1 header it carries."""
+    p[2] = OM_VERSION
+    p[12] = 0
+
+
+cdef inline void om_write_packed(unsigned char* p, list parts, Py_ssize_t k):
+    """Write the packed header frame of ``parts`` (bytes; a 40-byte header first) with parts
+    1..k inline into p, which has room for it."""
+    cdef size_t at = OM_HEADER_SIZE, ln
+    cdef Py_ssize_t i
+    memcpy(p, PyBytes_AS_STRING(parts[0]), OM_HEADER_SIZE)
+    p[2] = OM_PACKED_VERSION
+    p[12] = <unsigned char>k
+    for i in range(1, k + 1):
+        part = parts[i]
+        ln = <size_t>PyBytes_GET_SIZE(part)
+        om_st32(p + at, <uint32_t>ln)
+        memcpy(p + at + 4, PyBytes_AS_STRING(part), ln)
+        at += 4 + ln

@@ -14,7 +14,7 @@ cimport cython
 
 from orbitmesh._core import _frame_py as _ref
 from orbitmesh.errors import ErrorCode, ProtocolError
-from orbitmesh.protocol import HEADER_SIZE, KIND_MAX, MAGIC, TOKEN_SIZE, VERSION, Header
+from orbitmesh.protocol import HEADER_SIZE, KIND_MAX, MAGIC, PACK_LIMIT, PACKED_VERSION, TOKEN_SIZE, VERSION, Header
 
 cdef enum:
     _KEY_MAX = 1024
@@ -24,32 +24,49 @@ cdef enum:
 cdef uint64_t _U64_MAX = 0xFFFFFFFFFFFFFFFFULL
 
 ROUTE_KEY_MAX = _KEY_MAX
+INLINE_MAX = OM_INLINE_MAX
 
 public_api = [
     "HEADER_SIZE",
+    "INLINE_MAX",
     "ROUTE_KEY_MAX",
     "check_header",
     "header_error_message",
     "pack_header",
+    "pack_parts",
     "pack_route",
     "pack_token",
+    "packed_error_message",
     "unpack_header",
+    "unpack_parts",
     "unpack_route",
     "unpack_token",
 ]
+packed_error_message = _ref.packed_error_message
 
 # The C constants in _frame_c.pxd are compiled in; refuse to run against a protocol they don't match.
 if (
-    (HEADER_SIZE, TOKEN_SIZE, VERSION, int(KIND_MAX), MAGIC, ROUTE_KEY_MAX)
-    != (OM_HEADER_SIZE, OM_TOKEN_SIZE, OM_VERSION, OM_KIND_MAX, bytes((OM_MAGIC0, OM_MAGIC1)), _ref.ROUTE_KEY_MAX)
+    (HEADER_SIZE, TOKEN_SIZE, VERSION, int(KIND_MAX), MAGIC, ROUTE_KEY_MAX, PACKED_VERSION, PACK_LIMIT, INLINE_MAX)
+    != (
+        OM_HEADER_SIZE,
+        OM_TOKEN_SIZE,
+        OM_VERSION,
+        OM_KIND_MAX,
+        bytes((OM_MAGIC0, OM_MAGIC1)),
+        _ref.ROUTE_KEY_MAX,
+        OM_PACKED_VERSION,
+        OM_PACK_LIMIT,
+        _ref.INLINE_MAX,
+    )
     or (
         ErrorCode.BAD_HEADER,
         ErrorCode.BAD_MAGIC,
         ErrorCode.UNSUPPORTED_VERSION,
         ErrorCode.UNKNOWN_KIND,
         ErrorCode.BAD_HEADER_FIELD,
+        ErrorCode.BAD_FRAMES,
     )
-    != (OM_E_BAD_HEADER, OM_E_BAD_MAGIC, OM_E_UNSUPPORTED_VERSION, OM_E_UNKNOWN_KIND, OM_E_BAD_HEADER_FIELD)
+    != (OM_E_BAD_HEADER, OM_E_BAD_MAGIC, OM_E_UNSUPPORTED_VERSION, OM_E_UNKNOWN_KIND, OM_E_BAD_HEADER_FIELD, OM_E_BAD_FRAMES)
     or public_api != _ref.public_api
 ):
     raise ImportError("orbitmesh._core._frame_c was built for another protocol definition; rebuild it")
@@ -222,3 +239,52 @@ def unpack_route(data):
     if rtype != 4 and n == 2:  # NAME, CAPABILITY, GROUP and LABELS need a key; COMMAND has none
         raise ProtocolError("route key is empty", code=ErrorCode.BAD_ROUTE)
     return rtype, strategy, PyBytes_FromStringAndSize(<const char*>p + 2, n - 2)
+
+
+def pack_parts(parts):
+    """The packed frames of message ``parts`` (see ``_frame_py.pack_parts``)."""
+    cdef Py_ssize_t n, i, k = 0
+    cdef size_t size = OM_HEADER_SIZE, ln
+    cdef unsigned char* p
+    if type(parts) is not list or not parts or type(parts[0]) is not bytes or PyBytes_GET_SIZE(parts[0]) != OM_HEADER_SIZE:
+        return _ref.pack_parts(parts)
+    n = len(parts)
+    while k + 1 < n and k < OM_INLINE_MAX:
+        part = parts[k + 1]
+        if type(part) is not bytes:
+            return _ref.pack_parts(parts)
+        ln = <size_t>PyBytes_GET_SIZE(part)
+        if size + 4 + ln > OM_PACK_LIMIT:
+            break
+        size += 4 + ln
+        k += 1
+    head = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>size)
+    om_write_packed(<unsigned char*>PyBytes_AS_STRING(head), parts, k)
+    return [head, *parts[k + 1 :]]
+
+
+def unpack_parts(frames):
+    """The message packed ``frames`` carry (see ``_frame_py.unpack_parts``)."""
+    cdef const unsigned char* p
+    cdef size_t n, at = OM_HEADER_SIZE, ln
+    cdef int rc, i
+    if type(frames) is not list or not frames or type(frames[0]) is not bytes:
+        return _ref.unpack_parts(frames)
+    data = frames[0]
+    p = <const unsigned char*>PyBytes_AS_STRING(data)
+    n = <size_t>PyBytes_GET_SIZE(data)
+    if not om_is_packed(p, n):
+        return frames
+    rc = om_check_packed(p, n)
+    if rc:
+        code = _CODE[rc]
+        raise ProtocolError(packed_error_message(code, data), code=code)
+    head = PyBytes_FromStringAndSize(<const char*>p, OM_HEADER_SIZE)
+    om_normalize_packed(<unsigned char*>PyBytes_AS_STRING(head))
+    out = [head]
+    for i in range(p[12]):
+        ln = om_ld32(p + at)
+        out.append(PyBytes_FromStringAndSize(<const char*>p + at + 4, <Py_ssize_t>ln))
+        at += 4 + ln
+    out.extend(frames[1:])
+    return out

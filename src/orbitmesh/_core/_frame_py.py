@@ -12,6 +12,11 @@ Header layout (little-endian, 40 bytes; see docs/protocol.md):
     16 corr     u64
     24 job      u64
     32 deadline u64  (unix time in ms, 0 = none)
+
+Packed framing (protocol 2): a header frame whose version byte is 2 carries the parts after it
+inline: byte 12 says how many (the rest of 12-15 is 0), and each follows the header as a u32
+length and its bytes. ``pack_parts`` / ``unpack_parts`` convert between a message (header, parts)
+and its packed frames; unpacking gives back the protocol-1 message exactly.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from __future__ import annotations
 import struct
 
 from ..errors import ErrorCode, ProtocolError
-from ..protocol import HEADER_SIZE, KIND_MAX, MAGIC, TOKEN_SIZE, VERSION, Header
+from ..protocol import HEADER_SIZE, KIND_MAX, MAGIC, MAX_FRAMES, PACK_LIMIT, PACKED_VERSION, TOKEN_SIZE, VERSION, Header
 
 _HDR = struct.Struct("<2sBBHHIIQQQ")
 _TOKEN = struct.Struct("<II")
+_LEN = struct.Struct("<I")
+INLINE_MAX = MAX_FRAMES - 2  # parts a packed header frame may carry: all but the routing id and itself
 _U16_MAX = 0xFFFF
 _U32_MAX = 0xFFFFFFFF
 _U64_MAX = 0xFFFFFFFFFFFFFFFF
@@ -30,13 +37,17 @@ ROUTE_KEY_MAX = 1024
 
 public_api = [
     "HEADER_SIZE",
+    "INLINE_MAX",
     "ROUTE_KEY_MAX",
     "check_header",
     "header_error_message",
     "pack_header",
+    "pack_parts",
     "pack_route",
     "pack_token",
+    "packed_error_message",
     "unpack_header",
+    "unpack_parts",
     "unpack_route",
     "unpack_token",
 ]
@@ -155,3 +166,88 @@ def unpack_route(data: bytes) -> tuple[int, int, bytes]:
     if rtype in (1, 2, 3, 5) and len(data) == 2:
         raise ProtocolError("route key is empty", code=ErrorCode.BAD_ROUTE)
     return rtype, strategy, data[2:]
+
+
+# --- packed framing (protocol 2) -----------------------------------------------------------
+
+
+def pack_parts(parts: list[bytes]) -> list[bytes]:
+    """The packed frames of message ``parts`` (a 40-byte header, then its parts): the header frame
+    with as many leading parts inline as keep it within ``PACK_LIMIT`` bytes (at most
+    ``INLINE_MAX``), then the others as they are. ValueError if ``parts[0]`` is not 40 bytes."""
+    if not parts or len(parts[0]) != HEADER_SIZE:
+        raise ValueError(f"a message to pack starts with a {HEADER_SIZE}-byte header")
+    size = HEADER_SIZE
+    k = 0
+    n = len(parts)
+    while k + 1 < n and k < INLINE_MAX:
+        part = parts[k + 1]
+        grown = size + 4 + (len(part) if type(part) is bytes else memoryview(part).nbytes)
+        if grown > PACK_LIMIT:
+            break
+        size = grown
+        k += 1
+    head = bytearray(parts[0])
+    head[2] = PACKED_VERSION
+    head[12] = k
+    for part in parts[1 : k + 1]:
+        view = memoryview(part).cast("B")
+        head += _LEN.pack(len(view))
+        head += view
+    return [bytes(head), *parts[k + 1 :]]
+
+
+def packed_error_message(code: int, data: bytes) -> str:
+    """The message that goes with an ``unpack_parts`` error code for this header frame."""
+    if code == ErrorCode.BAD_HEADER:
+        return f"packed header frame is {len(data)} bytes, at least {HEADER_SIZE} expected"
+    if code == ErrorCode.BAD_HEADER_FIELD:
+        return "reserved header field (bytes 13-15) must be zero"
+    if data[12] > INLINE_MAX:
+        return f"packed header frame holds {data[12]} parts, at most {INLINE_MAX}"
+    return f"packed header frame: its {data[12]} parts do not fill its {len(data)} bytes"
+
+
+def _unpack_error(data: bytes) -> int:
+    """0 if header frame ``data`` (version byte 2) is well packed, else the ``ErrorCode``."""
+    n = len(data)
+    if n < HEADER_SIZE:
+        return ErrorCode.BAD_HEADER
+    if data[13] | data[14] | data[15]:
+        return ErrorCode.BAD_HEADER_FIELD
+    k = data[12]
+    if k > INLINE_MAX:
+        return ErrorCode.BAD_FRAMES
+    at = HEADER_SIZE
+    for _ in range(k):
+        if at + 4 > n:
+            return ErrorCode.BAD_FRAMES
+        at += 4 + _LEN.unpack_from(data, at)[0]
+    return 0 if at == n else ErrorCode.BAD_FRAMES
+
+
+def unpack_parts(frames: list[bytes]) -> list[bytes]:
+    """The message packed ``frames`` carry: its header (version 1, byte 12 zero) and parts.
+    Frames whose first is not a packed header frame (``"OM"``, version byte 2) come back as they
+    are; a packed one whose parts do not add up raises ``ProtocolError`` (BAD_HEADER,
+    BAD_HEADER_FIELD or BAD_FRAMES)."""
+    if not frames:
+        return frames
+    data = frames[0]
+    if len(data) < 3 or data[0] != 0x4F or data[1] != 0x4D or data[2] != PACKED_VERSION:
+        return frames
+    data = bytes(data)
+    code = _unpack_error(data)
+    if code:
+        raise ProtocolError(packed_error_message(code, data), code=code)
+    head = bytearray(data[:HEADER_SIZE])
+    head[2] = VERSION
+    head[12] = 0
+    out = [bytes(head)]
+    at = HEADER_SIZE
+    for _ in range(data[12]):
+        (size,) = _LEN.unpack_from(data, at)
+        out.append(data[at + 4 : at + 4 + size])
+        at += 4 + size
+    out.extend(frames[1:])
+    return out

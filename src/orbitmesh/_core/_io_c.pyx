@@ -6,11 +6,24 @@ Python layer per frame; these call libzmq (pyzmq's own, see _libzmq.pyx) once pe
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport uint32_t
 from libc.string cimport memcpy
 
+from orbitmesh._core._frame_c cimport (
+    OM_HEADER_SIZE,
+    OM_INLINE_MAX,
+    OM_PACK_LIMIT,
+    OM_PACKED_VERSION,
+    om_check_packed,
+    om_is_packed,
+    om_ld32,
+    om_normalize_packed,
+    om_write_packed,
+)
 from orbitmesh._core._libzmq cimport raise_zmq_error, socket_handle, zmq_api
 from orbitmesh._core._zmqabi cimport EAGAIN, EINTR, ZMQ_DONTWAIT, ZMQ_SNDMORE, ZmqApi, zmq_msg_t
 
+from orbitmesh._core._frame_c import pack_parts
 from orbitmesh._core._io_py import BATCH_BYTES
 
 public_api = ["BATCH_BYTES", "recv_batch", "send_parts"]
@@ -18,36 +31,78 @@ public_api = ["BATCH_BYTES", "recv_batch", "send_parts"]
 cdef size_t _BATCH_BYTES = BATCH_BYTES
 
 
-cdef int _send_one(ZmqApi* z, void* h, const char* data, size_t size, int flags) noexcept:
-    """0, or the errno; the part is consumed either way."""
-    cdef zmq_msg_t m
+cdef int _send_msg(ZmqApi* z, void* h, zmq_msg_t* m, int flags) noexcept:
+    """Send ``m``; 0, or the errno (then ``m`` is closed)."""
     cdef int err
-    if z.zmq_msg_init_size(&m, size) != 0:
-        return z.zmq_errno()
-    if size:
-        memcpy(z.zmq_msg_data(&m), data, size)
-    while z.zmq_msg_send(&m, h, flags) < 0:
+    while z.zmq_msg_send(m, h, flags) < 0:
         err = z.zmq_errno()
         if err != EINTR:
-            z.zmq_msg_close(&m)
+            z.zmq_msg_close(m)
             return err
     return 0
 
 
-def send_parts(sock, parts):
-    """Send bytes-like ``parts`` as one message without blocking, copying them.
+cdef int _send_one(ZmqApi* z, void* h, const char* data, size_t size, int flags) noexcept:
+    """0, or the errno; the part is consumed either way."""
+    cdef zmq_msg_t m
+    if z.zmq_msg_init_size(&m, size) != 0:
+        return z.zmq_errno()
+    if size:
+        memcpy(z.zmq_msg_data(&m), data, size)
+    return _send_msg(z, h, &m, flags)
+
+
+cdef int _send_packed(ZmqApi* z, void* h, list parts, Py_ssize_t k, size_t size, int flags) noexcept:
+    """Send the header frame of ``parts`` with parts 1..k inline (``size`` bytes in all); 0 or the errno."""
+    cdef zmq_msg_t m
+    if z.zmq_msg_init_size(&m, size) != 0:
+        return z.zmq_errno()
+    om_write_packed(<unsigned char*>z.zmq_msg_data(&m), parts, k)
+    return _send_msg(z, h, &m, flags)
+
+
+def send_parts(sock, parts, bint packed=False):
+    """Send bytes-like ``parts`` as one message without blocking, copying them; ``packed``: in
+    packed framing (protocol 2, see ``_frame_py.pack_parts``), ``parts[0]`` being its header.
 
     Returns False (nothing sent) if the socket cannot take it now; raises
     zmq.ZMQError for anything else.
     """
     cdef void* h = socket_handle(sock)
     cdef ZmqApi* z = zmq_api()
-    cdef Py_ssize_t i, n = len(parts)
+    cdef Py_ssize_t i, n = len(parts), first = 0, k = 0
+    cdef size_t size = OM_HEADER_SIZE
     cdef int flags, err
+    cdef bint general
     cdef Py_buffer view
     if n == 0:
         raise ValueError("a message needs at least one part")
-    for i in range(n):
+    if packed:
+        if type(parts) is not list or type(parts[0]) is not bytes or PyBytes_GET_SIZE(parts[0]) != OM_HEADER_SIZE:
+            parts = pack_parts(list(parts))  # the general case (and its ValueError)
+            n = len(parts)
+        else:
+            general = False
+            while k + 1 < n and k < OM_INLINE_MAX:
+                part = parts[k + 1]
+                if type(part) is not bytes:
+                    general = True  # a buffer: the reference decides whether it goes inline
+                    break
+                if size + 4 + <size_t>PyBytes_GET_SIZE(part) > OM_PACK_LIMIT:
+                    break
+                size += 4 + <size_t>PyBytes_GET_SIZE(part)
+                k += 1
+            if general:
+                parts = pack_parts(list(parts))  # a buffer that fits inline: as the reference packs it
+                n = len(parts)
+            else:
+                err = _send_packed(z, h, parts, k, size, ZMQ_DONTWAIT | (ZMQ_SNDMORE if k + 1 < n else 0))
+                if err:
+                    if err == EAGAIN:
+                        return False
+                    raise_zmq_error(err)
+                first = k + 1
+    for i in range(first, n):
         part = parts[i]
         flags = ZMQ_DONTWAIT | (ZMQ_SNDMORE if i + 1 < n else 0)
         if PyBytes_CheckExact(part):
@@ -60,22 +115,40 @@ def send_parts(sock, parts):
                 PyBuffer_Release(&view)
         if err:
             # libzmq queues a multipart message whole or refuses its first part.
-            if err == EAGAIN and i == 0:
+            if err == EAGAIN and i == first == 0:
                 return False
             raise_zmq_error(err)
     return True
 
 
+cdef list _unpacked(const unsigned char* p, size_t n):
+    """The header and inline parts of a packed header frame that adds up, else None."""
+    cdef size_t at = OM_HEADER_SIZE, ln
+    cdef int i
+    if om_check_packed(p, n):
+        return None
+    head = PyBytes_FromStringAndSize(<const char*>p, OM_HEADER_SIZE)
+    om_normalize_packed(<unsigned char*>PyBytes_AS_STRING(head))
+    cdef list out = [head]
+    for i in range(p[12]):
+        ln = om_ld32(p + at)
+        out.append(PyBytes_FromStringAndSize(<const char*>p + at + 4, <Py_ssize_t>ln))
+        at += 4 + ln
+    return out
+
+
 def recv_batch(sock, int limit):
     """Up to ``limit`` whole messages waiting on ``sock``, each a list of bytes; [] if none;
-    a batch also ends once it holds ``BATCH_BYTES`` (see ``_io_py``)."""
+    a batch also ends once it holds ``BATCH_BYTES`` (see ``_io_py``). A message in packed
+    framing comes back unpacked; one whose packing does not add up, as it came."""
     cdef void* h = socket_handle(sock)
     cdef ZmqApi* z = zmq_api()
     cdef zmq_msg_t m
     cdef int err, more, got = 0
-    cdef size_t size = 0
+    cdef size_t size = 0, ln
+    cdef const unsigned char* data
     cdef list out = []
-    cdef list msg
+    cdef list msg, parts
     while got < limit and size < _BATCH_BYTES:
         msg = []
         more = 1
@@ -89,8 +162,16 @@ def recv_batch(sock, int limit):
                 if err == EAGAIN and not msg:
                     return out
                 raise_zmq_error(err)
-            msg.append(PyBytes_FromStringAndSize(<const char*>z.zmq_msg_data(&m), z.zmq_msg_size(&m)))
-            size += z.zmq_msg_size(&m)
+            data = <const unsigned char*>z.zmq_msg_data(&m)
+            ln = z.zmq_msg_size(&m)
+            parts = None
+            if not msg and om_is_packed(data, ln):
+                parts = _unpacked(data, ln)
+            if parts is None:
+                msg.append(PyBytes_FromStringAndSize(<const char*>data, ln))
+            else:
+                msg = parts
+            size += ln
             more = z.zmq_msg_more(&m)
             z.zmq_msg_close(&m)
         out.append(msg)

@@ -10,19 +10,25 @@ from typing import Any
 
 import zmq
 
+from ..errors import ProtocolError
+from ._frame_py import pack_parts, unpack_parts
+
 public_api = ["BATCH_BYTES", "recv_batch", "send_parts"]
 
 BATCH_BYTES = 1 << 20  # a receive batch ends once it holds this many bytes
 
 
-def send_parts(sock: zmq.Socket[Any], parts: Sequence[Any]) -> bool:
-    """Send bytes-like ``parts`` as one message without blocking, copying them.
+def send_parts(sock: zmq.Socket[Any], parts: Sequence[Any], packed: bool = False) -> bool:
+    """Send bytes-like ``parts`` as one message without blocking, copying them; ``packed``: in
+    packed framing (protocol 2, see ``_frame_py.pack_parts``), ``parts[0]`` being its header.
 
     Returns False (nothing sent) if the socket cannot take it now; raises
     zmq.ZMQError for anything else.
     """
     if not parts:
         raise ValueError("a message needs at least one part")
+    if packed:
+        parts = pack_parts(list(parts))
     try:
         sock.send_multipart(parts, zmq.NOBLOCK)
     except zmq.Again:
@@ -31,7 +37,8 @@ def send_parts(sock: zmq.Socket[Any], parts: Sequence[Any]) -> bool:
 
 
 def recv_batch(sock: zmq.Socket[Any], limit: int) -> list[list[bytes]]:
-    """Up to ``limit`` whole messages waiting on ``sock``, each a list of bytes; [] if none.
+    """Up to ``limit`` whole messages waiting on ``sock``, each a list of bytes; [] if none. A
+    message in packed framing comes back unpacked; one whose packing does not add up, as it came.
 
     A batch also ends once it holds ``BATCH_BYTES``: hundreds of large frames alive at once
     make glibc hand their memory back to the system and fault it in again for the next batch
@@ -45,8 +52,12 @@ def recv_batch(sock: zmq.Socket[Any], limit: int) -> list[list[bytes]]:
             msg = recv(zmq.NOBLOCK)
         except zmq.Again:
             break
-        out.append(msg)
         size += sum(len(f) for f in msg)
+        try:
+            msg = unpack_parts(msg)
+        except ProtocolError:
+            pass  # the header check above this layer refuses it
+        out.append(msg)
         if size >= BATCH_BYTES:
             break
     return out
