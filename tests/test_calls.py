@@ -156,6 +156,64 @@ def test_execute_tracks_the_job(arun, ctx, core_impl):
     arun(main())
 
 
+def test_a_stream_left_early_cancels_its_handler(arun, ctx, core_impl):
+    """Without aclose(): a ``break`` out of the loop, the consumer's task cancelled, and
+    leaving ``async with`` each cancel the handler on the agent."""
+    closed: list[str] = []
+
+    def setup(agent):
+        @agent.handler
+        async def ticks(tag):
+            try:
+                while True:
+                    yield tag
+                    await asyncio.sleep(0.01)
+            finally:
+                closed.append(tag)
+
+    async def until_closed(tag: str) -> None:
+        for _ in range(200):
+            if tag in closed:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"the handler of stream {tag!r} ran on after its consumer left")
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("tcp"), setup=setup) as (_, agents, client):
+            # When the consumer breaks out of the loop and drops the stream
+            async for _ in client.stream("agent-0", "ticks", ["break"]):
+                break
+            await until_closed("break")
+
+            # When the task consuming a stream is cancelled
+            started = asyncio.Event()
+
+            async def consume() -> None:
+                async for _ in client.stream("agent-0", "ticks", ["task"]):
+                    started.set()
+
+            task = asyncio.ensure_future(consume())
+            await asyncio.wait_for(started.wait(), 5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await until_closed("task")
+
+            # When a stream is read in ``async with`` and left early
+            async with client.stream("agent-0", "ticks", ["with"]) as items:
+                async for _ in items:
+                    break
+            await until_closed("with")
+            # Expect nothing left running on the agent
+            for _ in range(200):
+                if not agents[0]._running:
+                    break
+                await asyncio.sleep(0.01)
+            assert not agents[0]._running, agents[0]._running
+
+    arun(main())
+
+
 def test_stream_back_pressure_and_cancel(arun, ctx, core_impl):
     produced = []
     closed = asyncio.Event()
@@ -281,7 +339,11 @@ def test_execute_on_all_reports_each_agent(arun, ctx, core_impl):
                 raise RuntimeError("agent-1 fails")
             return agent.name
 
-    agents = [{"groups": ["g"]}, {"groups": ["g"]}, {"groups": ["g", "h"]}]
+    agents = [
+        {"groups": ["g"], "capabilities": ["gpu"]},
+        {"groups": ["g"], "capabilities": ["gpu"]},
+        {"groups": ["g", "h"], "capabilities": ["cpu"]},
+    ]
 
     async def main():
         async with mesh(ctx, core_impl, endpoint_for("inproc"), agents, setup=setup) as (_, _, client):
@@ -291,6 +353,12 @@ def test_execute_on_all_reports_each_agent(arun, ctx, core_impl):
             assert not out["agent-1"].ok and "agent-1 fails" in str(out["agent-1"].error)
             only_h = await client.execute_on_all("name_or_fail", group="h")
             assert list(only_h) == ["agent-2"]
+            # By capability: each agent that has it, its result or its error
+            gpu = await client.execute_on_all("name_or_fail", capability="gpu")
+            assert sorted(gpu) == ["agent-0", "agent-1"]
+            assert gpu["agent-0"].value == "agent-0" and not gpu["agent-1"].ok
+            cpu = await client.execute_on_all("name_or_fail", capability="cpu")
+            assert list(cpu) == ["agent-2"] and cpu["agent-2"].value == "agent-2"
 
     arun(main())
 

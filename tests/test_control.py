@@ -17,7 +17,9 @@ import zmq
 
 import orbitmesh as om
 from orbitmesh import ErrorCode
+from orbitmesh._wire import header
 from orbitmesh.middleware import Call
+from orbitmesh.protocol import Kind
 from orbitmesh.runtime import new_event_loop
 
 from .conftest import endpoint_for
@@ -628,3 +630,38 @@ def test_handler_registration_errors():
     with pytest.raises(ValueError):
         agent.add_handler("bad\0name", lambda: None)
     assert sorted(agent.commands) == ["names", "put", "solo", "stock"]
+
+
+def test_a_silent_agent_is_suspect_then_lost(arun, ctx, core_impl):
+    """An agent that stops sending heartbeats: suspect after 2 intervals (an ``agent_state``
+    event), lost after ``liveness`` intervals (``agent_lost``)."""
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("tcp"), 0, setup=no_handlers) as (broker, _, client):
+            events = await client.subscribe(["agent"])
+            # Given an agent that registers and then says nothing at all
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(broker.endpoints[0])
+            try:
+                body = {"role": "agent", "name": "mute", "capacity": 1, "capabilities": ["gpu"], "commands": ["x"]}
+                sock.send_multipart([header(Kind.HELLO, aux=2, corr=1), b"", msgpack.packb(body)])
+                seen: list[tuple[str, str]] = []
+                loop = asyncio.get_running_loop()
+                end = loop.time() + 5
+                while ("agent_lost", "") not in seen:
+                    assert loop.time() < end, f"no agent_lost within 5 s; saw {seen}"
+                    ev = await asyncio.wait_for(events.__anext__(), end - loop.time())
+                    if ev.data.get("name") == "mute":
+                        seen.append((ev.type, str(ev.data.get("state", "")) if ev.type == "agent_state" else ""))
+                        if seen[-1] == ("agent_state", "suspect"):
+                            # Expect the registry to say so while it lasts
+                            states = {a.name: a.state for a in await client.agents()}
+                            assert states.get("mute") in ("suspect", None), states
+                # Expect joined, then suspect, then lost, in that order
+                assert seen[0] == ("agent_joined", "")
+                assert seen.index(("agent_state", "suspect")) < seen.index(("agent_lost", ""))
+            finally:
+                sock.close(0)
+
+    arun(main())

@@ -213,3 +213,14 @@ def test_io_twins_send_and_receive_whole_messages_in_byte_bounded_batches(impl: 
         a.close(0)
         b.close(0)
         ctx.term()
+
+
+def test_protocol_doc_lists_every_error_code_and_kind() -> None:
+    """docs/protocol.md is the reference: every ErrorCode and message kind has its row."""
+    from orbitmesh.errors import ErrorCode
+    from orbitmesh.protocol import Kind
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    missing = [c.name for c in ErrorCode if f"| {int(c)} | {c.name} |" not in doc]
+    missing += [k.name for k in Kind if f"| {int(k)} | {k.name} |" not in doc]
+    assert not missing, f"docs/protocol.md has no row for {missing}"

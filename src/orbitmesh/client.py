@@ -279,8 +279,10 @@ class Job:
 class Stream(AsyncIterator[Any]):
     """Items from a streaming handler, with credit-based back-pressure.
 
-    Iterate with ``async for``; leaving the loop early (or ``aclose()``)
-    cancels the handler on the agent.
+    Iterate with ``async for``. The handler on the agent is cancelled when the stream ends
+    early: by ``aclose()``, on leaving ``async with client.stream(...) as items``, when the
+    task consuming it is cancelled, and when a stream left unfinished is dropped (CPython
+    frees it as its last reference goes: ``break`` out of ``async for client.stream(...)``).
     """
 
     def __init__(
@@ -308,6 +310,24 @@ class Stream(AsyncIterator[Any]):
     def __aiter__(self) -> Stream:
         return self
 
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        # Dropped unfinished (a ``break`` out of the loop): the handler must not run on for
+        # nobody. The loop's thread sends the CANCEL (garbage may be collected anywhere).
+        p = self._p
+        if not self._done and p is not None and not p.fut.done():
+            loop = self._client._loop
+            if loop is not None and not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(self._client._cancel_stream, self._corr, p)
+                except RuntimeError:
+                    pass  # the loop closed meanwhile: the connection is gone with it
+
     async def __anext__(self) -> Any:
         if self._done:
             raise StopAsyncIteration
@@ -326,6 +346,9 @@ class Stream(AsyncIterator[Any]):
             except _NotYet:
                 await self.aclose()
                 raise TimeoutError(f"stream {self._command!r}: no item within {self._timeout} s") from None
+            except asyncio.CancelledError:
+                await self.aclose()  # the consumer was cancelled: so is the handler
+                raise
             finally:
                 p.waiter = None
         if p.items:
@@ -349,10 +372,7 @@ class Stream(AsyncIterator[Any]):
             return
         self._done = True
         if self._p is not None:
-            if not self._p.fut.done():
-                self._client._send_cancel(self._corr, self._p)
-                self._p.fut.cancel()
-            self._client._pending.pop(self._corr, None)
+            self._client._cancel_stream(self._corr, self._p)
 
 
 class MeshClient:
@@ -744,6 +764,13 @@ class MeshClient:
     def _send_credit(self, corr: int, p: _Pending, n: int) -> None:
         if self._conn is not None and self._conn.ready and p.token:
             self._conn.send([header(Kind.CREDIT, aux=n, corr=corr), p.token])
+
+    def _cancel_stream(self, corr: int, p: _Pending) -> None:
+        """End a stream the consumer left: CANCEL to its handler, and forget it."""
+        if not p.fut.done():
+            self._send_cancel(corr, p)
+            p.fut.cancel()
+        self._pending.pop(corr, None)
 
     def _send_cancel(self, corr: int, p: _Pending) -> None:
         if self._conn is not None and self._conn.ready:
