@@ -665,3 +665,143 @@ def test_a_silent_agent_is_suspect_then_lost(arun, ctx, core_impl):
                 sock.close(0)
 
     arun(main())
+
+
+def test_agents_report_their_load_in_heartbeats(arun, ctx, core_impl):
+    """The agent's heartbeat carries how many handlers it runs; the registry shows it (``running``)
+    next to the broker's own count of requests out with it (``inflight``)."""
+    release = asyncio.Event()
+
+    def setup(agent):
+        @agent.handler
+        async def hold():
+            await release.wait()
+            return "done"
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("tcp"), setup=setup) as (_, _, client):
+            calls = [asyncio.ensure_future(client.invoke("agent-0", "hold")) for _ in range(3)]
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 5
+            info = (await client.agents())[0]
+            while info.running != 3:
+                assert loop.time() < end, f"the agent's heartbeats never reported 3 running: {info}"
+                await asyncio.sleep(0.05)
+                info = (await client.agents())[0]
+            assert info.inflight == 3
+            release.set()
+            assert await asyncio.gather(*calls) == ["done"] * 3
+            while info.running:
+                assert loop.time() < end + 5, f"the report never fell back to 0: {info}"
+                await asyncio.sleep(0.05)
+                info = (await client.agents())[0]
+
+    arun(main())
+
+
+def test_defaults_heartbeat_1s_liveness_5_and_capped_jittered_backoff(arun, ctx):
+    """Heartbeats are on by default, every second, with a liveness of 5, and a peer that lost
+    its broker retries with exponential backoff, jittered (half to all of each step), capped."""
+    broker = om.Broker("tcp://127.0.0.1:0", context=ctx)
+    assert (broker.heartbeat_ms, broker.liveness) == (1000, 5)
+
+    async def main():
+        await broker.start()
+        client = om.MeshClient(broker.endpoints[0], context=ctx)
+        try:
+            await client.connect()
+            conn = client._conn
+            assert conn is not None and (conn.heartbeat_ms, conn.liveness) == (1000, 5)  # as WELCOME said
+            conn._reconnect_initial, conn._reconnect_max = 0.05, 2.0
+            for attempt, top in [(0, 0.05), (1, 0.1), (3, 0.4), (5, 1.6), (6, 2.0), (40, 2.0)]:
+                conn._attempt = attempt
+                waits = [conn._backoff() for _ in range(200)]
+                assert all(top / 2 <= w <= top for w in waits), (attempt, min(waits), max(waits))
+                assert max(waits) - min(waits) > top / 4  # jittered, not one fixed step
+        finally:
+            await client.close()
+            await broker.stop()
+
+    arun(main())
+
+
+class _MarkedJson:
+    """A serializer plugin: JSON with its keys sorted and a marker, so its bytes are its own."""
+
+    id = 7
+    name = "marked-json"
+
+    def dumps(self, obj: Any) -> bytes:
+        import json
+
+        return b"MJ" + json.dumps(obj, sort_keys=True).encode()
+
+    def loads(self, data: bytes) -> Any:
+        import json
+
+        if not data.startswith(b"MJ"):
+            raise om.SerializationError("not marked-json")
+        return json.loads(data[2:])
+
+
+def test_serializer_plugin_on_both_sides(arun, ctx, core_impl):
+    """A plugin registered on client and agent carries params and results (its id travels in
+    the header); an agent without it answers a clear error, not a crash."""
+    seen: list[Any] = []
+
+    def setup(agent):
+        @agent.handler
+        async def mirror(value):
+            seen.append(value)
+            return {"got": value}
+
+    plugin = _MarkedJson()
+    agents = [{"name": "agent-0", "serializers": [plugin]}, {"name": "plain"}]
+
+    async def main():
+        kw = {"serializers": [plugin]}
+        async with mesh(ctx, core_impl, endpoint_for("tcp"), agents, setup=setup, client_kw=kw) as (_, _, client):
+            out = await client.invoke("agent-0", "mirror", {"value": [1, "two"]}, serializer="marked-json")
+            assert out == {"got": [1, "two"]} and seen == [[1, "two"]]
+            with pytest.raises(om.OrbitMeshError) as err:
+                await client.invoke("plain", "mirror", {"value": 1}, serializer="marked-json", timeout=5)
+            assert "serializer" in str(err.value).lower(), err.value
+
+    arun(main())
+
+
+def test_stream_items_and_raw_calls_have_timeouts(arun, ctx, core_impl):
+    """Every call has a timeout: a stream's wait for its next item, and send_raw."""
+    closed = asyncio.Event()
+
+    def setup(agent):
+        @agent.handler
+        async def one_then_stall():
+            try:
+                yield 1
+                await asyncio.sleep(30)
+                yield 2
+            finally:
+                closed.set()
+
+        @agent.raw_handler
+        async def slow(frames: list[bytes]) -> bytes:
+            await asyncio.sleep(30)
+            return b""
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("tcp"), setup=setup) as (_, _, client):
+            loop = asyncio.get_running_loop()
+            items = []
+            t = loop.time()
+            with pytest.raises(om.TimeoutError):
+                async for item in client.stream("agent-0", "one_then_stall", timeout=0.3):
+                    items.append(item)
+            assert items == [1] and loop.time() - t < 3
+            await asyncio.wait_for(closed.wait(), 3)  # the stalled handler was cancelled
+            t = loop.time()
+            with pytest.raises(om.TimeoutError):
+                await client.send_raw("agent-0", b"payload", timeout=0.3)
+            assert loop.time() - t < 3
+
+    arun(main())

@@ -822,7 +822,7 @@ def test_cancel_by_corr_picks_queued_request_in_queue_order() -> None:
 def test_load_report_lists_agents_in_registration_order() -> None:
     """EV_LOAD after an agent left and another joined: py lists agents in the order they
     registered (its registry is an insertion-ordered dict)."""
-    orders: dict[str, list[tuple[str, int, int]]] = {}
+    orders: dict[str, list[tuple[str, int, int, int]]] = {}
     for impl in ("c", "py"):
         rig = Rig(impl, 0, heartbeat_ms=300)
         try:
@@ -830,6 +830,7 @@ def test_load_report_lists_agents_in_registration_order() -> None:
                 register(rig, a, capacity=2)
             control_step(rig, [OP_UNREG, rig.rid["agent-0"]])
             register(rig, "agent-3", capacity=3)
+            rig.send("agent-2", [hdr(Kind.HEARTBEAT, aux=5), b""])  # its own load: 5 running
             rig.collect(None)
             got = rig.collect("control", lambda f: f[0][0] == EV_LOAD and bool(f[1]))
             assert "!" not in got, got
@@ -838,13 +839,14 @@ def test_load_report_lists_agents_in_registration_order() -> None:
             i = 0
             while i < len(blob):
                 n = blob[i]
-                inflight, capacity = struct.unpack_from("<II", blob, i + 1 + n)
-                order.append((rig.label.get(blob[i + 1 : i + 1 + n], "?"), inflight, capacity))
-                i += 1 + n + 8
+                inflight, capacity, running = struct.unpack_from("<III", blob, i + 1 + n)
+                order.append((rig.label.get(blob[i + 1 : i + 1 + n], "?"), inflight, capacity, running))
+                i += 1 + n + 12
             orders[impl] = order
         finally:
             rig.close()
     assert orders["c"] == orders["py"]
+    assert [(a, r) for a, _, _, r in orders["py"]] == [("agent-1", 0), ("agent-2", 5), ("agent-3", 0)]
 
 
 OP_BATCH = bytes([7])

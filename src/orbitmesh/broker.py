@@ -39,7 +39,7 @@ from .storage import JobRecord, JobStore, check_durability, open_store
 log = logging.getLogger("orbitmesh.broker")
 
 _META = struct.Struct("<BIIB")  # OP_REG meta: role, capacity, ACL flags, session protocol
-_LOAD = struct.Struct("<II")
+_LOAD = struct.Struct("<III")  # EV_LOAD record after the routing id: inflight, capacity, running
 _NAME_MAX = 200
 _LIST_MAX = 256
 _STATE_NAMES = {0: "alive", 1: "suspect"}
@@ -61,6 +61,7 @@ class _Agent:
     info: AgentInfo
     state: str = "alive"
     inflight: int = 0
+    running: int = 0  # its heartbeat's load
     joined: float = field(default_factory=time.time)
     instance: str = ""  # the agent process's own id (HELLO "instance"): its reconnects may replace it
 
@@ -68,6 +69,7 @@ class _Agent:
         d = self.info.to_dict()
         d["state"] = self.state
         d["inflight"] = self.inflight
+        d["running"] = self.running
         return d
 
 
@@ -518,11 +520,12 @@ class Broker:
         while i < n:
             ln = blob[i]
             rid = blob[i + 1 : i + 1 + ln]
-            inflight, _ = _LOAD.unpack_from(blob, i + 1 + ln)
+            inflight, _, running = _LOAD.unpack_from(blob, i + 1 + ln)
             i += 1 + ln + _LOAD.size
             agent = self._agents.get(rid)
             if agent is not None:
                 agent.inflight = inflight
+                agent.running = running
         if self.security is not None and self._sessions:
             self._sweep_sessions()
         if counters:

@@ -17,9 +17,11 @@ class AgentInfo:
     labels: dict[str, str] = field(default_factory=dict)
     commands: tuple[str, ...] = ()
     capacity: int = 0
-    inflight: int = 0
+    inflight: int = 0  # requests the broker has out with it
     state: str = "alive"  # alive | suspect | draining
     session: int = 0
+    running: int = 0  # what the agent last reported running (its heartbeat's load): its own count,
+    # which also holds work the broker does not track, e.g. jobs it kept on across a broker restart
 
     @property
     def load(self) -> float:
@@ -38,6 +40,7 @@ class AgentInfo:
             inflight=int(d.get("inflight", 0)),
             state=str(d.get("state", "alive")),
             session=int(d.get("session", 0)),
+            running=int(d.get("running", 0)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -51,6 +54,7 @@ class AgentInfo:
             "inflight": self.inflight,
             "state": self.state,
             "session": self.session,
+            "running": self.running,
         }
 
 

@@ -184,6 +184,7 @@ cdef struct Peer:
     int64_t last_seen   # monotonic ms of its last message
     uint32_t pending    # its own untracked requests in flight or queued (as a client)
     uint32_t acl        # ACL_* flags from the control plane
+    uint32_t running    # what its last HEARTBEAT reported running (aux)
     uint64_t last_corr  # corr of its last REQUEST / RAW: each must be greater
     cbool packed        # its session speaks protocol 2: what is sent to it is packed
     double tokens       # rate-limit bucket
@@ -761,6 +762,7 @@ cdef class DataPlane:
             p.pending = 0
             p.last_corr = 0
         p.acl = acl
+        p.running = 0
         p.packed = self._size(&self._in[2]) >= 10 and meta[9] >= OM_PACKED_VERSION
         p.rid = rid
         p.name = self._str(&self._in[3])
@@ -947,6 +949,7 @@ cdef class DataPlane:
             state = ST_ALIVE
             self._up_small(EV_STATE, rid, &state, 1, 2)
         if kind == K_HEARTBEAT:
+            p.running = om_hdr_aux(hdr)  # the agent's own load
             return
         cdef const unsigned char* route
         if kind == K_REQUEST or kind == K_RAW:
@@ -1422,7 +1425,7 @@ cdef class DataPlane:
         cdef int64_t suspect_after = 2 * self._hb, lost_after = self._liveness * self._hb, silent
         cdef size_t slot
         cdef string load, rid
-        cdef unsigned char rec[8]
+        cdef unsigned char rec[12]
         cdef char state, ev
         cdef Peer* p
         cdef vector[uint32_t] order = self._peer_order  # a copy: lost peers leave it as we go
@@ -1453,7 +1456,8 @@ cdef class DataPlane:
                 rec[5] = (p.capacity >> 8) & 0xFF
                 rec[6] = (p.capacity >> 16) & 0xFF
                 rec[7] = (p.capacity >> 24) & 0xFF
-                load.append(<const char*>rec, 8)
+                om_st32(rec + 8, p.running)
+                load.append(<const char*>rec, 12)
             if self._out_begin(p.rid, p.packed) == 0:
                 self._out(<const char*>hb, OM_HEADER_SIZE, NULL, False)
                 self._out(NULL, 0, NULL, True)

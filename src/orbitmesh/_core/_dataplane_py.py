@@ -30,7 +30,8 @@ data plane -> control
     EV_JOB      [ev, agent_rid, hdr, ...]     a tracked job's progress / answer (never sent to a client)
     EV_DISPATCHED (4) reserved: no longer sent (the control plane marks a job dispatched itself)
     EV_STATE    [ev, rid, state]              an agent's liveness state changed
-    EV_LOAD     [ev, (rid_len u8, rid, inflight u32, capacity u32)*, counters]  every heartbeat
+    EV_LOAD     [ev, (rid_len u8, rid, inflight u32, capacity u32, running u32)*, counters]  every
+                heartbeat; running = the agent's own count, from its last HEARTBEAT's aux
     EV_STOPPED  [ev, counters]                the loop ended; counters as <Q*N>
     EV_HELLO    [ev, user_id, rid, hdr, ...]  a HELLO, with its connection's ZAP User-Id (or empty)
 """
@@ -108,7 +109,7 @@ ACL_CHECKED = 0x2
 
 _META = struct.Struct("<BIIB")
 _HDR_ERR = struct.Struct("<2sBBHHIIQQQ")
-_LOAD = struct.Struct("<II")
+_LOAD = struct.Struct("<III")
 _Q = struct.Struct("<Q")
 _AUX = struct.Struct("<I")
 _TOKEN = struct.Struct("<II")
@@ -162,12 +163,14 @@ class _Peer:
         "refill",
         "rid",
         "role",
+        "running",
         "state",
         "tokens",
     )
 
     def __init__(self, rid: bytes, role: int, capacity: int, name: bytes, now: int) -> None:
         self.acl = 0  # ACL_* flags from the control plane
+        self.running = 0  # what its last HEARTBEAT reported running (aux)
         self.packed = False  # its session speaks protocol 2: what is sent to it is packed
         self.last_corr = 0  # the corr of its last REQUEST / RAW: each must be greater
         self.rid = rid
@@ -508,6 +511,7 @@ class DataPlane:
             peer.state = STATE_ALIVE
             self._up([EV_STATE, rid, bytes([STATE_ALIVE])])
         if kind == Kind.HEARTBEAT:
+            peer.running = _AUX.unpack_from(hdr, 8)[0]  # the agent's own load
             return
         if kind == Kind.REQUEST or kind == Kind.RAW:
             if n < (4 if kind == Kind.REQUEST else 3):
@@ -833,6 +837,6 @@ class DataPlane:
                 if silent > suspect_after and peer.state == STATE_ALIVE:
                     peer.state = STATE_SUSPECT
                     self._up([EV_STATE, rid, bytes([STATE_SUSPECT])])
-                load.append(bytes([len(rid)]) + rid + _LOAD.pack(peer.inflight, peer.capacity))
+                load.append(bytes([len(rid)]) + rid + _LOAD.pack(peer.inflight, peer.capacity, peer.running))
             self._send(rid, [hb, b""])
         self._up([EV_LOAD, b"".join(load), b"".join(_Q.pack(c) for c in self._counters)])
