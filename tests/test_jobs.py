@@ -282,6 +282,56 @@ def test_broker_restart_recovers_jobs(arun, ctx, core_impl, tmp_path):
     arun(main(), timeout=60)
 
 
+def test_a_recovered_job_waits_for_its_agent_then_moves_on(arun, ctx, core_impl, tmp_path):
+    """After a restart a job goes back to the agent its record names (it may hold the job), and
+    only after ``job_recovery_wait`` without that agent does another matching agent take it."""
+    counts: dict[str, int] = {}
+    store = f"lmdb://{tmp_path}/jobs"
+    with pytest.raises(ValueError, match="job_recovery_wait"):
+        om.Broker("tcp://127.0.0.1:0", job_recovery_wait=-1)
+
+    async def main():
+        first = om.Broker("tcp://127.0.0.1:0", core=core_impl, context=ctx, store=store, **FAST)
+        await first.start()
+        endpoint = first.endpoints[0]
+        agents = {}
+        for name in ("gpu-a", "gpu-b"):
+            agents[name] = om.Agent(name, endpoint, context=ctx, capabilities=["gpu"])
+            job_handlers(counts)(agents[name])
+            await agents[name].start()
+        client = om.MeshClient(endpoint, context=ctx, timeout=10)
+        await client.connect()
+        second = None
+        try:
+            # Given a selector job running on one of two matching agents
+            job = await client.execute(om.Select(capability="gpu"), "sleep", [1.0])
+            deadline = time.monotonic() + 5
+            while (info := await client.get_job(job.id)).agent == "" or info.state == JobState.PENDING:
+                assert time.monotonic() < deadline, info
+                await asyncio.sleep(0.02)
+            holder = info.agent
+            other = "gpu-b" if holder == "gpu-a" else "gpu-a"
+            # When the broker restarts and the agent that held the job never comes back
+            await first.stop()
+            await agents.pop(holder).stop(drain_timeout=0)
+            second = om.Broker(endpoint, core=core_impl, context=ctx, store=store, job_recovery_wait=1.0, **FAST)
+            t0 = time.monotonic()
+            await second.start()
+            # Expect the job to wait for its agent a full recovery window, then run on the other
+            done = await client.wait(job.id, timeout=20)
+            waited = time.monotonic() - t0
+            assert done.state == JobState.SUCCEEDED and client.job_result(done) == other, done
+            assert waited >= 1.0 + 1.0 - 0.3, waited  # the wait, then the 1 s handler on the other agent
+        finally:
+            await client.close()
+            for agent in agents.values():
+                await agent.stop(drain_timeout=0)
+            if second is not None:
+                await second.stop()
+
+    arun(main(), timeout=60)
+
+
 def test_list_jobs_filters_and_pages(arun, ctx, core_impl):
     counts: dict[str, int] = {}
 

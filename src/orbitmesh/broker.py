@@ -156,8 +156,11 @@ class Broker:
     "none") applies to a store given as a URL. A delivery holds a lease of
     ``job_lease`` seconds (default: the agent liveness window), extended by the
     agent's progress; ``dispatch_window`` is how long a job waits for an agent
-    that can take it; terminal jobs are compacted after ``retention_age``
-    seconds or beyond the newest ``retention_count``. At most ``max_live_jobs``
+    that can take it. After a restart, a job waits ``job_recovery_wait`` seconds
+    (default two leases) for the agent its record names before another agent
+    may take it (that agent may have run it already: see docs/jobs.md). Terminal
+    jobs are compacted after ``retention_age`` seconds or beyond the newest
+    ``retention_count``. At most ``max_live_jobs``
     unfinished jobs are kept (each in memory, ~3 KiB plus its params): beyond,
     a new job is refused with QUEUE_FULL.
 
@@ -191,6 +194,7 @@ class Broker:
         durability: str = "sync",
         job_lease: float | None = None,
         dispatch_window: float = 60.0,
+        job_recovery_wait: float | None = None,
         retention_age: float = 7 * 86400.0,
         retention_count: int = 1_000_000,
         max_live_jobs: int = 1_000_000,
@@ -247,6 +251,9 @@ class Broker:
         self._durability = durability
         self._job_lease = job_lease if job_lease is not None else self.heartbeat_ms * liveness / 1000
         self._dispatch_window = dispatch_window
+        if job_recovery_wait is not None and job_recovery_wait < 0:
+            raise ValueError("job_recovery_wait must be >= 0 seconds")
+        self._job_recovery_wait = job_recovery_wait
         self._retention = (retention_age, retention_count)
         if max_live_jobs < 1:
             raise ValueError("max_live_jobs must be >= 1")
@@ -350,6 +357,7 @@ class Broker:
             listening=self._has_subscribers,
             lease_s=self._job_lease,
             dispatch_window_s=self._dispatch_window,
+            recovery_wait_s=self._job_recovery_wait,
             retention_age_s=self._retention[0],
             retention_count=self._retention[1],
             max_live=self._max_live_jobs,

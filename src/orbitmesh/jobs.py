@@ -189,6 +189,7 @@ class JobManager:
         agent_capacity: Callable[[str], int] | None = None,
         lease_s: float = 5.0,
         dispatch_window_s: float = 60.0,
+        recovery_wait_s: float | None = None,
         retention_age_s: float = 7 * 86400.0,
         retention_count: int = 1_000_000,
         max_live: int = 1_000_000,
@@ -208,6 +209,9 @@ class JobManager:
         self._agent_session = agent_session
         self.lease_s = lease_s
         self.dispatch_window_s = dispatch_window_s
+        # How long a job waits for the agent its record names to come back (after a restart)
+        # before another agent may take it: that agent may hold the job, done or running.
+        self.recovery_wait_s = 2 * lease_s if recovery_wait_s is None else recovery_wait_s
         self.retention_age_s = retention_age_s
         self.retention_count = retention_count
         self.max_live = max_live  # unfinished jobs held in memory; beyond, a new job is refused
@@ -418,13 +422,14 @@ class JobManager:
         now = time.time()
         named = rec.route[:1] == _NAME_ROUTE
         if rec.agent and not named:
-            # Its agent is not (back) here. After a restart, give it two leases' time to
-            # re-register: it may hold the answer (and an idempotent job must not run twice).
-            # One lease was too short on a loaded machine: an agent notices the old broker's
-            # silence only after its liveness window, then reconnects with backoff; a job that
-            # moved on meanwhile ran on two agents (seen once in the crash test, 1 of 16 seeds).
+            # Its agent is not (back) here. After a restart, give it recovery_wait_s (default
+            # two leases) to re-register: it may hold the job, done or running, and an agent
+            # only dedups the jobs it has seen itself. One lease was too short on a loaded
+            # machine: an agent notices the old broker's silence only after its liveness
+            # window, then reconnects with backoff; a job that moved on meanwhile ran on two
+            # agents (seen once in the crash test, 1 of 16 seeds).
             mem.waiting_since = mem.waiting_since or now
-            left = 2 * self.lease_s - (now - mem.waiting_since)
+            left = self.recovery_wait_s - (now - mem.waiting_since)
             if left > 0:
                 # Woken by agent_joined, or by this timer when the wait is over.
                 self._awaiting.setdefault(rec.agent, set()).add(job_id)
