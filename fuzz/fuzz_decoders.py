@@ -8,7 +8,8 @@ as ``crash-*``) unless, for that input:
   (any other exception is a bug);
 * both twins agree exactly: the same value of the same type, or the same error code and message;
 * ``check_header`` agrees with a third, independent reading of docs/protocol.md (so a mistake
-  both twins share is caught too), and with ``unpack_header``;
+  both twins share is caught too), and with ``unpack_header``; so does ``unpack_parts`` (packed
+  framing, protocol 2) with its own reading;
 * what ``pack_*`` encodes, ``unpack_*`` decodes back to the same fields.
 
 Input layout (so that the seed corpus in ``fuzz/corpus`` is readable): byte 0 picks the target,
@@ -73,6 +74,26 @@ def spec_check_header(data: bytes) -> int:
     return 0
 
 
+def spec_unpack_parts(data: bytes) -> int | list[bytes]:
+    """``unpack_parts([data])`` as docs/protocol.md states it: the error code, or the message."""
+    if data[:2] != b"OM" or data[2:3] != b"\x02":
+        return [data]
+    if len(data) < 40:
+        return ErrorCode.BAD_HEADER
+    if data[13:16] != b"\0\0\0":
+        return ErrorCode.BAD_HEADER_FIELD
+    if data[12] > 62:
+        return ErrorCode.BAD_FRAMES
+    out, at = [data[:2] + b"\x01" + data[3:12] + b"\0" + data[13:40]], 40
+    for _ in range(data[12]):
+        if at + 4 > len(data):
+            return ErrorCode.BAD_FRAMES
+        size = int.from_bytes(data[at : at + 4], "little")
+        out.append(data[at + 4 : at + 4 + size])
+        at += 4 + size
+    return out if at == len(data) else ErrorCode.BAD_FRAMES
+
+
 def _plant_bug() -> None:
     """Make the pure twin's reserved check skip byte 15 (for the test that the harness fails)."""
     honest = py_codec.check_header
@@ -133,6 +154,14 @@ def _decode_targets(data: bytes, as_type: int) -> None:
         if again != ("ok", bytes, bytes(data)):
             raise Disagreement(f"pack_header(unpack_header({data!r})) = {again!r}")
     same("unpack_token", arg)
+    parts = same("unpack_parts", [bytes(data)])
+    spec = spec_unpack_parts(bytes(data))
+    if (parts[1] if parts[0] == "err" else parts[2]) != spec:
+        raise Disagreement(f"unpack_parts([{data!r}]) = {parts!r}, the spec says {spec!r}")
+    if parts[0] == "ok" and py_codec.packable(parts[2][0]):
+        packed = same("pack_parts", parts[2])
+        if packed[0] != "ok" or same("unpack_parts", packed[2]) != parts:
+            raise Disagreement(f"unpack_parts(pack_parts({parts[2]!r})) = {packed!r}: not the message")
     route = same("unpack_route", arg)
     if route[0] == "ok":
         back = same("pack_route", *route[2])

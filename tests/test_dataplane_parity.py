@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 
 from orbitmesh import _core
 from orbitmesh._core._dataplane_py import ACL_CHECKED, ACL_NO_REQUESTS
-from orbitmesh._core._frame_py import pack_parts, unpack_parts
-from orbitmesh.protocol import HEADER_SIZE, Flag, Kind, Role, Route, Strategy
+from orbitmesh._core._frame_py import pack_parts, packable, unpack_parts
+from orbitmesh.protocol import Flag, Kind, Role, Route, Strategy
 
 from .mesh import HDR, hdr
 
@@ -210,7 +210,7 @@ class Rig:
 
     def send(self, peer: str, frames: list[bytes]) -> None:
         self.sender = peer
-        if peer in self.packed and len(frames[0]) == HEADER_SIZE:
+        if peer in self.packed and packable(frames[0]):
             frames = pack_parts(frames)  # a protocol-2 session sends packed framing
         self.sockets[peer].send_multipart(frames)
 

@@ -508,3 +508,19 @@ def test_a_packed_frame_that_does_not_add_up_is_refused(frame: ModuleType) -> No
         assert err.value.code == code and text in err.value.message
     with pytest.raises(ValueError):
         frame.pack_parts([b"short header"])
+
+
+@PROPERTY
+@given(header=st.binary(min_size=40, max_size=40) | header_like(), rest=st.lists(st.binary(max_size=8), max_size=3))
+def test_only_a_protocol_1_header_is_packed(header: bytes, rest: list[bytes]) -> None:
+    # Given any 40 bytes (or a mutated header) as the first part
+    # When each twin packs the message
+    # Expect both to refuse alike unless it is an "OM" version-1 header with byte 12 zero,
+    # and a packed message to unpack to exactly what was packed
+    message = [header, *rest]
+    assert outcome(C.pack_parts, message) == outcome(PY.pack_parts, message)
+    if PY.packable(header):
+        assert PY.unpack_parts(C.pack_parts(message)) == message
+    else:
+        with pytest.raises(ValueError):
+            C.pack_parts(message)

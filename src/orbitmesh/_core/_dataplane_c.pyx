@@ -32,6 +32,7 @@ from orbitmesh._core._frame_c cimport (
     om_is_packed,
     om_ld32,
     om_normalize_packed,
+    om_packable,
     om_st32,
     om_hdr_corr,
     om_hdr_deadline,
@@ -545,11 +546,11 @@ cdef class DataPlane:
         cdef unsigned char lb[4]
         if self._o_open:
             if self._o_k < 0:
-                if n == OM_HEADER_SIZE:
+                if om_packable(<const unsigned char*>data, n):
                     self._o_buf.assign(data, n)
                     self._o_k = 0
                     return self._out_close(False) if last else 0
-                self._o_open = False  # no header first: sent as it is
+                self._o_open = False  # no protocol-1 header first: sent as it is
             elif self._o_k < OM_INLINE_MAX and self._o_buf.size() + 4 + n <= OM_PACK_LIMIT:
                 om_st32(lb, <uint32_t>n)
                 self._o_buf.append(<const char*>lb, 4)

@@ -47,7 +47,7 @@ import zmq
 
 from ..errors import ErrorCode, ProtocolError
 from ..protocol import HEADER_SIZE, MAX_FRAMES, PACKED_VERSION, TOKEN_SIZE, Flag, Kind, Role, Route, Strategy
-from ._frame_py import check_header, header_error_message, pack_parts, unpack_parts
+from ._frame_py import check_header, header_error_message, pack_parts, packable, unpack_parts
 
 public_api = [
     "ACL_CHECKED",
@@ -315,7 +315,7 @@ class DataPlane:
         """Send without blocking (packed to a protocol-2 peer when ``frames`` start with a
         header); 0, or the errno (EHOSTUNREACH: peer gone, EAGAIN: its pipe is full)."""
         peer = self._peers.get(rid)
-        if peer is not None and peer.packed and len(frames[0]) == HEADER_SIZE:
+        if peer is not None and peer.packed and packable(frames[0]):
             frames = pack_parts(frames)
         try:
             self._router.send_multipart([rid, *frames], zmq.NOBLOCK)

@@ -191,6 +191,15 @@ cdef inline bint om_is_packed(const unsigned char* p, size_t n) noexcept nogil:
     return n >= 3 and p[0] == OM_MAGIC0 and p[1] == OM_MAGIC1 and p[2] == OM_PACKED_VERSION
 
 
+cdef inline bint om_packable(const unsigned char* p, size_t n) noexcept nogil:
+    """p[0:n] may head a packed message: a 40-byte "OM" version-1 header with bytes 12-15 zero
+    (so unpacking gives it back exactly)."""
+    return (
+        n == OM_HEADER_SIZE and p[0] == OM_MAGIC0 and p[1] == OM_MAGIC1 and p[2] == OM_VERSION
+        and (p[12] | p[13] | p[14] | p[15]) == 0
+    )
+
+
 cdef inline int om_check_packed(const unsigned char* p, size_t n) noexcept nogil:
     """0 if the packed header frame p[0:n] adds up, else the ErrorCode (as _frame_py)."""
     cdef size_t at = OM_HEADER_SIZE

@@ -246,8 +246,13 @@ def pack_parts(parts):
     cdef Py_ssize_t n, i, k = 0
     cdef size_t size = OM_HEADER_SIZE, ln
     cdef unsigned char* p
-    if type(parts) is not list or not parts or type(parts[0]) is not bytes or PyBytes_GET_SIZE(parts[0]) != OM_HEADER_SIZE:
-        return _ref.pack_parts(parts)
+    if (
+        type(parts) is not list
+        or not parts
+        or type(parts[0]) is not bytes
+        or not om_packable(<const unsigned char*>PyBytes_AS_STRING(parts[0]), <size_t>PyBytes_GET_SIZE(parts[0]))
+    ):
+        return _ref.pack_parts(parts)  # and its ValueError
     n = len(parts)
     while k + 1 < n and k < OM_INLINE_MAX:
         part = parts[k + 1]

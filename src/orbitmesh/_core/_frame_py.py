@@ -171,12 +171,18 @@ def unpack_route(data: bytes) -> tuple[int, int, bytes]:
 # --- packed framing (protocol 2) -----------------------------------------------------------
 
 
+def packable(header: bytes) -> bool:
+    """``header`` may head a packed message: 40 bytes, ``"OM"``, version 1, bytes 12-15 zero (so
+    that unpacking gives it back exactly)."""
+    return len(header) == HEADER_SIZE and header[:3] == b"OM\x01" and header[12:16] == b"\0\0\0\0"
+
+
 def pack_parts(parts: list[bytes]) -> list[bytes]:
     """The packed frames of message ``parts`` (a 40-byte header, then its parts): the header frame
     with as many leading parts inline as keep it within ``PACK_LIMIT`` bytes (at most
-    ``INLINE_MAX``), then the others as they are. ValueError if ``parts[0]`` is not 40 bytes."""
-    if not parts or len(parts[0]) != HEADER_SIZE:
-        raise ValueError(f"a message to pack starts with a {HEADER_SIZE}-byte header")
+    ``INLINE_MAX``), then the others as they are. ValueError unless ``packable(parts[0])``."""
+    if not parts or not packable(bytes(parts[0][: HEADER_SIZE + 1])):
+        raise ValueError(f'a message to pack starts with a {HEADER_SIZE}-byte "OM" version-1 header')
     size = HEADER_SIZE
     k = 0
     n = len(parts)

@@ -18,6 +18,7 @@ from orbitmesh._core._frame_c cimport (
     om_is_packed,
     om_ld32,
     om_normalize_packed,
+    om_packable,
     om_write_packed,
 )
 from orbitmesh._core._libzmq cimport raise_zmq_error, socket_handle, zmq_api
@@ -78,7 +79,9 @@ def send_parts(sock, parts, bint packed=False):
     if n == 0:
         raise ValueError("a message needs at least one part")
     if packed:
-        if type(parts) is not list or type(parts[0]) is not bytes or PyBytes_GET_SIZE(parts[0]) != OM_HEADER_SIZE:
+        if type(parts) is not list or type(parts[0]) is not bytes or not om_packable(
+            <const unsigned char*>PyBytes_AS_STRING(parts[0]), <size_t>PyBytes_GET_SIZE(parts[0])
+        ):
             parts = pack_parts(list(parts))  # the general case (and its ValueError)
             n = len(parts)
         else:
