@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import struct
 import time
 
 import pytest
@@ -328,6 +329,61 @@ def test_a_recovered_job_waits_for_its_agent_then_moves_on(arun, ctx, core_impl,
                 await agent.stop(drain_timeout=0)
             if second is not None:
                 await second.stop()
+
+    arun(main(), timeout=60)
+
+
+def test_recovered_jobs_stay_with_their_agent_when_it_is_busy(arun, ctx, core_impl, tmp_path):
+    """Jobs recovered naming an agent (it may hold them, done or running) wait for room in its
+    backlog; they are never moved to another matching agent that has room (that ran them twice)."""
+    from orbitmesh.storage import LmdbStore
+    from orbitmesh.storage.base import JobRecord
+
+    now = time.time()
+    route = om.Select(capability="gpu").route()
+    # Given a job log left by a broker that sent 8 selector jobs to gpu-a (PENDING, agent named)
+    with LmdbStore(tmp_path / "jobs", "sync") as store:
+        store.write(
+            [
+                JobRecord(
+                    id=i,
+                    command="sleep",
+                    route=route,
+                    params=b"\x91\xcb" + struct.pack(">d", 0.05),
+                    agent="gpu-a",
+                    created=now,
+                    updated=now,
+                    transitions=[("PENDING", now, "")],
+                )
+                for i in range(1, 9)
+            ]
+        )
+
+    async def main():
+        counts: dict[str, int] = {}
+        broker = om.Broker("tcp://127.0.0.1:0", core=core_impl, context=ctx, store=f"lmdb://{tmp_path}/jobs", **FAST)
+        await broker.start()
+        agents = []
+        try:
+            # When gpu-b (free) joins first, then gpu-a, which runs one job at a time (window 2)
+            for name, capacity in (("gpu-b", 100), ("gpu-a", 1)):
+                agent = om.Agent(name, broker.endpoints[0], context=ctx, capabilities=["gpu"], capacity=capacity)
+                job_handlers(counts)(agent)
+                await agent.start()
+                agents.append(agent)
+                await asyncio.sleep(0.05)
+            client = om.MeshClient(broker.endpoints[0], context=ctx, timeout=10)
+            await client.connect()
+            try:
+                # Expect every job to run on gpu-a, the agent that may hold it
+                ran = [client.job_result(await client.wait(i, timeout=10)) for i in range(1, 9)]
+                assert ran == ["gpu-a"] * 8, ran
+            finally:
+                await client.close()
+        finally:
+            for agent in agents:
+                await agent.stop(drain_timeout=0)
+            await broker.stop()
 
     arun(main(), timeout=60)
 

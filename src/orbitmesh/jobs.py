@@ -146,6 +146,7 @@ class _Live:
 
     __slots__ = (
         "backlogged",
+        "held",
         "parked",
         "rerouted",
         "sent_to",
@@ -168,6 +169,9 @@ class _Live:
         self.sent_to: str | None = None  # the agent its current delivery went to (one of its slots)
         self.backlogged: str | None = None  # the agent whose backlog it waits in for a slot
         self.rerouted = False  # sent elsewhere once already because its agent had no room
+        # Its agent may hold it already (recovered naming an agent): never moved for lack of
+        # room, only once that agent has had recovery_wait_s to come back and did not.
+        self.held = False
 
 
 class JobManager:
@@ -249,7 +253,8 @@ class JobManager:
         now = time.time()
         for rec in self.store.unfinished():
             self._live[rec.id] = rec
-            self._mem[rec.id] = _Live()
+            self._mem[rec.id] = mem = _Live()
+            mem.held = bool(rec.agent)
             if rec.idempotency_key:
                 self._by_key[rec.idempotency_key] = rec.id
             if rec.state in (JobState.DISPATCHED, JobState.RUNNING):
@@ -424,10 +429,8 @@ class JobManager:
         if rec.agent and not named:
             # Its agent is not (back) here. After a restart, give it recovery_wait_s (default
             # two leases) to re-register: it may hold the job, done or running, and an agent
-            # only dedups the jobs it has seen itself. One lease was too short on a loaded
-            # machine: an agent notices the old broker's silence only after its liveness
-            # window, then reconnects with backoff; a job that moved on meanwhile ran on two
-            # agents (seen once in the crash test, 1 of 16 seeds).
+            # only dedups the jobs it has seen itself. An agent notices the old broker's
+            # silence within its liveness window (one lease), then reconnects with backoff.
             mem.waiting_since = mem.waiting_since or now
             left = self.recovery_wait_s - (now - mem.waiting_since)
             if left > 0:
@@ -437,6 +440,7 @@ class JobManager:
                 return
             self._awaiting.get(rec.agent, set()).discard(job_id)
             rec.agent = ""
+            mem.held = False
         if rec.agent:  # a named agent that is not registered (now)
             self._park(rec, mem, rec.agent, ErrorCode.NO_SUCH_AGENT, f"no agent named '{rec.agent}'", now)
             return
@@ -549,9 +553,11 @@ class JobManager:
         agent = rec.agent
         out = self._outstanding.get(agent, 0)
         if out >= self._window(agent):
-            if rec.route[:1] != _NAME_ROUTE and not mem.rerouted:
+            if rec.route[:1] != _NAME_ROUTE and not mem.rerouted and not mem.held:
                 # A selector job whose agent has no room: another matching agent with room
                 # takes it. Written first (idempotency: a restart must know where it went).
+                # Not a recovered job: its agent may hold it (it waits in that agent's backlog;
+                # moved, it ran on two agents when the restarted broker had many such jobs).
                 other = self._choose(rec.route, rec.command, self._free)
                 if isinstance(other, str) and other != agent and self._free(other) > 0:
                     rec.agent = other
@@ -626,7 +632,7 @@ class JobManager:
             rec = self._live.get(job_id)
             if mem is not None and rec is not None:
                 mem.backlogged = None
-                if gone and rec.route[:1] != _NAME_ROUTE:
+                if gone and rec.route[:1] != _NAME_ROUTE and not mem.held:
                     rec.agent = ""  # never sent to it: choose another agent now, no lease's wait
                 self._dispatch(job_id)
         if not backlog:
@@ -720,6 +726,8 @@ class JobManager:
                 rec.agent = ""
         rec.run_at = now + delay
         mem = self._mem.get(rec.id)
+        if mem is not None and not rec.agent:
+            mem.held = False
         if mem is not None and mem.sent_to is not None:
             self._release(mem)
         self._transition(rec, JobState.PENDING, now, f"retry in {delay:.3f}s")
