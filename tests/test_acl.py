@@ -15,7 +15,7 @@ import zmq
 
 import orbitmesh as om
 from orbitmesh import acl
-from orbitmesh._core.frame import unpack_parts
+from orbitmesh._core.frame import pack_parts, unpack_parts
 from orbitmesh._wire import HDR, header
 from orbitmesh.acl import Policy
 from orbitmesh.errors import ErrorCode
@@ -216,6 +216,29 @@ def _hello(sock: zmq.Socket[Any], role: str, **extra: Any) -> tuple[int, int, li
 def _request(sock: zmq.Socket[Any], corr: int, agent: str = "gpu-1", command: bytes = b"math.add") -> None:
     route = bytes((Route.NAME, Strategy.LEAST_LOADED)) + agent.encode()
     sock.send_multipart([header(Kind.REQUEST, corr=corr), route, command, msgpack.packb({"a": 1, "b": 1})])
+
+
+def test_a_packed_hello_is_admitted_by_its_key(arun, ctx, core_impl, tmp_path):
+    """The broker reads a HELLO's CURVE key from its connection's metadata; a HELLO in packed
+    framing (unpacked into new parts) must still be admitted by its key, and refused without."""
+
+    async def main():
+        async with Mesh(ctx, core_impl, tmp_path / "keys") as mesh:
+            loop = asyncio.get_running_loop()
+            body = {"role": "client", "name": "packed", "protocol": 2}
+            hello = pack_parts([header(Kind.HELLO, aux=Role.CLIENT, corr=1), b"", msgpack.packb(body)])
+            assert len(hello) == 1  # one frame: the HELLO's parts inline
+            sock = mesh.dealer(Policy("client"))
+            sock.send_multipart(hello)
+            kind, code, frames = await loop.run_in_executor(None, _answer, sock, 1)
+            assert kind == Kind.WELCOME and msgpack.unpackb(frames[2])["protocol"] == 2, (kind, code)
+            # ... and a session whose key lost its role is refused as ever
+            agent_key = mesh.dealer(Policy("agent"))
+            agent_key.send_multipart(hello)
+            kind, code, _ = await loop.run_in_executor(None, _answer, agent_key, 1)
+            assert (kind, code) == (Kind.ERROR, ErrorCode.FORBIDDEN)
+
+    arun(main())
 
 
 def test_agent_sessions_may_not_send_requests_and_replays_are_refused(arun, ctx, core_impl, tmp_path):
