@@ -32,6 +32,7 @@ import zmq
 import orbitmesh as om
 from orbitmesh import broker as broker_module
 from orbitmesh import jobs as jobs_module
+from orbitmesh._core._frame_py import unpack_parts
 from orbitmesh.errors import ErrorCode
 
 HDR = struct.Struct("<2sBBHHIIQQQ")
@@ -42,7 +43,7 @@ KNOWN = {int(c) for c in ErrorCode} - {int(ErrorCode.INTERNAL)}
 OPS = ["agents", "subscribe", "unsubscribe", "job", "jobs", "cancel", "wait", "stats", "shutdown", "__init__", ""]
 FIELDS = [
     "op", "id", "limit", "cursor", "since", "state", "agent", "command", "timeout_ms", "topics", "labels",
-    "capability", "group", "role", "name", "capacity", "capabilities", "groups", "commands",
+    "capability", "group", "role", "name", "capacity", "capabilities", "groups", "commands", "protocol",
 ]  # fmt: skip
 WORDS = [
     "agent", "client", "queued", "running", "succeeded", "failed", "cancelled", "*", "job", "agent-0", "[", "\0",
@@ -128,7 +129,7 @@ class Rig:
         corr = self.corr
         sock.send_multipart([HDR.pack(b"OM", 1, kind, 0, 0, 1, 0, corr, 0, 0), b"", body])
         while sock.poll(int(ANSWER_S * 1000)):
-            frames = sock.recv_multipart()
+            frames = unpack_parts(sock.recv_multipart())  # a protocol-2 session answers packed
             _, _, got, _, code, _, _, got_corr, _, _ = HDR.unpack(frames[0])
             if got_corr == corr and got in (WELCOME, REPLY, ERROR):
                 if expect_ok and got == ERROR:
