@@ -7,6 +7,7 @@ exports ``ORBITMESH_TEST_REDIS_URL``); each test uses its own key prefix and del
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -1077,3 +1078,37 @@ def test_open_store_by_url(tmp_path: Path, redis_url: str) -> None:
     for bad in ("postgres://x/y", "lmdb://", "ftp://host"):
         with pytest.raises(ValueError):
             open_store(bad)
+
+
+def test_record_encoding_reads_every_field_by_name() -> None:
+    """``to_bytes`` reads the fields from the instance dict by name: a record built by any path
+    (init, copy, decode), with its attributes reassigned in any order or one deleted, encodes
+    as reading each field as an attribute does, and decodes back to itself."""
+    import operator
+
+    import msgpack
+
+    from orbitmesh.storage.base import JobRecord
+
+    names = [f.name for f in dataclasses.fields(JobRecord)]
+    by_name = operator.attrgetter(*names)
+    now = time.time()
+    rec = JobRecord(
+        id=9,
+        command="c",
+        route=b"\x01\x00a",
+        params=b"p",
+        created=now,
+        updated=now,
+        transitions=[("PENDING", now, "")],
+        non_retryable=("E",),
+    )
+    for variant in (rec, rec.copy(), JobRecord.from_bytes(rec.to_bytes())):
+        assert variant.to_bytes() == msgpack.packb(list(by_name(variant)), use_bin_type=True)
+    moved = rec.copy()
+    del moved.agent  # the dict's order changes when it is set again
+    moved.agent = "worker"
+    del moved.error  # and a deleted field reads its class default, as an attribute would
+    assert moved.to_bytes() == msgpack.packb(list(by_name(moved)), use_bin_type=True)
+    back = JobRecord.from_bytes(moved.to_bytes())
+    assert back.agent == "worker" and back.error == "" and back.id == 9 and back.non_retryable == ("E",)

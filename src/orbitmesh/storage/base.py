@@ -66,9 +66,15 @@ class JobRecord:
 
     def to_bytes(self) -> bytes:
         """Compact encoding (msgpack array in field order; the store's format version covers it).
-        One C call gathers the fields; ``state`` packs as its string value (JobState is a str
-        enum) and the ``non_retryable`` tuple as an array, as ``from_bytes`` reads them."""
-        return _PACK(_GET_ALL(self))  # type: ignore[no-any-return]
+        ``state`` packs as its string value (JobState is a str enum) and the ``non_retryable``
+        tuple as an array, as ``from_bytes`` reads them. The fields are read from the instance
+        dict by name in one C call (26 attribute lookups cost twice as much: a third of the
+        encode); a field missing from it is read as an attribute (its class default, if any)."""
+        try:
+            values = _GET_ITEMS(self.__dict__)
+        except KeyError:
+            values = _GET_ALL(self)
+        return _PACK(values)  # type: ignore[no-any-return]
 
     def copy(self) -> JobRecord:
         """A snapshot: a shallow copy with its own transitions list (the rest is immutable)."""
@@ -96,6 +102,7 @@ _FIELDS = dataclasses.fields(JobRecord)
 _GET_ALL = operator.attrgetter(*(f.name for f in _FIELDS))
 _PACK = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 _NAMES = [f.name for f in _FIELDS]
+_GET_ITEMS = operator.itemgetter(*_NAMES)
 _STATE_INDEX = _NAMES.index("state")
 _NON_RETRYABLE_INDEX = _NAMES.index("non_retryable")
 _TRANSITIONS_INDEX = _NAMES.index("transitions")
