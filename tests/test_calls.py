@@ -426,3 +426,25 @@ def test_one_broker_on_several_endpoints(arun, ctx, core_impl):
                 await agent.stop()
 
     arun(main())
+
+
+def test_finished_calls_do_not_pile_up_in_the_timeout_heap(arun, ctx, core_impl):
+    """A call's deadline stays queued after it finishes; the client drops those as it goes, so
+    a long run of calls with a long timeout keeps the heap near the calls in flight (it once
+    held every call made in the timeout's span: millions, hundreds of MB), and a call still
+    in flight keeps its timeout."""
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc")) as (_, _, client):
+            # Given a slow call with a short timeout, then 6,000 quick calls with the default (10 s)
+            slow = client.submit("agent-0", "sleep", {"seconds": 5}, timeout=1.5)
+            for _ in range(6):
+                calls = [client.submit("agent-0", "echo", {"value": i}) for i in range(1000)]
+                assert await asyncio.gather(*calls) == list(range(1000))
+            # Expect the heap bounded by the calls in flight (1,000 at most) plus the slack
+            assert len(client._deadlines) <= 2 * 1000 + 1024 + 1, len(client._deadlines)
+            # ... and the slow call to time out all the same
+            with pytest.raises(om.TimeoutError):
+                await slow
+
+    arun(main())

@@ -631,12 +631,20 @@ def test_jobs_wait_for_an_agent_without_polling(arun, ctx, core_impl):
                 assert info.state == JobState.PENDING
                 assert [t[0] for t in info.transitions] == ["PENDING", "PENDING"]
                 assert info.transitions[1][2].startswith("waiting for an agent")
+            # Given stale window entries (from rounds that ended: a job parked again and again
+            # leaves one each), When one more job parks, Expect them dropped and the live kept
+            heap = broker.jobs._park_deadlines
+            heap.extend((time.time() + 30, job_id, 1.0) for job_id in ids for _ in range(40))
+            extra = client.submit_job("late-1", "add", [40, 1])
+            named.append(extra)
+            await asyncio.wait_for(extra.accepted, 10)
+            assert len(broker.jobs._park_deadlines) <= 81, len(broker.jobs._park_deadlines)
             # When an agent with that name and capability joins, Expect every job sent to it at once
             late = om.Agent("late-1", broker.endpoints[0], context=ctx, capabilities=["late"])
             job_handlers(counts)(late)
             async with late:
                 results = await asyncio.wait_for(asyncio.gather(*(s.result for s in named + matched)), 10)
-            assert results == [i + 1 for i in range(40)] + [i + 2 for i in range(40)]
+            assert results == [i + 1 for i in range(41)] + [i + 2 for i in range(40)]
             assert broker.jobs.stats()["jobs_waiting_for_agent"] == 0
             info = await client.wait(ids[0], timeout=5)
             assert info.agent == "late-1" and states(info) == ["PENDING", "PENDING", "DISPATCHED", "SUCCEEDED"]

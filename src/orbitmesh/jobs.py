@@ -473,6 +473,8 @@ class JobManager:
             return
         deadline = mem.waiting_since + self.dispatch_window_s
         entry = (deadline, rec.id, mem.waiting_since)
+        if len(self._park_deadlines) > 2 * len(self._live) + 1024:
+            self._compact_park_deadlines()
         heapq.heappush(self._park_deadlines, entry)
         if self._park_timer is None or self._park_deadlines[0] == entry:
             self._arm_park_timer()  # the earliest deadline is the one the timer waits for
@@ -503,6 +505,18 @@ class JobManager:
         if self._park_deadlines:
             delay = max(0.0, self._park_deadlines[0][0] - time.time())
             self._park_timer = self._loop.call_later(delay, self._expire_parked)
+
+    def _compact_park_deadlines(self) -> None:
+        """Drop the entries of jobs no longer parked in the round they were pushed for (sent,
+        ended, or parked again since): entries stay until their window closes otherwise, and a
+        job parked again and again would pile them up."""
+        keep = []
+        for entry in self._park_deadlines:
+            mem = self._mem.get(entry[1])
+            if mem is not None and mem.parked is not None and mem.waiting_since == entry[2]:
+                keep.append(entry)
+        heapq.heapify(keep)
+        self._park_deadlines = keep
 
     def _expire_parked(self) -> None:
         """Fail the parked jobs whose dispatch window has closed."""
