@@ -419,11 +419,11 @@ def test_retention_compacts_old_jobs(arun, ctx, core_impl):
     async def main():
         kw = {"retention_count": 3}
         async with mesh(ctx, core_impl, endpoint_for("inproc"), broker_kw=kw, setup=job_handlers({})) as (
-            _,
+            broker,
             _,
             client,
         ):
-            jobs = [await client.execute("agent-0", "add", [i, 0]) for i in range(8)]
+            jobs = [await client.execute("agent-0", "add", [i, 0], idempotency_key=f"k{i}") for i in range(8)]
             for job in jobs:
                 await job.result(timeout=5)
             deadline = time.monotonic() + 5
@@ -433,6 +433,14 @@ def test_retention_compacts_old_jobs(arun, ctx, core_impl):
                     break
                 await asyncio.sleep(0.2)
             assert [j.id for j in left] == [j.id for j in jobs[-3:]][::-1]
+            # Expect the broker to keep no key of a finished job in memory (the store's index
+            # answers for those), and a key whose job was compacted to start a new job that
+            # runs, not to point at nothing (its caller waited for an answer that never came)
+            assert broker.jobs is not None and broker.jobs._by_key == {}
+            kept = await client.execute("agent-0", "add", [7, 0], idempotency_key="k7")
+            assert kept.id == jobs[7].id and await kept.result(timeout=5) == 7
+            again = await client.execute("agent-0", "add", [0, 5], idempotency_key="k0")
+            assert again.id > jobs[-1].id and await again.result(timeout=5) == 5
 
     arun(main())
 

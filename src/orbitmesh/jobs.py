@@ -793,6 +793,11 @@ class JobManager:
     def _finished(self, rec: JobRecord, mem: _Live, err: BaseException | None) -> None:
         if self._recent.get(rec.id) is rec:
             del self._recent[rec.id]  # the store has it now
+        key = rec.idempotency_key
+        if key and self._by_key.get(key) == rec.id:
+            # Live jobs only: the store's key index answers for it from now on (and forgets the
+            # key with the job when retention compacts it, instead of pointing at nothing).
+            del self._by_key[key]
         if err is not None:
             log.error("job %d finished as %s but could not be logged: %s", rec.id, rec.state.value, err)
         self._answer(rec, mem.waiters)
