@@ -1449,14 +1449,8 @@ cdef class DataPlane:
                     self._up_small(EV_STATE, p.rid, &state, 1, 2)
                 load.push_back(<char>p.rid.size())
                 load.append(p.rid)
-                rec[0] = p.inflight & 0xFF
-                rec[1] = (p.inflight >> 8) & 0xFF
-                rec[2] = (p.inflight >> 16) & 0xFF
-                rec[3] = (p.inflight >> 24) & 0xFF
-                rec[4] = p.capacity & 0xFF
-                rec[5] = (p.capacity >> 8) & 0xFF
-                rec[6] = (p.capacity >> 16) & 0xFF
-                rec[7] = (p.capacity >> 24) & 0xFF
+                om_st32(rec, p.inflight)
+                om_st32(rec + 4, p.capacity)
                 om_st32(rec + 8, p.running)
                 load.append(<const char*>rec, 12)
             if self._out_begin(p.rid, p.packed) == 0:

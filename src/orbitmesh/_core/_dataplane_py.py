@@ -47,7 +47,7 @@ import zmq
 
 from ..errors import ErrorCode, ProtocolError
 from ..protocol import HEADER_SIZE, MAX_FRAMES, PACKED_VERSION, TOKEN_SIZE, Flag, Kind, Role, Route, Strategy
-from ._frame_py import check_header, header_error_message, pack_parts, packable, unpack_parts
+from ._frame_py import check_header, header_error_message, is_packed, pack_parts, packable, unpack_parts
 
 public_api = [
     "ACL_CHECKED",
@@ -474,7 +474,7 @@ class DataPlane:
             self._malformed(rid, ErrorCode.BAD_FRAMES, 0, "message has no header frame")
             return
         hdr = frames[1]
-        if len(hdr) >= 3 and hdr[0] == 0x4F and hdr[1] == 0x4D and hdr[2] == PACKED_VERSION:
+        if is_packed(hdr):
             try:
                 frames = [rid, *unpack_parts(frames[1:])]
             except ProtocolError as exc:

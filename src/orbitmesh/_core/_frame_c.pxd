@@ -9,7 +9,7 @@
 # gcc and clang turn each one into a single move on little-endian targets.
 # _frame_c.pyx checks at import that these constants match protocol.py and errors.py.
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
@@ -224,6 +224,40 @@ cdef inline void om_normalize_packed(unsigned char* p) noexcept nogil:
     """Turn the first 40 bytes of a packed header frame into the protocol-1 header it carries."""
     p[2] = OM_VERSION
     p[12] = 0
+
+
+cdef inline Py_ssize_t om_pack_count(list parts, size_t* size):
+    """How many parts after the header ``parts[0]`` go inline (the greedy rule of
+    ``_frame_py.pack_parts``), with the packed header frame's size in ``size``; -1 if a part that
+    is not bytes comes first (the reference then decides, by its buffer size)."""
+    cdef Py_ssize_t k = 0, n = len(parts)
+    cdef size_t total = OM_HEADER_SIZE, ln
+    while k + 1 < n and k < OM_INLINE_MAX:
+        part = parts[k + 1]
+        if type(part) is not bytes:
+            return -1
+        ln = <size_t>PyBytes_GET_SIZE(part)
+        if total + 4 + ln > OM_PACK_LIMIT:
+            break
+        total += 4 + ln
+        k += 1
+    size[0] = total
+    return k
+
+
+cdef inline list om_unpack_list(const unsigned char* p):
+    """The protocol-1 header and the inline parts of a packed header frame that adds up
+    (``om_check_packed`` said 0), as bytes."""
+    cdef size_t at = OM_HEADER_SIZE, ln
+    cdef int i
+    head = PyBytes_FromStringAndSize(<const char*>p, OM_HEADER_SIZE)
+    om_normalize_packed(<unsigned char*>PyBytes_AS_STRING(head))
+    cdef list out = [head]
+    for i in range(p[12]):
+        ln = om_ld32(p + at)
+        out.append(PyBytes_FromStringAndSize(<const char*>p + at + 4, <Py_ssize_t>ln))
+        at += 4 + ln
+    return out
 
 
 cdef inline void om_write_packed(unsigned char* p, list parts, Py_ssize_t k):

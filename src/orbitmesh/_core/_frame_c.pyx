@@ -243,9 +243,8 @@ def unpack_route(data):
 
 def pack_parts(parts):
     """The packed frames of message ``parts`` (see ``_frame_py.pack_parts``)."""
-    cdef Py_ssize_t n, i, k = 0
-    cdef size_t size = OM_HEADER_SIZE, ln
-    cdef unsigned char* p
+    cdef Py_ssize_t k
+    cdef size_t size
     if (
         type(parts) is not list
         or not parts
@@ -253,16 +252,9 @@ def pack_parts(parts):
         or not om_packable(<const unsigned char*>PyBytes_AS_STRING(parts[0]), <size_t>PyBytes_GET_SIZE(parts[0]))
     ):
         return _ref.pack_parts(parts)  # and its ValueError
-    n = len(parts)
-    while k + 1 < n and k < OM_INLINE_MAX:
-        part = parts[k + 1]
-        if type(part) is not bytes:
-            return _ref.pack_parts(parts)
-        ln = <size_t>PyBytes_GET_SIZE(part)
-        if size + 4 + ln > OM_PACK_LIMIT:
-            break
-        size += 4 + ln
-        k += 1
+    k = om_pack_count(parts, &size)
+    if k < 0:
+        return _ref.pack_parts(parts)
     head = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>size)
     om_write_packed(<unsigned char*>PyBytes_AS_STRING(head), parts, k)
     return [head, *parts[k + 1 :]]
@@ -271,8 +263,8 @@ def pack_parts(parts):
 def unpack_parts(frames):
     """The message packed ``frames`` carry (see ``_frame_py.unpack_parts``)."""
     cdef const unsigned char* p
-    cdef size_t n, at = OM_HEADER_SIZE, ln
-    cdef int rc, i
+    cdef size_t n
+    cdef int rc
     if type(frames) is not list or not frames or type(frames[0]) is not bytes:
         return _ref.unpack_parts(frames)
     data = frames[0]
@@ -284,12 +276,6 @@ def unpack_parts(frames):
     if rc:
         code = _CODE[rc]
         raise ProtocolError(packed_error_message(code, data), code=code)
-    head = PyBytes_FromStringAndSize(<const char*>p, OM_HEADER_SIZE)
-    om_normalize_packed(<unsigned char*>PyBytes_AS_STRING(head))
-    out = [head]
-    for i in range(p[12]):
-        ln = om_ld32(p + at)
-        out.append(PyBytes_FromStringAndSize(<const char*>p + at + 4, <Py_ssize_t>ln))
-        at += 4 + ln
+    out = om_unpack_list(p)
     out.extend(frames[1:])
     return out

@@ -171,6 +171,11 @@ def unpack_route(data: bytes) -> tuple[int, int, bytes]:
 # --- packed framing (protocol 2) -----------------------------------------------------------
 
 
+def is_packed(data: bytes) -> bool:
+    """``data`` is a packed header frame: ``"OM"``, version byte 2 (it may still not add up)."""
+    return len(data) >= 3 and data[0] == 0x4F and data[1] == 0x4D and data[2] == PACKED_VERSION
+
+
 def packable(header: bytes) -> bool:
     """``header`` may head a packed message: 40 bytes, ``"OM"``, version 1, bytes 12-15 zero (so
     that unpacking gives it back exactly)."""
@@ -240,7 +245,7 @@ def unpack_parts(frames: list[bytes]) -> list[bytes]:
     if not frames:
         return frames
     data = frames[0]
-    if len(data) < 3 or data[0] != 0x4F or data[1] != 0x4D or data[2] != PACKED_VERSION:
+    if not is_packed(data):
         return frames
     data = bytes(data)
     code = _unpack_error(data)

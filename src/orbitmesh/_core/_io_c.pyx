@@ -6,21 +6,9 @@ Python layer per frame; these call libzmq (pyzmq's own, see _libzmq.pyx) once pe
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.stdint cimport uint32_t
 from libc.string cimport memcpy
 
-from orbitmesh._core._frame_c cimport (
-    OM_HEADER_SIZE,
-    OM_INLINE_MAX,
-    OM_PACK_LIMIT,
-    OM_PACKED_VERSION,
-    om_check_packed,
-    om_is_packed,
-    om_ld32,
-    om_normalize_packed,
-    om_packable,
-    om_write_packed,
-)
+from orbitmesh._core._frame_c cimport om_check_packed, om_is_packed, om_pack_count, om_packable, om_unpack_list, om_write_packed
 from orbitmesh._core._libzmq cimport raise_zmq_error, socket_handle, zmq_api
 from orbitmesh._core._zmqabi cimport EAGAIN, EINTR, ZMQ_DONTWAIT, ZMQ_SNDMORE, ZmqApi, zmq_msg_t
 
@@ -71,40 +59,27 @@ def send_parts(sock, parts, bint packed=False):
     """
     cdef void* h = socket_handle(sock)
     cdef ZmqApi* z = zmq_api()
-    cdef Py_ssize_t i, n = len(parts), first = 0, k = 0
-    cdef size_t size = OM_HEADER_SIZE
+    cdef Py_ssize_t i, n = len(parts), first = 0, k = -1
+    cdef size_t size
     cdef int flags, err
-    cdef bint general
     cdef Py_buffer view
     if n == 0:
         raise ValueError("a message needs at least one part")
     if packed:
-        if type(parts) is not list or type(parts[0]) is not bytes or not om_packable(
+        if type(parts) is list and type(parts[0]) is bytes and om_packable(
             <const unsigned char*>PyBytes_AS_STRING(parts[0]), <size_t>PyBytes_GET_SIZE(parts[0])
         ):
+            k = om_pack_count(parts, &size)  # -1: a buffer comes first, packed by the reference
+        if k < 0:
             parts = pack_parts(list(parts))  # the general case (and its ValueError)
             n = len(parts)
         else:
-            general = False
-            while k + 1 < n and k < OM_INLINE_MAX:
-                part = parts[k + 1]
-                if type(part) is not bytes:
-                    general = True  # a buffer: the reference decides whether it goes inline
-                    break
-                if size + 4 + <size_t>PyBytes_GET_SIZE(part) > OM_PACK_LIMIT:
-                    break
-                size += 4 + <size_t>PyBytes_GET_SIZE(part)
-                k += 1
-            if general:
-                parts = pack_parts(list(parts))  # a buffer that fits inline: as the reference packs it
-                n = len(parts)
-            else:
-                err = _send_packed(z, h, parts, k, size, ZMQ_DONTWAIT | (ZMQ_SNDMORE if k + 1 < n else 0))
-                if err:
-                    if err == EAGAIN:
-                        return False
-                    raise_zmq_error(err)
-                first = k + 1
+            err = _send_packed(z, h, parts, k, size, ZMQ_DONTWAIT | (ZMQ_SNDMORE if k + 1 < n else 0))
+            if err:
+                if err == EAGAIN:
+                    return False
+                raise_zmq_error(err)
+            first = k + 1
     for i in range(first, n):
         part = parts[i]
         flags = ZMQ_DONTWAIT | (ZMQ_SNDMORE if i + 1 < n else 0)
@@ -122,22 +97,6 @@ def send_parts(sock, parts, bint packed=False):
                 return False
             raise_zmq_error(err)
     return True
-
-
-cdef list _unpacked(const unsigned char* p, size_t n):
-    """The header and inline parts of a packed header frame that adds up, else None."""
-    cdef size_t at = OM_HEADER_SIZE, ln
-    cdef int i
-    if om_check_packed(p, n):
-        return None
-    head = PyBytes_FromStringAndSize(<const char*>p, OM_HEADER_SIZE)
-    om_normalize_packed(<unsigned char*>PyBytes_AS_STRING(head))
-    cdef list out = [head]
-    for i in range(p[12]):
-        ln = om_ld32(p + at)
-        out.append(PyBytes_FromStringAndSize(<const char*>p + at + 4, <Py_ssize_t>ln))
-        at += 4 + ln
-    return out
 
 
 def recv_batch(sock, int limit):
@@ -168,8 +127,8 @@ def recv_batch(sock, int limit):
             data = <const unsigned char*>z.zmq_msg_data(&m)
             ln = z.zmq_msg_size(&m)
             parts = None
-            if not msg and om_is_packed(data, ln):
-                parts = _unpacked(data, ln)
+            if not msg and om_is_packed(data, ln) and om_check_packed(data, ln) == 0:
+                parts = om_unpack_list(data)
             if parts is None:
                 msg.append(PyBytes_FromStringAndSize(<const char*>data, ln))
             else:
