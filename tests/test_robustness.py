@@ -70,7 +70,7 @@ class RawPeer:
                     return None
                 await asyncio.sleep(0.002)
                 continue
-            if len(frames[0]) == 40 and frames[0][3] in kinds:
+            if len(frames[0]) >= 40 and frames[0][3] in kinds:  # (longer: packed framing)
                 return frames
 
     async def error(self, timeout: float = 2.0) -> tuple[int, int, str]:
@@ -80,8 +80,10 @@ class RawPeer:
         _, _, kind, _, code, _, _, corr, _, _ = HDR.unpack(frames[0])
         return code, corr, frames[2].decode(errors="replace") if len(frames) > 2 else ""
 
-    async def hello(self, corr: int = 1) -> None:
-        self.send([hdr(HELLO, aux=1, corr=corr), b"", msgpack.packb({"role": "client", "name": "raw"})])
+    async def hello(self, corr: int = 1, role: int = 1, **body: Any) -> None:
+        """Register (``role`` 1: a client, 2: an agent, ``body`` its HELLO fields)."""
+        body = {"role": "agent" if role == 2 else "client", "name": "raw", **body}
+        self.send([hdr(HELLO, aux=role, corr=corr), b"", msgpack.packb(body)])
         frames = await self.recv({WELCOME, ERROR}, 2.0)
         assert frames is not None and frames[0][3] == WELCOME, "the broker did not welcome a well-formed HELLO"
 
@@ -842,7 +844,9 @@ def test_graceful_stop_drains(arun, ctx, core_impl):
             assert loop.time() - t < 2.0
             # Expect the call in flight to complete, and the agent to leave (not be lost)
             assert await first == "agent-0"
+            t = loop.time()
             await asyncio.wait_for(stopping, 6.0)
+            assert loop.time() - t < 2.0, "the drain ends with the last handler, not at drain_timeout"
             ev = await next_event(events, {"agent_left", "agent_lost"}, 2.0)
             assert (ev.type, ev.data["name"]) == ("agent_left", "agent-0")
             assert [a.name for a in await client.agents()] == ["agent-1"]
@@ -945,5 +949,67 @@ def test_packed_and_protocol_1_sessions_meet_in_one_broker(arun, ctx, core_impl)
                 assert reply is not None and len(reply) == 3 and msgpack.unpackb(reply[2]) == "packed"
             finally:
                 old.close()
+
+    arun(main())
+
+
+def test_replies_keep_their_framing_and_requests_their_bytes(arun, ctx, core_impl):
+    """A reply reaches a packed (protocol 2) client in the very frames its agent sent: the
+    broker forwards the packed frame as it is, also one it would have packed otherwise. A
+    protocol-1 client gets the same parts, one frame each. A packed request reaches a protocol-1
+    agent part by part with its bytes intact, also after waiting in the queue for credit (the
+    broker reads a packed frame's parts in place and copies them only to keep them)."""
+
+    async def main():
+        broker = om.Broker(endpoint_for("tcp"), core=core_impl, context=ctx)
+        await broker.start()
+        peers: list[RawPeer] = []
+
+        async def peer(role: int, **body: Any) -> RawPeer:
+            p = RawPeer(ctx, broker.endpoints[0])
+            peers.append(p)
+            await p.hello(role=role, **body)
+            return p
+
+        try:
+            client2 = await peer(1, protocol=2)
+            client1 = await peer(1)
+            agent2 = await peer(2, name="agent-0", capacity=4, protocol=2)
+            agent1 = await peer(2, name="agent-1", capacity=1)
+            result = msgpack.packb("r" * 70)
+
+            # Given an agent that packs the token only and sends the small result as a frame of its own
+            for corr, client in ((10, client2), (11, client1)):
+                client.send(pack_parts([hdr(REQUEST, corr=corr), ECHO_ROUTE, b"echo", msgpack.packb(["x"])]))
+                request = await agent2.recv({REQUEST}, 2.0)
+                assert request is not None and request[0][2] == 2, "a packed session gets packed requests"
+                token = request[0][40 + 4 : 40 + 4 + 8]
+                reply = [*pack_parts([hdr(REPLY, corr=corr), token]), result]
+                assert len(reply) == 2
+                agent2.send(reply)
+                got = await client.recv({REPLY, ERROR}, 2.0)
+                if client is client2:
+                    # Expect the packed client to get exactly those frames
+                    assert got == reply
+                else:
+                    # Expect the protocol-1 client to get header, token and result, one frame each
+                    assert got == [hdr(REPLY, corr=corr), token, result]
+
+            # Given packed requests for a protocol-1 agent that runs one at a time (two wait in the queue)
+            params = [msgpack.packb([f"{i}" * 80]) for i in range(3)]
+            for i, body in enumerate(params):
+                client2.send(pack_parts([hdr(REQUEST, corr=20 + i), b"\x01\x00agent-1", b"echo", body]))
+            for i, body in enumerate(params):
+                request = await agent1.recv({REQUEST}, 2.0)
+                # Expect each in protocol-1 framing, its parts as they were sent
+                assert request is not None and len(request) == 4, request
+                assert request[0] == hdr(REQUEST, corr=20 + i)[:40] and request[2:] == [b"echo", body]
+                agent1.send([hdr(REPLY, corr=20 + i), request[1], body])
+                got = await client2.recv({REPLY, ERROR}, 2.0)
+                assert got == pack_parts([hdr(REPLY, corr=20 + i), request[1], body])
+        finally:
+            for p in peers:
+                p.close()
+            await broker.stop()
 
     arun(main())

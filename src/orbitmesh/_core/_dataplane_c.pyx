@@ -50,6 +50,7 @@ from orbitmesh._core._zmqabi cimport (
     EAGAIN,
     EHOSTUNREACH,
     EINTR,
+    ENOMEM,
     ZMQ_DONTWAIT,
     ZMQ_POLLIN,
     ZMQ_SNDMORE,
@@ -273,6 +274,8 @@ cdef class DataPlane:
     cdef string _text                    # the message of the last refusal _select decided
     cdef zmq_msg_t _packed_in            # the packed header frame self._in[1] was unpacked from
     cdef cbool _has_packed_in
+    cdef unsigned char _hdr_in[OM_HEADER_SIZE]  # the header it carries (self._in[1] views it)
+    cdef uint64_t _views                 # bit i: self._in[i] views _hdr_in or _packed_in (see _own)
     cdef cbool _o_open                   # a packed header frame is being built (see _out)
     cdef int _o_k                        # parts inline in it; -1 before the header
     cdef string _o_buf
@@ -451,14 +454,21 @@ cdef class DataPlane:
         for i in range(n):
             self._z.zmq_msg_close(&self._in[i])
         self._nin = 0
+        self._views = 0
         if self._has_packed_in:
             self._z.zmq_msg_close(&self._packed_in)
             self._has_packed_in = False
 
     cdef void _unpack_in(self) noexcept nogil:
         """Replace the packed header frame self._in[1] (checked, not truncated) by the header and
-        the parts it carries; it is kept aside until _close_in, for its connection's metadata."""
-        cdef const unsigned char* p = self._data(&self._in[1])
+        the parts it carries; it is kept aside until _close_in, for its connection's metadata and
+        to be forwarded as it is (_pass_packed).
+
+        The new parts are views (libzmq's constant messages: no allocation, no copy) of the packed
+        frame's bytes and of the header copied into _hdr_in. Whatever the loop reads or packs
+        into another frame is read from there; a view that is to outlive the message (sent as a
+        frame of its own, or queued) becomes a message of its own first (_own)."""
+        cdef unsigned char* p = <unsigned char*>self._z.zmq_msg_data(&self._in[1])
         cdef int k = p[12], i
         cdef size_t at = OM_HEADER_SIZE, ln
         # zmq_msg_t moves by value (libzmq's msg_t::move is a struct copy and a re-init)
@@ -466,16 +476,34 @@ cdef class DataPlane:
             memcpy(&self._in[i + k], &self._in[i], sizeof(zmq_msg_t))
         for i in range(k):
             ln = om_ld32(p + at)
-            self._z.zmq_msg_init_size(&self._in[2 + i], ln)
-            memcpy(self._z.zmq_msg_data(&self._in[2 + i]), p + at + 4, ln)
+            self._z.zmq_msg_init_data(&self._in[2 + i], p + at + 4, ln, NULL, NULL)
             at += 4 + ln
         memcpy(&self._packed_in, &self._in[1], sizeof(zmq_msg_t))
         self._has_packed_in = True
-        self._z.zmq_msg_init_size(&self._in[1], OM_HEADER_SIZE)
-        memcpy(self._z.zmq_msg_data(&self._in[1]), p, OM_HEADER_SIZE)
-        om_normalize_packed(<unsigned char*>self._z.zmq_msg_data(&self._in[1]))
+        memcpy(self._hdr_in, p, OM_HEADER_SIZE)
+        om_normalize_packed(self._hdr_in)
+        self._z.zmq_msg_init_data(&self._in[1], self._hdr_in, OM_HEADER_SIZE, NULL, NULL)
+        self._views = ((<uint64_t>1 << (k + 1)) - 1) << 1  # self._in[1 .. k + 1]
         self._nin += k
         self._in_cap += k  # _close_in closes every part
+
+    cdef int _own(self, zmq_msg_t* m) noexcept nogil:
+        """If ``m`` is one of _unpack_in's views, make it a message with its own copy of the
+        bytes, in place; 0, or ENOMEM."""
+        cdef size_t i
+        cdef zmq_msg_t copy
+        if not self._views or m < self._in or m >= self._in + 64:
+            return 0
+        i = <size_t>(m - self._in)
+        if not (self._views >> i) & 1:
+            return 0
+        if self._z.zmq_msg_init_size(&copy, self._size(m)) != 0:
+            return ENOMEM
+        memcpy(self._z.zmq_msg_data(&copy), self._z.zmq_msg_data(m), self._size(m))
+        self._z.zmq_msg_close(m)  # a view: nothing to free
+        memcpy(m, &copy, sizeof(zmq_msg_t))
+        self._views &= ~(<uint64_t>1 << i)
+        return 0
 
     cdef inline const unsigned char* _data(self, zmq_msg_t* m) noexcept nogil:
         return <const unsigned char*>self._z.zmq_msg_data(m)
@@ -512,7 +540,9 @@ cdef class DataPlane:
 
     cdef int _send_msg(self, void* sock, zmq_msg_t* m, int more) noexcept nogil:
         """Send one part (consumed on success; the caller closes it either way)."""
-        cdef int rc, err
+        cdef int rc, err = self._own(m)
+        if err:
+            return err
         while True:
             rc = self._z.zmq_msg_send(m, sock, ZMQ_DONTWAIT | (ZMQ_SNDMORE if more else 0))
             if rc >= 0:
@@ -584,6 +614,18 @@ cdef class DataPlane:
             if err:
                 return err
         return 0
+
+    cdef int _pass_packed(self, const string& rid) noexcept nogil:
+        """Send the message in self._in, unpacked from a packed header frame, to packed peer
+        ``rid`` as it came: that frame (moved, not copied), then the frames that followed it."""
+        cdef int k = self._data(&self._packed_in)[12]
+        cdef int rest = self._nin - 2 - k
+        cdef int err = self._begin(rid, 1)
+        if err == 0:
+            err = self._send_msg(self._router, &self._packed_in, rest > 0)
+            if err == 0 and rest > 0:
+                err = self._send_parts(self._router, &self._in[2 + k], rest)
+        return err
 
     cdef cbool _packed(self, const string& rid) noexcept nogil:
         """Peer ``rid`` is registered with a packed (protocol 2) session."""
@@ -1147,6 +1189,10 @@ cdef class DataPlane:
         item.nframes = n
         item.deadline = deadline
         item.seq = self._seq
+        for i in range(n):
+            if self._own(&frames[i]):  # the queue keeps them past this message
+                self._refuse(rid, hdr, E_QUEUE_FULL, string(b"broker is out of memory"))
+                return
         item.frames = <zmq_msg_t*>malloc(sizeof(zmq_msg_t) * n)
         if item.frames == NULL:
             self._refuse(rid, hdr, E_QUEUE_FULL, string(b"broker is out of memory"))
@@ -1260,6 +1306,8 @@ cdef class DataPlane:
             self._send_bytes(self._control, &ev, 1, 1)
             self._send_bytes(self._control, self._peers[slot].rid.data(), self._peers[slot].rid.size(), 1)
             self._send_parts(self._control, &self._in[1], n - 1)
+        elif self._has_packed_in and self._packed(e.client):
+            self._pass_packed(e.client)  # the parts go on unchanged: so can the frame that packs them
         elif self._out_begin(e.client, self._packed(e.client)) == 0:
             self._out_parts(&self._in[1], n - 1)
         if kind == K_REPLY or kind == K_STREAM_END or kind == K_ERROR:

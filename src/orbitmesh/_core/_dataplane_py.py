@@ -266,6 +266,7 @@ class DataPlane:
         self._counters = [0] * len(COUNTERS)
         self._running = False
         self._hello_user: zmq.Frame | None = None  # header part of the message being handled
+        self._packed_in: list[bytes] | None = None  # its frames after the routing id, if it came packed
         # Per-client limits (0 = none): requests in flight or queued, and a token bucket.
         self._max_pending = client_max_inflight
         self._rate = client_rate
@@ -311,12 +312,19 @@ class DataPlane:
 
     # --------------------------------------------------------------- sending
 
+    def _is_packed_peer(self, rid: bytes) -> bool:
+        peer = self._peers.get(rid)
+        return peer is not None and peer.packed
+
     def _send(self, rid: bytes, frames: list[bytes]) -> int:
         """Send without blocking (packed to a protocol-2 peer when ``frames`` start with a
         header); 0, or the errno (EHOSTUNREACH: peer gone, EAGAIN: its pipe is full)."""
-        peer = self._peers.get(rid)
-        if peer is not None and peer.packed and packable(frames[0]):
+        if self._is_packed_peer(rid) and packable(frames[0]):
             frames = pack_parts(frames)
+        return self._send_as_is(rid, frames)
+
+    def _send_as_is(self, rid: bytes, frames: list[bytes]) -> int:
+        """``_send`` without packing: ``frames`` are already as ``rid`` reads them."""
         try:
             self._router.send_multipart([rid, *frames], zmq.NOBLOCK)
             return 0
@@ -474,8 +482,10 @@ class DataPlane:
             self._malformed(rid, ErrorCode.BAD_FRAMES, 0, "message has no header frame")
             return
         hdr = frames[1]
+        self._packed_in = None
         if is_packed(hdr):
             try:
+                self._packed_in = frames[1:]
                 frames = [rid, *unpack_parts(frames[1:])]
             except ProtocolError as exc:
                 corr = _Q.unpack_from(hdr, 16)[0] if len(hdr) >= HEADER_SIZE else 0
@@ -731,6 +741,8 @@ class DataPlane:
         self._counters[2] += 1
         if entry.tracked:
             self._up([EV_JOB, peer.rid, *frames[1:]])
+        elif self._packed_in is not None and self._is_packed_peer(entry.client):
+            self._send_as_is(entry.client, self._packed_in)  # the parts go on unchanged: so can their framing
         else:
             self._send(entry.client, frames[1:])
         if kind in _TERMINAL:

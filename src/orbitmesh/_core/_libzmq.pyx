@@ -23,6 +23,7 @@ from orbitmesh._core._zmqabi cimport (
     zmq_msg_data_fn,
     zmq_msg_init_fn,
     zmq_msg_init_size_fn,
+    zmq_msg_init_data_fn,
     zmq_msg_more_fn,
     zmq_msg_move_fn,
     zmq_msg_recv_fn,
@@ -101,6 +102,7 @@ cdef tuple _bind():
     cdef ZmqApi api
     api.zmq_msg_init = <zmq_msg_init_fn>_sym(h, b"zmq_msg_init", path)
     api.zmq_msg_init_size = <zmq_msg_init_size_fn>_sym(h, b"zmq_msg_init_size", path)
+    api.zmq_msg_init_data = <zmq_msg_init_data_fn>_sym(h, b"zmq_msg_init_data", path)
     api.zmq_msg_data = <zmq_msg_data_fn>_sym(h, b"zmq_msg_data", path)
     api.zmq_msg_size = <zmq_msg_size_fn>_sym(h, b"zmq_msg_size", path)
     api.zmq_msg_more = <zmq_msg_more_fn>_sym(h, b"zmq_msg_more", path)

@@ -60,10 +60,13 @@ cdef extern from *:
         EAGAIN
         EINTR
         EHOSTUNREACH
+        ENOMEM
 
 
 ctypedef int (*zmq_msg_init_fn)(zmq_msg_t* msg) noexcept nogil
 ctypedef int (*zmq_msg_init_size_fn)(zmq_msg_t* msg, size_t size) noexcept nogil
+ctypedef void (*zmq_free_fn)(void* data, void* hint) noexcept nogil
+ctypedef int (*zmq_msg_init_data_fn)(zmq_msg_t* msg, void* data, size_t size, zmq_free_fn ffn, void* hint) noexcept nogil
 ctypedef void* (*zmq_msg_data_fn)(zmq_msg_t* msg) noexcept nogil
 ctypedef size_t (*zmq_msg_size_fn)(const zmq_msg_t* msg) noexcept nogil
 ctypedef int (*zmq_msg_more_fn)(const zmq_msg_t* msg) noexcept nogil
@@ -84,6 +87,7 @@ ctypedef struct ZmqApi:
     # One pointer per libzmq function, filled once at import by orbitmesh._core._libzmq.
     zmq_msg_init_fn zmq_msg_init
     zmq_msg_init_size_fn zmq_msg_init_size
+    zmq_msg_init_data_fn zmq_msg_init_data  # with ffn NULL: a view of constant data, no allocation
     zmq_msg_data_fn zmq_msg_data
     zmq_msg_size_fn zmq_msg_size
     zmq_msg_more_fn zmq_msg_more
