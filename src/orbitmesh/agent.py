@@ -15,6 +15,7 @@ import inspect
 import logging
 import os
 import socket
+import types
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from .serializers import SERIALIZER_MASK, RawSerializer, Serializer, SerializerS
 log = logging.getLogger("orbitmesh.agent")
 # The hot path compares plain ints (an enum attribute costs ~60 ns a compare).
 _REQUEST, _RAW, _REPLY = int(Kind.REQUEST), int(Kind.RAW), int(Kind.REPLY)
+_Coroutine = types.CoroutineType
+_pack_header = HDR.pack  # header(), without its keyword call on the reply path
 
 F = TypeVar("F", bound=Callable[..., Any])
 _COMMAND_ATTR = "__orbitmesh_command__"
@@ -162,7 +165,7 @@ class Agent:
         self.remember_jobs = 100_000
         self._conn: PeerConnection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._idle: asyncio.Event | None = None
+        self._idle: asyncio.Future[None] | None = None  # stop() waits on it for inflight to reach 0
         self.inflight = 0
         self.served = 0
 
@@ -233,8 +236,7 @@ class Agent:
         previous run of this agent that the broker has not yet expired).
         """
         self._loop = asyncio.get_running_loop()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle = None
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=min(self.capacity, 32), thread_name_prefix=f"orbitmesh-{self.name}"
@@ -277,9 +279,10 @@ class Agent:
             return
         if conn.ready and self.inflight:
             conn.bye(drain=True)
-            assert self._idle is not None
+            assert self._loop is not None
+            self._idle = self._loop.create_future()
             try:
-                await asyncio.wait_for(self._idle.wait(), drain_timeout)
+                await asyncio.wait_for(self._idle, drain_timeout)
             except TimeoutError:
                 log.warning("agent %s: %d handlers still running after drain; cancelling", self.name, self.inflight)
         for task in list(self._running.values()):
@@ -341,16 +344,11 @@ class Agent:
         elif kind == Kind.ERROR:
             log.warning("agent %s got error %d from broker", self.name, fields[4])
 
-    def _begin(self) -> None:
-        self.inflight += 1
-        assert self._idle is not None
-        self._idle.clear()
-
     def _end(self) -> None:
         self.inflight -= 1
         self.served += 1
-        if self.inflight == 0 and self._idle is not None:
-            self._idle.set()
+        if self.inflight == 0 and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)  # stop() is draining: the last handler has finished
 
     def _send(self, frames: list[Any], copy: bool = True) -> None:
         conn = self._conn
@@ -429,7 +427,7 @@ class Agent:
         if handler.kind == "stream" or flags & F_STREAM:
             self._start_task(token, self._run_stream(handler, params, token, corr, job, fields[5], serializer))
             return
-        self._begin()
+        self.inflight += 1
         if self._middleware:
             call = Call("agent", "execute" if job else "invoke", handler.name, params, self.name, job)
             coro = build_chain(self._middleware, functools.partial(self._endpoint, handler))(call)
@@ -460,7 +458,7 @@ class Agent:
     def _run_eagerly(
         self, aw: Awaitable[Any], token: bytes, corr: int, job: int, sflags: int, serializer: Serializer
     ) -> None:
-        if inspect.iscoroutine(aw):
+        if type(aw) is _Coroutine:  # (inspect.iscoroutine, without its call)
             try:
                 pending = aw.send(None)
             except StopIteration as stop:
@@ -509,7 +507,7 @@ class Agent:
         except SerializationError as exc:
             self._fail(token, corr, job, ErrorCode.HANDLER_ERROR, f"result not serialisable: {exc.message}", exc)
             return
-        self._answer([header(Kind.REPLY, flags=sflags, corr=corr, job=job), token, body], job)
+        self._answer([_pack_header(b"OM", 1, _REPLY, sflags, 0, 0, 0, corr, job, 0), token, body], job)
 
     def _reply_error(self, exc: BaseException, token: bytes, corr: int, job: int) -> None:
         if isinstance(exc, (asyncio.CancelledError, CancelledError)):
@@ -531,7 +529,7 @@ class Agent:
         window: int,
         serializer: Serializer,
     ) -> None:
-        self._begin()
+        self.inflight += 1
         key = bytes(token)
         stream = _Stream(max(1, window))
         self._streams[key] = stream
@@ -581,7 +579,7 @@ class Agent:
         if self._raw is None:
             self._fail(token, corr, job, ErrorCode.NO_RAW_HANDLER, f"agent {self.name} has no raw handler", None)
             return
-        self._begin()
+        self.inflight += 1
         parts = frames[2:]
         if self._middleware:
             call = Call("agent", "raw", "", parts, self.name, job)

@@ -145,8 +145,11 @@ class SerializerSet:
         return found
 
     def from_flags(self, flags: int) -> Serializer:
-        """The serializer named by a header's flags."""
-        return self.get((flags & SERIALIZER_MASK) >> SERIALIZER_SHIFT)
+        """The serializer named by a header's flags (once per message: ``get``'s work, inlined)."""
+        found = self._by_id.get((flags & SERIALIZER_MASK) >> SERIALIZER_SHIFT)
+        if found is None:
+            raise SerializationError(f"unknown serializer {(flags & SERIALIZER_MASK) >> SERIALIZER_SHIFT!r}")
+        return found
 
 
 def serializer_flags(serializer: Serializer) -> int:
