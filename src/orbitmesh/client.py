@@ -601,20 +601,33 @@ class MeshClient:
         The pipelining primitive: no task per call. Raises NotConnectedError
         at once if not connected; the future fails with the call's error.
         """
-        conn, corr = self._next_call()
+        # The hot path of every call: _next_call, _expect and the route / command caches inlined.
+        conn = self._conn
+        if conn is None or not conn.ready:
+            raise NotConnectedError(f"not connected to broker at {self.broker}")
         s = self._serializer if serializer is None else self._serializers.get(serializer)
         body = EMPTY if params is None else s.dumps(params)  # empty: no params
+        route = self._routes.get(agent) if type(agent) is str else None
+        if route is None:
+            route = self._route(agent)
+        cmd = self._commands.get(command)
+        if cmd is None:
+            cmd = self._command(command)
         to = self.timeout if timeout is None else timeout
-        deadline = time_ns() // 1_000_000 + int(to * 1000)  # wall_ms(), inlined: the hot path
+        deadline = time_ns() // 1_000_000 + int(to * 1000)  # wall_ms(), inlined
+        self._corr = corr = self._corr + 1  # corr must rise: replays are refused
         hdr = _pack_hdr(b"OM", 1, _REQUEST, (s.id << 8) | _flags, 0, _aux, 0, corr, 0, deadline)
-        frames = [hdr, self._route(agent), self._command(command), body]
+        frames = [hdr, route, cmd, body]
         if _options:
             frames.append(_options)
         conn.send(frames)
-        p = self._expect(corr, s, _REQUEST, to)
+        loop = self._loop
+        assert loop is not None
+        p = _Pending(loop.create_future(), s, _REQUEST)
+        self._pending[corr] = p
+        self._arm_timeout(corr, to)
         if _flags & F_TRACKED:
-            assert self._loop is not None
-            p.accepted = self._loop.create_future()
+            p.accepted = loop.create_future()
         return p.fut
 
     async def invoke(
