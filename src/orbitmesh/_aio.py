@@ -52,6 +52,7 @@ class AsyncSocket:
         self._on_message = on_message
         self._loop = loop
         self._fd = int(sock.getsockopt(zmq.FD))
+        self.last_rx = loop.time()  # loop time of the last batch received (or of the socket's creation)
         self._scheduled = False
         self._outbox: deque[tuple[Frames, bool]] = deque()
         self._recv_batch = io.recv_batch
@@ -75,6 +76,8 @@ class AsyncSocket:
         if self._outbox:
             self._flush()
         batch = self._recv_batch(sock, _BATCH)
+        if batch:
+            self.last_rx = self._loop.time()  # once per batch, not per message
         for frames in batch:
             on_message(frames)
             if self._closed:

@@ -78,7 +78,6 @@ class PeerConnection:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._hello_corr = 0
         self._hello_sent = 0.0
-        self._last_rx = 0.0
         self._attempt = 0
         self._timer: asyncio.TimerHandle | None = None
         self._welcome: asyncio.Future[None] | None = None
@@ -125,7 +124,6 @@ class PeerConnection:
             sock.setsockopt(opt, value)
         sock.connect(self.endpoint)
         self._sock = AsyncSocket(sock, self._dispatch, self._loop)
-        self._last_rx = self._loop.time()
 
     def _say_hello(self) -> None:
         assert self._sock is not None and self._loop is not None
@@ -175,14 +173,14 @@ class PeerConnection:
         now = self._loop.time()
         hb = self.heartbeat_ms / 1000
         if self.ready:
-            if now - self._last_rx > hb * self.liveness:
-                assert self._sock is not None
+            assert self._sock is not None
+            if now - self._sock.last_rx > hb * self.liveness:
                 if int(self._sock.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     # Our own loop was busy, not the broker silent: read first.
                     self._sock._drain()
                     self._arm(0.001)
                     return
-                log.warning("broker at %s silent for %.1f s: reconnecting", self.endpoint, now - self._last_rx)
+                log.warning("broker at %s silent for %.1f s: reconnecting", self.endpoint, now - self._sock.last_rx)
                 self._reconnect()
                 return
             assert self._sock is not None
@@ -222,8 +220,6 @@ class PeerConnection:
     # ------------------------------------------------------------- inbound
 
     def _dispatch(self, frames: list[Any]) -> None:
-        assert self._loop is not None
-        self._last_rx = self._loop.time()
         hdr = frames[0]
         if frame.check_header(hdr):
             log.warning("dropping a message with a bad header from the broker: %r", bytes(hdr[:8]))
@@ -251,6 +247,7 @@ class PeerConnection:
                 if self.ready:
                     self.ready = False
                     self._on_lost()
+                assert self._loop is not None
                 if self._loop.time() - self._hello_sent > 0.05:
                     self._say_hello()
                 return

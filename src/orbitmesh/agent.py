@@ -507,7 +507,11 @@ class Agent:
         except SerializationError as exc:
             self._fail(token, corr, job, ErrorCode.HANDLER_ERROR, f"result not serialisable: {exc.message}", exc)
             return
-        self._answer([_pack_header(b"OM", 1, _REPLY, sflags, 0, 0, 0, corr, job, 0), token, body], job)
+        frames = [_pack_header(b"OM", 1, _REPLY, sflags, 0, 0, 0, corr, job, 0), token, body]
+        if job:
+            self._answer(frames, job)
+        else:
+            self._send(frames)  # (_answer's work is for tracked jobs only)
 
     def _reply_error(self, exc: BaseException, token: bytes, corr: int, job: int) -> None:
         if isinstance(exc, (asyncio.CancelledError, CancelledError)):
