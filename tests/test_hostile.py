@@ -8,8 +8,9 @@ The broker runs in a subprocess (tests/hostile_proc.py) so that its memory can b
   bytes, headers with a wrong magic / version / kind / reserved field, too many frames, frames
   over max_frame_bytes, REQUESTs before HELLO, malformed HELLO bodies); each batch must be
   answered one ERROR per message, with the code and corr docs/protocol.md prescribes;
-* rogue: a registered client sending random messages with valid headers (and an impersonating
-  HELLO as the good agent's name); every ERROR it gets must carry a known code;
+* rogue: a registered (protocol 2) client sending random messages with valid headers, half of
+  them in packed framing (and an impersonating HELLO as the good agent's name); every ERROR it
+  gets must carry a known code;
 * replay: a registered client re-sending the exact same REQUEST frames many times;
 * bad keys: unknown, rejected and revoked keys, a wrong server key and plaintext: no answer ever;
 * raw tcp: truncated ZMTP greetings, random bytes, stalled half-handshakes;
@@ -48,6 +49,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 import orbitmesh as om
 from orbitmesh import ErrorCode
+from orbitmesh._core._frame_py import is_packed, pack_parts, unpack_parts
 from orbitmesh.acl import Policy
 from orbitmesh.security import Keypair, KeyStore, PeerKeys
 
@@ -179,12 +181,15 @@ class Peer:
             if not self.sock.poll(max(0, int(left * 1000))):
                 return None
             frames = self.sock.recv_multipart()
+            if is_packed(frames[0]):
+                frames = unpack_parts(frames)  # what a protocol-2 session gets (see hello)
             if len(frames[0]) == 40 and frames[0][3] == HEARTBEAT:
                 continue
             return frames
 
-    def hello(self, tally: Tally, name: str = "hostile", timeout: float = 10.0) -> bool:
-        self.send([hdr(HELLO, aux=1, corr=1), b"", msgpack.packb({"role": "client", "name": name})])
+    def hello(self, tally: Tally, name: str = "hostile", timeout: float = 10.0, protocol: int = 1) -> bool:
+        body = {"role": "client", "name": name, "protocol": protocol}
+        self.send([hdr(HELLO, aux=1, corr=1), b"", msgpack.packb(body)])
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             frames = self.recv(end - time.monotonic())
@@ -323,7 +328,7 @@ class Soak:
         rng = random.Random(seed)
         peer = Peer(self.ctx, self.endpoint, self.peer_keys("rogue"))
         try:
-            if not peer.hello(tally, "rogue"):
+            if not peer.hello(tally, "rogue", protocol=2):
                 return
             # An impersonation: HELLO as the good agent's name with another (accepted) key
             peer.send([hdr(HELLO, aux=2, corr=7), b"", msgpack.packb({"role": "agent", "name": "agent-0"})])
@@ -339,13 +344,14 @@ class Soak:
                     rng.choice([ECHO_ROUTE, b"\x04\x00", b"\x02\x01gpu", rng.randbytes(8), b"echo", b""])
                     for _ in range(rng.randint(0, 4))
                 ]
-                peer.send(frames)
+                # Half of them in packed framing: the broker reads their parts in place
+                peer.send(pack_parts(frames) if rng.random() < 0.5 else frames)
                 tally.sent += 1
                 while (got := peer.recv(0.0)) is not None:
                     tally.answered += 1
                     if tally.error_code(got) == ErrorCode.NOT_REGISTERED:
                         tally.notes["re-hello"] += 1  # it said BYE (or went quiet): register again
-                        if not peer.hello(tally, "rogue"):
+                        if not peer.hello(tally, "rogue", protocol=2):
                             return
                 time.sleep(0.002)
             tally.notes["NAME_TAKEN"] = tally.codes[ErrorCode.NAME_TAKEN]
