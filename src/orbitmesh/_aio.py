@@ -29,6 +29,15 @@ _BATCH = 512
 Frames = Sequence[Any]
 
 
+class _NoCopy:
+    """A message queued with ``copy=False`` (the others are queued as they are)."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: Frames) -> None:
+        self.frames = frames
+
+
 class AsyncSocket:
     """Wrap ``sock`` (a non-asyncio pyzmq socket) for use on ``loop``.
 
@@ -54,7 +63,7 @@ class AsyncSocket:
         self._fd = int(sock.getsockopt(zmq.FD))
         self.last_rx = loop.time()  # loop time of the last batch received (or of the socket's creation)
         self._scheduled = False
-        self._outbox: deque[tuple[Frames, bool]] = deque()
+        self._outbox: deque[Frames | _NoCopy] = deque()
         self._recv_batch = io.recv_batch
         self._send_parts = io.send_parts
         self._closed = False
@@ -99,14 +108,16 @@ class AsyncSocket:
         out = self._outbox
         send = self.sock.send_multipart
         packed = self.packed
+        send_parts, sock = self._send_parts, self.sock
         while out:
-            frames, copy = out[0]
-            if copy:
-                if not self._send_parts(self.sock, frames, packed):
+            frames = out[0]
+            if not isinstance(frames, _NoCopy):
+                if not send_parts(sock, frames, packed):
                     return
             else:
+                parts = frames.frames
                 try:
-                    send(frame.pack_parts(list(frames)) if packed else frames, zmq.NOBLOCK, copy=False)
+                    send(frame.pack_parts(list(parts)) if packed else parts, zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     return
             out.popleft()
@@ -120,7 +131,7 @@ class AsyncSocket:
         """
         if self._closed:
             raise zmq.ZMQError(zmq.ENOTSOCK, "socket is closed")
-        self._outbox.append((frames, copy))
+        self._outbox.append(frames if copy else _NoCopy(frames))
         if not self._scheduled:
             self._schedule()
 

@@ -75,6 +75,9 @@ class PeerConnection:
         self.ready = False
         self.closed = False
         self._sock: AsyncSocket | None = None
+        # The open socket's AsyncSocket.send: for callers that have just checked ``ready`` (the
+        # client's hot path), what ``send`` does after its own check.
+        self.sock_send: Callable[..., None] = self._not_open
         self._loop: asyncio.AbstractEventLoop | None = None
         self._hello_corr = 0
         self._hello_sent = 0.0
@@ -124,6 +127,7 @@ class PeerConnection:
             sock.setsockopt(opt, value)
         sock.connect(self.endpoint)
         self._sock = AsyncSocket(sock, self._dispatch, self._loop)
+        self.sock_send = self._sock.send
 
     def _say_hello(self) -> None:
         assert self._sock is not None and self._loop is not None
@@ -142,9 +146,13 @@ class PeerConnection:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+            self.sock_send = self._not_open
         if self._welcome is not None and not self._welcome.done():
             self._welcome.set_exception(NotConnectedError("connection closed"))
             self._welcome.exception()  # mark retrieved: close() may race connect()
+
+    def _not_open(self, frames: list[Any], copy: bool = True) -> None:
+        raise NotConnectedError(f"not connected to broker at {self.endpoint}")
 
     def send(self, frames: list[Any], copy: bool = True) -> None:
         """Send a message to the broker; raises NotConnectedError while not registered."""
@@ -201,6 +209,7 @@ class PeerConnection:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+            self.sock_send = self._not_open
         if was_ready:
             self._on_lost()
         self._attempt += 1

@@ -353,7 +353,7 @@ class Agent:
     def _send(self, frames: list[Any], copy: bool = True) -> None:
         conn = self._conn
         if conn is not None and conn.ready:
-            conn.send(frames, copy)
+            conn.sock_send(frames, copy)  # (conn.send, after the same check)
 
     def _fail(self, token: bytes, corr: int, job: int, code: int, message: str, exc: BaseException | None) -> None:
         self._answer(error_message(code, corr, message, job=job, route=token, exc=exc, agent=self.name), job)

@@ -41,6 +41,7 @@ log = logging.getLogger("orbitmesh.client")
 
 T = TypeVar("T")
 _pack_hdr = HDR.pack
+_heappush = heapq.heappush
 # The hot paths compare plain ints (an IntEnum attribute lookup costs ~150 ns).
 _ACCEPTED, _REPLY, _REQUEST, _QUERY, _RAW = (
     int(k) for k in (Kind.ACCEPTED, Kind.REPLY, Kind.REQUEST, Kind.QUERY, Kind.RAW)
@@ -499,18 +500,28 @@ class MeshClient:
         at = self._loop.time() + timeout
         heap = self._deadlines
         if len(heap) > 2 * len(self._pending) + 1024:
-            # Entries stay until their deadline passes, long after most calls have finished:
-            # at 100k calls/s and a 30 s timeout that was 3M entries (~400 MB) before the first
-            # one expired. Dropping the finished ones here keeps the heap within a few times
-            # the calls in flight, for about one membership check per call.
-            self._deadlines = heap = [e for e in heap if e[1] in self._pending]
-            heapq.heapify(heap)
-        heapq.heappush(heap, (at, corr))
+            heap = self._compact_deadlines()
+        _heappush(heap, (at, corr))
         if self._timer is None or at < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = at
-            self._timer = self._loop.call_at(at, self._expire)
+            self._arm_timer(at)
+
+    def _compact_deadlines(self) -> list[tuple[float, int]]:
+        """Drop the deadlines of finished calls. Entries stay until their deadline passes, long
+        after most calls have finished: at 100k calls/s and a 30 s timeout that was 3M entries
+        (~400 MB) before the first one expired. Called as the heap outgrows the calls in flight
+        (2x + 1024), it keeps the heap within a few times their number, for about one
+        membership check per call."""
+        pending = self._pending
+        self._deadlines = heap = [e for e in self._deadlines if e[1] in pending]
+        heapq.heapify(heap)
+        return heap
+
+    def _arm_timer(self, at: float) -> None:
+        assert self._loop is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._expire)
 
     def _expire(self) -> None:
         assert self._loop is not None
@@ -620,12 +631,20 @@ class MeshClient:
         frames = [hdr, route, cmd, body]
         if _options:
             frames.append(_options)
-        conn.send(frames)
+        conn.sock_send(frames)  # (conn.send, after the readiness check above)
         loop = self._loop
         assert loop is not None
         p = _Pending(loop.create_future(), s, _REQUEST)
-        self._pending[corr] = p
-        self._arm_timeout(corr, to)
+        pending = self._pending
+        pending[corr] = p
+        if to < _FOREVER:  # _arm_timeout, inlined
+            at = loop.time() + to
+            heap = self._deadlines
+            if len(heap) > 2 * len(pending) + 1024:
+                heap = self._compact_deadlines()
+            _heappush(heap, (at, corr))
+            if self._timer is None or at < self._timer_at:
+                self._arm_timer(at)
         if _flags & F_TRACKED:
             p.accepted = loop.create_future()
         return p.fut
@@ -998,41 +1017,43 @@ class MeshClient:
     def _on_message(self, frames: list[Any], fields: tuple[Any, ...]) -> None:
         kind = fields[2]
         corr = fields[7]
-        p = self._pending.get(corr)
-        if p is None:
-            if kind == Kind.EVENT:
-                self._on_event(frames)
-            return
-        if kind == _ACCEPTED:  # first: a job's second message, every execute has one
-            if p.accepted is not None and not p.accepted.done():
-                p.accepted.set_result(fields[8])
-            return
-        if kind == _REPLY:
-            del self._pending[corr]
+        if kind == _REPLY:  # first: every call ends with one
+            p = self._pending.pop(corr, None)
+            if p is None:
+                return
             fut = p.fut
             if fut.done():
                 return
             waiter = p.waiter
             if waiter is not None and p.items is None and not waiter.done():  # a Job.result() waiting
                 waiter.set_result(None)
-            if p.kind == _QUERY:
+            pkind = p.kind
+            if pkind == _QUERY:
                 fut.set_result(msgpack.unpackb(frames[2], raw=False) if len(frames) > 2 else None)
-            elif p.kind == _RAW or fields[3] & F_RAW_REPLY:
+            elif pkind == _RAW or fields[3] & F_RAW_REPLY:
                 fut.set_result(frames[2:])
             else:
                 try:
-                    s = (
-                        p.serializer
-                        if (fields[3] >> 8) & 0xF == p.serializer.id
-                        else self._serializers.from_flags(fields[3])
-                    )
+                    s = p.serializer
+                    if (fields[3] >> 8) & 0xF != s.id:
+                        s = self._serializers.from_flags(fields[3])
                     body = frames[2] if len(frames) > 2 else EMPTY
                     fut.set_result(s.loads(body) if body or s.id == RawSerializer.id else None)
                 except OrbitMeshError as exc:
                     fut.set_exception(exc)
                     if p.accepted is not None:
                         fut.exception()  # a job's outcome may never be asked for (see _settle_error)
-        elif kind == Kind.ERROR:
+            return
+        p = self._pending.get(corr)
+        if p is None:
+            if kind == Kind.EVENT:
+                self._on_event(frames)
+            return
+        if kind == _ACCEPTED:  # a job's second message, every execute has one
+            if p.accepted is not None and not p.accepted.done():
+                p.accepted.set_result(fields[8])
+            return
+        if kind == Kind.ERROR:
             del self._pending[corr]
             self._settle_error(p, parse_error(fields[4], frames))
         elif kind == Kind.STREAM_ITEM:
