@@ -149,6 +149,7 @@ class Agent:
         self.capacity = capacity
         self._middleware = list(middleware)
         self._serializers = SerializerSet(list(serializers))
+        self._msgpack = self._serializers.get(0)  # id 0 is always msgpack: most requests name it
         self._own_executor = executor is None
         self._executor = executor
         self._context = context
@@ -417,7 +418,7 @@ class Agent:
             self._fail(token, corr, job, ErrorCode.UNKNOWN_COMMAND, f"agent {self.name} has no command {name!r}", None)
             return
         try:
-            serializer = self._serializers.from_flags(flags)
+            serializer = self._serializers.from_flags(flags) if flags & SERIALIZER_MASK else self._msgpack
             body = frames[3] if len(frames) > 3 else b""
             # An empty body means "no params", except to the raw serializer: empty bytes.
             params = serializer.loads(body) if body or serializer.id == RawSerializer.id else None
@@ -463,7 +464,11 @@ class Agent:
                 pending = aw.send(None)
             except StopIteration as stop:
                 self._reply(stop.value, token, corr, job, sflags, serializer)
-                self._end()
+                # _end(), inlined: most handlers finish here
+                self.inflight -= 1
+                self.served += 1
+                if not self.inflight and self._idle is not None and not self._idle.done():
+                    self._idle.set_result(None)
                 return
             except BaseException as exc:
                 self._reply_error(exc, token, corr, job)
@@ -510,8 +515,10 @@ class Agent:
         frames = [_pack_header(b"OM", 1, _REPLY, sflags, 0, 0, 0, corr, job, 0), token, body]
         if job:
             self._answer(frames, job)
-        else:
-            self._send(frames)  # (_answer's work is for tracked jobs only)
+            return
+        conn = self._conn  # _send, inlined (_answer's work is for tracked jobs only)
+        if conn is not None and conn.ready:
+            conn.sock_send(frames)
 
     def _reply_error(self, exc: BaseException, token: bytes, corr: int, job: int) -> None:
         if isinstance(exc, (asyncio.CancelledError, CancelledError)):
