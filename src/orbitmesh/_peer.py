@@ -191,7 +191,6 @@ class PeerConnection:
                 log.warning("broker at %s silent for %.1f s: reconnecting", self.endpoint, now - self._sock.last_rx)
                 self._reconnect()
                 return
-            assert self._sock is not None
             self._sock.send([header(Kind.HEARTBEAT, aux=min(self._load(), 0xFFFFFFFF)), b""])
         elif now - self._hello_sent > max(hb, self._backoff()):
             # HELLO unanswered: the broker may be down; retry on a fresh socket.
