@@ -1295,6 +1295,7 @@ cdef class DataPlane:
         cdef Entry* e
         cdef int n = self._nin
         cdef char ev
+        cdef cbool packed
         if found < 0 or self._entries[found].agent != slot or self._entries[found].agent_gen != self._peers[slot].gen:
             self._counters[C_STALE] += 1
             return
@@ -1306,10 +1307,12 @@ cdef class DataPlane:
             self._send_bytes(self._control, &ev, 1, 1)
             self._send_bytes(self._control, self._peers[slot].rid.data(), self._peers[slot].rid.size(), 1)
             self._send_parts(self._control, &self._in[1], n - 1)
-        elif self._has_packed_in and self._packed(e.client):
-            self._pass_packed(e.client)  # the parts go on unchanged: so can the frame that packs them
-        elif self._out_begin(e.client, self._packed(e.client)) == 0:
-            self._out_parts(&self._in[1], n - 1)
+        else:
+            packed = self._packed(e.client)
+            if packed and self._has_packed_in:
+                self._pass_packed(e.client)  # the parts go on unchanged: so can the frame that packs them
+            elif self._out_begin(e.client, packed) == 0:
+                self._out_parts(&self._in[1], n - 1)
         if kind == K_REPLY or kind == K_STREAM_END or kind == K_ERROR:
             self._free_entry(<uint32_t>found)
             if self._queued:
