@@ -11,6 +11,7 @@ from typing import Any
 import zmq
 
 import orbitmesh as om
+from orbitmesh import _core
 
 FAST = {"heartbeat_interval": 0.1, "liveness": 4}
 
@@ -109,6 +110,14 @@ def standard_handlers(agent: om.Agent) -> None:
         return b"".join(bytes(f) for f in frames)[::-1]
 
 
+def use_calls_twin(client: om.MeshClient, core: str) -> None:
+    """Give a client not yet connected the call table of ``core`` ("c" or "py"): the client's
+    compiled core follows the broker's in these tests, so both twins serve every mesh test."""
+    table = _core.load("_calls", core).CallTable()
+    client._calls = table
+    client._pending = table.pending
+
+
 @contextlib.asynccontextmanager
 async def mesh(
     ctx: zmq.Context[Any],
@@ -126,6 +135,7 @@ async def mesh(
     specs = [{} for _ in range(agents)] if isinstance(agents, int) else agents
     started: list[om.Agent] = []
     client = om.MeshClient(broker.endpoints[0], context=ctx, timeout=10.0, **(client_kw or {}))
+    use_calls_twin(client, core)
     try:
         for i, spec in enumerate(specs):
             spec = dict(spec)

@@ -442,7 +442,7 @@ def test_finished_calls_do_not_pile_up_in_the_timeout_heap(arun, ctx, core_impl)
                 calls = [client.submit("agent-0", "echo", {"value": i}) for i in range(1000)]
                 assert await asyncio.gather(*calls) == list(range(1000))
             # Expect the heap bounded by the calls in flight (1,000 at most) plus the slack
-            assert len(client._deadlines) <= 2 * 1000 + 1024 + 1, len(client._deadlines)
+            assert client._calls.deadlines <= 2 * 1000 + 1024 + 1, client._calls.deadlines
             # ... and the slow call to time out all the same
             with pytest.raises(om.TimeoutError):
                 await slow

@@ -42,9 +42,11 @@ class AsyncSocket:
     """Wrap ``sock`` (a non-asyncio pyzmq socket) for use on ``loop``.
 
     ``on_message(frames)`` is called for every received multipart message,
-    synchronously, from the loop. ``send`` never blocks: if the socket's
-    high-water mark is reached the message waits in an unbounded local queue
-    until the socket is writable again (callers bound what they send).
+    synchronously, from the loop; with ``on_batch``, for those that ``on_batch(batch)``
+    returns (it sees each received batch first and handles what it can in one call).
+    ``send`` never blocks: if the socket's high-water mark is reached the message waits
+    in an unbounded local queue until the socket is writable again (callers bound what
+    they send).
 
     Messages are received in either framing (a packed one comes back unpacked); ``packed``
     says how they are sent: True once the session speaks protocol 2 (packed framing), when
@@ -56,9 +58,11 @@ class AsyncSocket:
         sock: zmq.Socket[Any],
         on_message: Callable[[list[Any]], None],
         loop: asyncio.AbstractEventLoop,
+        on_batch: Callable[[list[list[Any]]], list[list[Any]]] | None = None,
     ) -> None:
         self.sock = sock
         self._on_message = on_message
+        self._on_batch = on_batch
         self._loop = loop
         self._fd = int(sock.getsockopt(zmq.FD))
         self.last_rx = loop.time()  # loop time of the last batch received (or of the socket's creation)
@@ -85,13 +89,16 @@ class AsyncSocket:
         if self._outbox:
             self._flush()
         batch = self._recv_batch(sock, _BATCH)
-        if batch:
+        got = len(batch)
+        if got:
             self.last_rx = self._loop.time()  # once per batch, not per message
+            if self._on_batch is not None:
+                batch = self._on_batch(batch)
         for frames in batch:
             on_message(frames)
             if self._closed:
                 return
-        if len(batch) == _BATCH:
+        if got == _BATCH:
             # More may be waiting: yield to the loop, then continue.
             self._schedule()
             return

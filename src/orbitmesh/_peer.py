@@ -38,7 +38,8 @@ class PeerConnection:
     ``on_message(frames, fields)`` gets every message other than WELCOME and
     HEARTBEAT, with the unpacked header ``fields`` (HDR layout). ``on_lost()``
     runs when the broker is declared gone (before reconnecting);
-    ``on_ready()`` after every successful (re)registration.
+    ``on_ready()`` after every successful (re)registration. ``on_batch(batch)``, if given, sees
+    each received batch first and returns the messages it did not handle (see ``AsyncSocket``).
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class PeerConnection:
         on_message: Callable[[list[Any], tuple[Any, ...]], None],
         on_lost: Callable[[], None],
         on_ready: Callable[[], None] | None = None,
+        on_batch: Callable[[list[list[Any]]], list[list[Any]]] | None = None,
         load: Callable[[], int] | None = None,
         context: zmq.Context[Any] | None = None,
         reconnect_initial: float = 0.05,
@@ -62,6 +64,7 @@ class PeerConnection:
         self._on_message = on_message
         self._on_lost = on_lost
         self._on_ready = on_ready
+        self._on_batch = on_batch
         self._load = load or (lambda: 0)
         self._ctx = context or zmq.Context.instance()
         self._reconnect_initial = reconnect_initial
@@ -126,7 +129,7 @@ class PeerConnection:
         for opt, value in self._socket_options.items():
             sock.setsockopt(opt, value)
         sock.connect(self.endpoint)
-        self._sock = AsyncSocket(sock, self._dispatch, self._loop)
+        self._sock = AsyncSocket(sock, self._dispatch, self._loop, self._on_batch)
         self.sock_send = self._sock.send
 
     def _say_hello(self) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import dataclasses
-import heapq
 import logging
 import random
 import types
@@ -20,6 +19,7 @@ import msgpack
 import zmq
 
 from ._core import frame
+from ._core.calls import CallTable, Pending, decode_reply
 from ._peer import PeerConnection
 from ._wire import EMPTY, HDR, header, parse_error
 from .errors import (
@@ -35,19 +35,19 @@ from .middleware import Call, Middleware, build_chain
 from .models import AgentInfo, Event, JobInfo, JobState
 from .protocol import F_RAW_REPLY, F_STREAM, F_TRACKED, Kind, Role, Route, Strategy
 from .security import PeerKeys
-from .serializers import RawSerializer, Serializer, SerializerSet
+from .serializers import Serializer, SerializerSet
 
 log = logging.getLogger("orbitmesh.client")
 
 T = TypeVar("T")
 _pack_hdr = HDR.pack
-_heappush = heapq.heappush
 # The hot paths compare plain ints (an IntEnum attribute lookup costs ~150 ns).
 _ACCEPTED, _REPLY, _REQUEST, _QUERY, _RAW = (
     int(k) for k in (Kind.ACCEPTED, Kind.REPLY, Kind.REQUEST, Kind.QUERY, Kind.RAW)
 )
 _STRATEGIES = {"least_loaded": Strategy.LEAST_LOADED, "round_robin": Strategy.ROUND_ROBIN, "random": Strategy.RANDOM}
 _FOREVER = 10 * 365 * 86400.0  # pending entries that only their own protocol ends
+_INF = float("inf")
 
 
 @dataclass(frozen=True)
@@ -90,20 +90,6 @@ class Outcome(Generic[T]):
     @property
     def ok(self) -> bool:
         return self.error is None
-
-
-class _Pending:
-    __slots__ = ("accepted", "agent", "fut", "items", "kind", "serializer", "token", "waiter")
-
-    def __init__(self, fut: asyncio.Future[Any], serializer: Serializer, kind: int) -> None:
-        self.fut = fut
-        self.serializer = serializer
-        self.kind = kind
-        self.accepted: asyncio.Future[int] | None = None
-        self.items: deque[Any] | None = None
-        self.waiter: asyncio.Future[None] | None = None
-        self.token = EMPTY
-        self.agent = ""
 
 
 def _job_options(
@@ -226,7 +212,7 @@ class Job:
     """A tracked job (from ``execute``): its ``id`` and a way to its result."""
 
     def __init__(
-        self, client: MeshClient, job_id: int, fut: asyncio.Future[Any], returns: Any, pending: _Pending | None = None
+        self, client: MeshClient, job_id: int, fut: asyncio.Future[Any], returns: Any, pending: Pending | None = None
     ) -> None:
         self.client = client
         self.id = job_id
@@ -303,7 +289,7 @@ class Stream(AsyncIterator[Any]):
         self._window = max(1, window)
         self._timeout = timeout
         self._returns = returns
-        self._p: _Pending | None = None
+        self._p: Pending | None = None
         self._corr = 0
         self._consumed = 0
         self._done = False
@@ -407,11 +393,11 @@ class MeshClient:
         self._context = context
         self._conn: PeerConnection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: dict[int, _Pending] = {}
-        self._corr = 0
+        # Calls in flight (corr, entry, deadline); ``_pending`` is its dict, the same object for good.
+        self._calls = CallTable()
+        self._pending: dict[int, Pending] = self._calls.pending
         self._routes: dict[str, bytes] = {}
         self._commands: dict[str, bytes] = {}
-        self._deadlines: list[tuple[float, int]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._ready: asyncio.Event | None = None
@@ -429,6 +415,7 @@ class MeshClient:
             {"role": "client", "name": self.name},
             Role.CLIENT,
             on_message=self._on_message,
+            on_batch=self._calls.settle,
             on_lost=self._on_lost,
             on_ready=self._on_ready,
             load=lambda: len(self._pending),
@@ -475,8 +462,7 @@ class MeshClient:
         self._fail_all(NotConnectedError(f"connection to broker at {self.broker} lost"))
 
     def _fail_all(self, exc: OrbitMeshError) -> None:
-        pending, self._pending = self._pending, {}
-        for p in pending.values():
+        for p in self._calls.take_all():
             self._settle_error(p, exc)
 
     async def _wait_ready(self, timeout: float) -> PeerConnection:
@@ -493,29 +479,6 @@ class MeshClient:
 
     # ------------------------------------------------------------ timeouts
 
-    def _arm_timeout(self, corr: int, timeout: float) -> None:
-        if timeout >= _FOREVER:
-            return  # ended by its own protocol (a job's outcome, a stream's end), not by a timer
-        assert self._loop is not None
-        at = self._loop.time() + timeout
-        heap = self._deadlines
-        if len(heap) > 2 * len(self._pending) + 1024:
-            heap = self._compact_deadlines()
-        _heappush(heap, (at, corr))
-        if self._timer is None or at < self._timer_at:
-            self._arm_timer(at)
-
-    def _compact_deadlines(self) -> list[tuple[float, int]]:
-        """Drop the deadlines of finished calls. Entries stay until their deadline passes, long
-        after most calls have finished: at 100k calls/s and a 30 s timeout that was 3M entries
-        (~400 MB) before the first one expired. Called as the heap outgrows the calls in flight
-        (2x + 1024), it keeps the heap within a few times their number, for about one
-        membership check per call."""
-        pending = self._pending
-        self._deadlines = heap = [e for e in self._deadlines if e[1] in pending]
-        heapq.heapify(heap)
-        return heap
-
     def _arm_timer(self, at: float) -> None:
         assert self._loop is not None
         if self._timer is not None:
@@ -526,14 +489,9 @@ class MeshClient:
     def _expire(self) -> None:
         assert self._loop is not None
         self._timer = None
-        now = self._loop.time()
-        heap = self._deadlines
         pending = self._pending
-        while heap and heap[0][0] <= now:
-            _, corr = heapq.heappop(heap)
-            p = pending.get(corr)
-            if p is None:
-                continue
+        for corr in self._calls.due(self._loop.time()):
+            p = pending[corr]
             if p.accepted is not None:
                 # A job: its deadline is for ACCEPTED only; once accepted, the outcome decides.
                 if not p.accepted.done():
@@ -543,31 +501,35 @@ class MeshClient:
             del pending[corr]
             self._send_cancel(corr, p)
             self._settle_error(p, TimeoutError(f"no reply within the call's timeout (corr {corr})"))
-        # Drop entries whose calls already finished, so the heap stays small.
-        if len(heap) > 64 and len(heap) > 4 * len(self._pending):
-            self._deadlines = heap = [e for e in heap if e[1] in self._pending]
-            heapq.heapify(heap)
-        if heap:
-            self._timer_at = heap[0][0]
-            self._timer = self._loop.call_at(self._timer_at, self._expire)
+        at = self._calls.next_deadline()
+        if at != _INF:
+            self._timer_at = at
+            self._timer = self._loop.call_at(at, self._expire)
 
     # ------------------------------------------------------------- sending
 
-    def _next_call(self) -> tuple[PeerConnection, int]:
-        """The connection and a fresh corr for a call sent now (corr must rise: replays are refused)."""
+    def _open(self, serializer: Serializer, kind: int, timeout: float) -> tuple[PeerConnection, Pending]:
+        """The connection and a new call's entry, its deadline armed, for a call sent now."""
         conn = self._conn
         if conn is None or not conn.ready:
             raise NotConnectedError(f"not connected to broker at {self.broker}")
-        self._corr += 1
-        return conn, self._corr
+        loop = self._loop
+        assert loop is not None
+        if timeout >= _FOREVER:  # ended by its own protocol (a job's outcome, a stream's end)
+            return conn, self._calls.open(loop.create_future(), serializer, kind)
+        at = loop.time() + timeout
+        p = self._calls.open(loop.create_future(), serializer, kind, at)
+        if self._timer is None or at < self._timer_at:
+            self._arm_timer(at)
+        return conn, p
 
-    def _expect(self, corr: int, serializer: Serializer, kind: int, timeout: float) -> _Pending:
-        """Register the answer a sent call waits for, with its timeout."""
-        assert self._loop is not None
-        p = _Pending(self._loop.create_future(), serializer, kind)
-        self._pending[corr] = p
-        self._arm_timeout(corr, timeout)
-        return p
+    def _send_call(self, conn: PeerConnection, p: Pending, frames: list[Any], copy: bool = True) -> None:
+        """Send a call opened by ``_open``; if that fails, it was never made."""
+        try:
+            conn.send(frames, copy)
+        except BaseException:
+            self._pending.pop(p.corr, None)
+            raise
 
     def _route(self, target: Target) -> bytes:
         if isinstance(target, str):
@@ -612,7 +574,7 @@ class MeshClient:
         The pipelining primitive: no task per call. Raises NotConnectedError
         at once if not connected; the future fails with the call's error.
         """
-        # The hot path of every call: _next_call, _expect and the route / command caches inlined.
+        # The hot path of every call: _open and the route / command caches inlined.
         conn = self._conn
         if conn is None or not conn.ready:
             raise NotConnectedError(f"not connected to broker at {self.broker}")
@@ -625,26 +587,22 @@ class MeshClient:
         if cmd is None:
             cmd = self._command(command)
         to = self.timeout if timeout is None else timeout
+        loop = self._loop
+        assert loop is not None
+        at = loop.time() + to if to < _FOREVER else _INF  # _FOREVER: ended by its own protocol
+        p = self._calls.open(loop.create_future(), s, _REQUEST, at)
         deadline = time_ns() // 1_000_000 + int(to * 1000)  # wall_ms(), inlined
-        self._corr = corr = self._corr + 1  # corr must rise: replays are refused
-        hdr = _pack_hdr(b"OM", 1, _REQUEST, (s.id << 8) | _flags, 0, _aux, 0, corr, 0, deadline)
+        hdr = _pack_hdr(b"OM", 1, _REQUEST, (s.id << 8) | _flags, 0, _aux, 0, p.corr, 0, deadline)
         frames = [hdr, route, cmd, body]
         if _options:
             frames.append(_options)
-        conn.sock_send(frames)  # (conn.send, after the readiness check above)
-        loop = self._loop
-        assert loop is not None
-        p = _Pending(loop.create_future(), s, _REQUEST)
-        pending = self._pending
-        pending[corr] = p
-        if to < _FOREVER:  # _arm_timeout, inlined
-            at = loop.time() + to
-            heap = self._deadlines
-            if len(heap) > 2 * len(pending) + 1024:
-                heap = self._compact_deadlines()
-            _heappush(heap, (at, corr))
-            if self._timer is None or at < self._timer_at:
-                self._arm_timer(at)
+        try:
+            conn.sock_send(frames)  # (conn.send, after the readiness check above)
+        except BaseException:
+            del self._pending[p.corr]  # never made
+            raise
+        if at < self._timer_at or (self._timer is None and at != _INF):
+            self._arm_timer(at)
         if _flags & F_TRACKED:
             p.accepted = loop.create_future()
         return p.fut
@@ -776,9 +734,9 @@ class MeshClient:
         timeout: float,
         serializer: str | Serializer | None,
         options: bytes | None,
-    ) -> _Pending:
+    ) -> Pending:
         self.submit(agent, command, params, timeout=timeout, serializer=serializer, _flags=F_TRACKED, _options=options)
-        return self._pending[self._corr]
+        return self._pending[self._calls.corr]
 
     def stream(
         self,
@@ -794,25 +752,25 @@ class MeshClient:
         ``timeout``: the longest wait for any one item."""
         return Stream(self, agent, command, params, window, self.timeout if timeout is None else timeout, returns)
 
-    def _start_stream(self, target: Target, command: str, params: Any, window: int) -> tuple[int, _Pending]:
+    def _start_stream(self, target: Target, command: str, params: Any, window: int) -> tuple[int, Pending]:
         # No call timeout: a stream lives as long as its consumer; each item has its own.
         self.submit(target, command, params, timeout=_FOREVER, _flags=F_STREAM, _aux=window)
-        p = self._pending[self._corr]
+        p = self._pending[self._calls.corr]
         p.items = deque()
-        return self._corr, p
+        return p.corr, p
 
-    def _send_credit(self, corr: int, p: _Pending, n: int) -> None:
+    def _send_credit(self, corr: int, p: Pending, n: int) -> None:
         if self._conn is not None and self._conn.ready and p.token:
             self._conn.send([header(Kind.CREDIT, aux=n, corr=corr), p.token])
 
-    def _cancel_stream(self, corr: int, p: _Pending) -> None:
+    def _cancel_stream(self, corr: int, p: Pending) -> None:
         """End a stream the consumer left: CANCEL to its handler, and forget it."""
         if not p.fut.done():
             self._send_cancel(corr, p)
             p.fut.cancel()
         self._pending.pop(corr, None)
 
-    def _send_cancel(self, corr: int, p: _Pending) -> None:
+    def _send_cancel(self, corr: int, p: Pending) -> None:
         if self._conn is not None and self._conn.ready:
             self._conn.send([header(Kind.CANCEL, corr=corr), p.token])
 
@@ -860,10 +818,11 @@ class MeshClient:
 
     def _submit_raw(self, agent: Target, parts: list[Any], size: int, to: float) -> asyncio.Future[Any]:
         """Send a RAW request now; the future gets the reply's frames."""
-        conn, corr = self._next_call()
-        hdr = _pack_hdr(b"OM", 1, _RAW, 0, 0, 0, 0, corr, 0, time_ns() // 1_000_000 + int(to * 1000))
-        conn.send([hdr, self._route(agent), *parts], copy=size < 65536)
-        return self._expect(corr, self._serializer, Kind.RAW, to).fut
+        route = self._route(agent)
+        conn, p = self._open(self._serializer, _RAW, to)
+        hdr = _pack_hdr(b"OM", 1, _RAW, 0, 0, 0, 0, p.corr, 0, time_ns() // 1_000_000 + int(to * 1000))
+        self._send_call(conn, p, [hdr, route, *parts], copy=size < 65536)
+        return p.fut
 
     async def execute_on_all(
         self,
@@ -893,9 +852,10 @@ class MeshClient:
     # ------------------------------------------------------------- queries
 
     def _send_query(self, q: dict[str, Any], timeout: float) -> asyncio.Future[Any]:
-        conn, corr = self._next_call()
-        conn.send([header(Kind.QUERY, corr=corr), EMPTY, msgpack.packb(q, use_bin_type=True)])
-        return self._expect(corr, self._serializers.get("msgpack"), Kind.QUERY, timeout).fut
+        body = msgpack.packb(q, use_bin_type=True)
+        conn, p = self._open(self._serializers.get("msgpack"), _QUERY, timeout)
+        self._send_call(conn, p, [header(Kind.QUERY, corr=p.corr), EMPTY, body])
+        return p.fut
 
     async def _query(self, q: dict[str, Any], timeout: float | None = None) -> Any:
         # Every query is idempotent: one cut short by a lost connection is asked again once
@@ -1033,16 +993,17 @@ class MeshClient:
             elif pkind == _RAW or fields[3] & F_RAW_REPLY:
                 fut.set_result(frames[2:])
             else:
-                try:
-                    s = p.serializer
-                    if (fields[3] >> 8) & 0xF != s.id:
+                s: Serializer | None = p.serializer
+                if (fields[3] >> 8) & 0xF != p.serializer.id:
+                    try:
                         s = self._serializers.from_flags(fields[3])
-                    body = frames[2] if len(frames) > 2 else EMPTY
-                    fut.set_result(s.loads(body) if body or s.id == RawSerializer.id else None)
-                except OrbitMeshError as exc:
-                    fut.set_exception(exc)
-                    if p.accepted is not None:
-                        fut.exception()  # a job's outcome may never be asked for (see _settle_error)
+                    except OrbitMeshError as exc:
+                        fut.set_exception(exc)
+                        s = None
+                if s is not None:
+                    decode_reply(fut, s, frames[2] if len(frames) > 2 else EMPTY)
+                if p.accepted is not None and fut.done() and not fut.cancelled():
+                    fut.exception()  # a job's outcome may never be asked for (see _settle_error)
             return
         p = self._pending.get(corr)
         if p is None:
@@ -1070,7 +1031,7 @@ class MeshClient:
         elif kind == Kind.RUNNING:
             p.token = frames[1]
 
-    def _settle_error(self, p: _Pending, exc: OrbitMeshError) -> None:
+    def _settle_error(self, p: Pending, exc: OrbitMeshError) -> None:
         fut = p.fut
         if not fut.done():
             fut.set_exception(exc)
