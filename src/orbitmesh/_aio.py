@@ -42,8 +42,9 @@ class AsyncSocket:
     """Wrap ``sock`` (a non-asyncio pyzmq socket) for use on ``loop``.
 
     ``on_message(frames)`` is called for every received multipart message,
-    synchronously, from the loop; with ``on_batch``, for those that ``on_batch(batch)``
-    returns (it sees each received batch first and handles what it can in one call).
+    synchronously, from the loop, in order. ``on_batch(batch, start)``, if given, handles
+    what it can in one call: the messages from ``start`` up to the index it returns, of the
+    first one it leaves to ``on_message``.
     ``send`` never blocks: if the socket's high-water mark is reached the message waits
     in an unbounded local queue until the socket is writable again (callers bound what
     they send).
@@ -58,7 +59,7 @@ class AsyncSocket:
         sock: zmq.Socket[Any],
         on_message: Callable[[list[Any]], None],
         loop: asyncio.AbstractEventLoop,
-        on_batch: Callable[[list[list[Any]]], list[list[Any]]] | None = None,
+        on_batch: Callable[[list[list[Any]], int], int] | None = None,
     ) -> None:
         self.sock = sock
         self._on_message = on_message
@@ -92,12 +93,21 @@ class AsyncSocket:
         got = len(batch)
         if got:
             self.last_rx = self._loop.time()  # once per batch, not per message
-            if self._on_batch is not None:
-                batch = self._on_batch(batch)
-        for frames in batch:
-            on_message(frames)
-            if self._closed:
-                return
+        on_batch = self._on_batch
+        if on_batch is None:
+            for frames in batch:
+                on_message(frames)
+                if self._closed:
+                    return
+        else:
+            i = 0
+            while i < got:  # in order: on_batch takes what it can, on_message the others
+                i = on_batch(batch, i)
+                if i < got:
+                    on_message(batch[i])
+                    if self._closed:
+                        return
+                    i += 1
         if got == _BATCH:
             # More may be waiting: yield to the loop, then continue.
             self._schedule()

@@ -38,8 +38,8 @@ class PeerConnection:
     ``on_message(frames, fields)`` gets every message other than WELCOME and
     HEARTBEAT, with the unpacked header ``fields`` (HDR layout). ``on_lost()``
     runs when the broker is declared gone (before reconnecting);
-    ``on_ready()`` after every successful (re)registration. ``on_batch(batch)``, if given, sees
-    each received batch first and returns the messages it did not handle (see ``AsyncSocket``).
+    ``on_ready()`` after every successful (re)registration. ``on_batch(batch, start)``, if given,
+    handles the received messages it can, in order, before they are dispatched (see ``AsyncSocket``).
     """
 
     def __init__(
@@ -51,7 +51,7 @@ class PeerConnection:
         on_message: Callable[[list[Any], tuple[Any, ...]], None],
         on_lost: Callable[[], None],
         on_ready: Callable[[], None] | None = None,
-        on_batch: Callable[[list[list[Any]]], list[list[Any]]] | None = None,
+        on_batch: Callable[[list[list[Any]], int], int] | None = None,
         load: Callable[[], int] | None = None,
         context: zmq.Context[Any] | None = None,
         reconnect_initial: float = 0.05,

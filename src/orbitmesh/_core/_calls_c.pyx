@@ -217,14 +217,15 @@ cdef class CallTable:
         self._n = 0
         return out
 
-    def settle(self, list batch):
-        """Resolve the plain replies in ``batch`` (received messages, each a list of frames);
-        return the other messages, in order, for the client to handle."""
-        cdef list rest = []
-        for frames in batch:
-            if not self._settle_one(frames):
-                rest.append(frames)
-        return rest
+    def settle(self, list batch, Py_ssize_t start=0):
+        """Resolve the plain replies in ``batch`` (received messages, each a list of frames) from
+        ``start`` on, up to the first message of another sort; return that one's index
+        (``len(batch)`` if none), for the client to handle before settling on after it."""
+        cdef Py_ssize_t i, n = len(batch)
+        for i in range(start, n):
+            if not self._settle_one(batch[i]):
+                return i
+        return n
 
     cdef bint _settle_one(self, frames) except -1:
         cdef list fr

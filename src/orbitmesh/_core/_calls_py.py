@@ -124,12 +124,15 @@ class CallTable:
         self._heap = []
         return out
 
-    def settle(self, batch: list[list[Any]]) -> list[list[Any]]:
-        """Resolve the plain replies in ``batch`` (received messages, each a list of frames);
-        return the other messages, in order, for the client to handle."""
-        rest = []
+    def settle(self, batch: list[list[Any]], start: int = 0) -> int:
+        """Resolve the plain replies in ``batch`` (received messages, each a list of frames) from
+        ``start`` on, up to the first message of another sort; return that one's index
+        (``len(batch)`` if none), for the client to handle before settling on after it."""
         pending = self.pending
-        for frames in batch:
+        n = len(batch)
+        i = start
+        while i < n:
+            frames = batch[i]
             hdr = frames[0]
             if (
                 type(hdr) is not bytes
@@ -138,8 +141,7 @@ class CallTable:
                 or len(frames) < 2
                 or check_header(hdr)
             ):
-                rest.append(frames)
-                continue
+                return i
             corr = int.from_bytes(hdr[16:24], "little")
             p = pending.get(corr)
             flags = hdr[4] | (hdr[5] << 8)
@@ -152,9 +154,9 @@ class CallTable:
                 or flags & F_RAW_REPLY
                 or (flags & SERIALIZER_MASK) >> SERIALIZER_SHIFT != p.serializer.id
             ):
-                rest.append(frames)
-                continue
+                return i
             del pending[corr]
             if not p.fut.done():
                 decode_reply(p.fut, p.serializer, frames[2] if len(frames) > 2 else EMPTY)
-        return rest
+            i += 1
+        return n
