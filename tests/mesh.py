@@ -111,8 +111,9 @@ def standard_handlers(agent: om.Agent) -> None:
 
 
 def use_calls_twin(client: om.MeshClient, core: str) -> None:
-    """Give a client not yet connected the call table of ``core`` ("c" or "py"): the client's
-    compiled core follows the broker's in these tests, so both twins serve every mesh test."""
+    """Give a client not yet connected the call table of ``core`` ("c" or "py"): the compiled
+    core of clients and agents follows the broker's in these tests, so both twins serve every
+    mesh test."""
     table = _core.load("_calls", core).CallTable()
     client._calls = table
     client._pending = table.pending
@@ -141,6 +142,7 @@ async def mesh(
             spec = dict(spec)
             name = spec.pop("name", f"agent-{i}")
             agent = om.Agent(name, broker.endpoints[0], context=ctx, **spec)
+            agent._serve = _core.load("_serve", core).Dispatcher(agent, agent._serializers)  # as the client's
             setup(agent)
             await agent.start()
             started.append(agent)

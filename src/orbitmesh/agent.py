@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import zmq
 
+from ._core.serve import Dispatcher, call_args
 from ._peer import PeerConnection
 from ._wire import HDR, error_message, header
 from .errors import CancelledError, ErrorCode, OrbitMeshError, SerializationError
@@ -59,17 +60,8 @@ class _Handler:
     inline: bool
 
 
-_is_str = str.__instancecheck__  # isinstance(k, str), for all(map(...)) at C speed
-
-
-def _call_args(params: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if params is None:
-        return (), {}
-    if isinstance(params, dict) and all(map(_is_str, params)):
-        return (), params
-    if isinstance(params, (list, tuple)):
-        return tuple(params), {}
-    return (params,), {}
+_call_args = call_args
+_UNSTARTED: Any = object()  # _run_eagerly: the coroutine has not been started yet
 
 
 class _Resume:
@@ -169,9 +161,19 @@ class Agent:
         self.remember_jobs = 100_000
         self._conn: PeerConnection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._idle: asyncio.Future[None] | None = None  # stop() waits on it for inflight to reach 0
-        self.inflight = 0
-        self.served = 0
+        # Plain requests to coroutine and inline handlers are served by the compiled core
+        # straight from each received batch; it also counts what runs (inflight, served).
+        self._serve = Dispatcher(self, self._serializers)
+
+    @property
+    def inflight(self) -> int:
+        """Requests running now (handlers, streams, raw)."""
+        return int(self._serve.inflight)
+
+    @property
+    def served(self) -> int:
+        """Requests that have ended since the agent was made."""
+        return int(self._serve.served)
 
     # ------------------------------------------------------------ handlers
 
@@ -206,6 +208,8 @@ class Agent:
         else:
             kind = "sync"
         self._handlers[key] = _Handler(name, fn, kind, inline)
+        if not self._middleware and (kind == "async" or (kind == "sync" and inline)):
+            self._serve.add(key, fn, kind == "sync")
 
     def register(self, obj: Any) -> None:
         """Register a function, or every ``@command``-marked method of an object."""
@@ -240,7 +244,7 @@ class Agent:
         previous run of this agent that the broker has not yet expired).
         """
         self._loop = asyncio.get_running_loop()
-        self._idle = None
+        self._serve.idle = None
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=min(self.capacity, 32), thread_name_prefix=f"orbitmesh-{self.name}"
@@ -262,6 +266,7 @@ class Agent:
             hello,
             Role.AGENT,
             on_message=self._on_message,
+            on_batch=self._serve.serve,
             on_lost=self._on_broker_lost,
             load=lambda: self.inflight,
             context=self._context,
@@ -284,9 +289,9 @@ class Agent:
         if conn.ready and self.inflight:
             conn.bye(drain=True)
             assert self._loop is not None
-            self._idle = self._loop.create_future()
+            self._serve.idle = idle = self._loop.create_future()
             try:
-                await asyncio.wait_for(self._idle, drain_timeout)
+                await asyncio.wait_for(idle, drain_timeout)
             except TimeoutError:
                 log.warning("agent %s: %d handlers still running after drain; cancelling", self.name, self.inflight)
         for task in list(self._running.values()):
@@ -347,12 +352,6 @@ class Agent:
                     stream.wake.set()
         elif kind == Kind.ERROR:
             log.warning("agent %s got error %d from broker", self.name, fields[4])
-
-    def _end(self) -> None:
-        self.inflight -= 1
-        self.served += 1
-        if self.inflight == 0 and self._idle is not None and not self._idle.done():
-            self._idle.set_result(None)  # stop() is draining: the last handler has finished
 
     def _send(self, frames: list[Any], copy: bool = True) -> None:
         conn = self._conn
@@ -428,10 +427,14 @@ class Agent:
         except SerializationError as exc:
             self._fail(token, corr, job, ErrorCode.BAD_PAYLOAD, exc.message, None)
             return
+        except Exception as exc:  # a plugin's own error type
+            message = f"serializer {serializer.name!r} cannot decode the params: {exc!r}"
+            self._fail(token, corr, job, ErrorCode.BAD_PAYLOAD, message, None)
+            return
         if handler.kind == "stream" or flags & F_STREAM:
             self._start_task(token, self._run_stream(handler, params, token, corr, job, fields[5], serializer))
             return
-        self.inflight += 1
+        self._serve.begin()
         if self._middleware:
             call = Call("agent", "execute" if job else "invoke", handler.name, params, self.name, job)
             coro = build_chain(self._middleware, functools.partial(self._endpoint, handler))(call)
@@ -460,22 +463,29 @@ class Agent:
         return self._loop.run_in_executor(self._executor, functools.partial(handler.fn, *args, **kwargs))
 
     def _run_eagerly(
-        self, aw: Awaitable[Any], token: bytes, corr: int, job: int, sflags: int, serializer: Serializer
+        self,
+        aw: Awaitable[Any],
+        token: bytes,
+        corr: int,
+        job: int,
+        sflags: int,
+        serializer: Serializer,
+        started: Any = _UNSTARTED,
     ) -> None:
-        if type(aw) is _Coroutine:  # (inspect.iscoroutine, without its call)
+        """Run a request's awaitable to its end: a coroutine first up to its first suspension
+        (``started``: it has been, and that is what it waits for), then in a task if need be."""
+        if started is not _UNSTARTED:
+            aw = _Resume(aw, started)
+        elif type(aw) is _Coroutine:  # (inspect.iscoroutine, without its call)
             try:
                 pending = aw.send(None)
             except StopIteration as stop:
                 self._reply(stop.value, token, corr, job, sflags, serializer)
-                # _end(), inlined: most handlers finish here
-                self.inflight -= 1
-                self.served += 1
-                if not self.inflight and self._idle is not None and not self._idle.done():
-                    self._idle.set_result(None)
+                self._serve.end()
                 return
             except BaseException as exc:
                 self._reply_error(exc, token, corr, job)
-                self._end()
+                self._serve.end()
                 return
             aw = _Resume(aw, pending)
         if job:
@@ -507,7 +517,7 @@ class Agent:
         else:
             self._reply(result, token, corr, job, sflags, serializer)
         finally:
-            self._end()
+            self._serve.end()
 
     def _reply(self, result: Any, token: bytes, corr: int, job: int, sflags: int, serializer: Serializer) -> None:
         try:
@@ -543,7 +553,7 @@ class Agent:
         window: int,
         serializer: Serializer,
     ) -> None:
-        self.inflight += 1
+        self._serve.begin()
         key = bytes(token)
         stream = _Stream(max(1, window))
         self._streams[key] = stream
@@ -583,7 +593,7 @@ class Agent:
             self._send([header(Kind.STREAM_END, aux=seq & 0xFFFFFFFF, corr=corr, job=job), token])
         finally:
             self._streams.pop(key, None)
-            self._end()
+            self._serve.end()
 
     # ------------------------------------------------------------------ raw
 
@@ -593,7 +603,7 @@ class Agent:
         if self._raw is None:
             self._fail(token, corr, job, ErrorCode.NO_RAW_HANDLER, f"agent {self.name} has no raw handler", None)
             return
-        self.inflight += 1
+        self._serve.begin()
         parts = frames[2:]
         if self._middleware:
             call = Call("agent", "raw", "", parts, self.name, job)
@@ -618,11 +628,11 @@ class Agent:
             try:
                 pending = coro.send(None)
             except StopIteration as stop:
-                self._end()
+                self._serve.end()
                 self._send_raw_reply(stop.value, token, corr, job)
                 return
             except BaseException as exc:  # as _run_eagerly: the caller learns, the loop goes on
-                self._end()
+                self._serve.end()
                 self._reply_error(exc, token, corr, job)
                 return
             coro = _Resume(coro, pending)
@@ -636,7 +646,7 @@ class Agent:
                     raise
                 return
             finally:
-                self._end()
+                self._serve.end()
             self._send_raw_reply(out, token, corr, job)
 
         self._start_task(token, finish())

@@ -13,7 +13,7 @@ import os
 import platform
 from types import ModuleType
 
-MODULES = ("_frame", "_dataplane", "_io", "_calls")
+MODULES = ("_frame", "_dataplane", "_io", "_calls", "_serve")
 
 
 def _wants_pure() -> bool:
