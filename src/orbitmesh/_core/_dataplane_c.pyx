@@ -245,6 +245,7 @@ cdef class DataPlane:
     cdef void* _control
     cdef ZmqApi* _z
     cdef int64_t _hb
+    cdef int64_t _woke  # monotonic ms of the loop's last wake-up
     cdef int64_t _liveness
     cdef uint64_t _max_frame
     cdef uint64_t _queue_limit
@@ -327,6 +328,7 @@ cdef class DataPlane:
         self._control = socket_handle(control)
         self._z = zmq_api()
         self._hb = heartbeat_ms
+        self._woke = _mono_ms()
         self._liveness = liveness
         self._max_frame = max_frame_bytes
         self._queue_limit = queue_limit
@@ -373,6 +375,7 @@ cdef class DataPlane:
             if timeout < 0:
                 timeout = 0
             rc = self._z.zmq_poll(items, 2, <long>timeout)
+            self._woke = _mono_ms()  # a peer's last sign of life: this wake-up (one clock read a batch)
             if rc < 0:
                 err = self._z.zmq_errno()
                 if err == EINTR:
@@ -985,7 +988,7 @@ cdef class DataPlane:
             return
         cdef uint32_t slot = deref(it).second
         cdef Peer* p = &self._peers[slot]
-        p.last_seen = _mono_ms()
+        p.last_seen = self._woke
         cdef char state
         if p.state == ST_SUSPECT:
             p.state = ST_ALIVE

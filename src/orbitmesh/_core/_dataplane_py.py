@@ -247,6 +247,7 @@ class DataPlane:
         self._router = router
         self._control = control
         self._hb = heartbeat_ms
+        self._woke = _now_ms()  # monotonic ms of the loop's last wake-up
         self._liveness = liveness
         self._max_frame = max_frame_bytes
         self._queue_limit = queue_limit
@@ -285,6 +286,7 @@ class DataPlane:
             now = _now_ms()
             timeout = max(0, min(next_tick - now, 50 if self._queued else self._hb))
             events = dict(poller.poll(timeout))
+            self._woke = _now_ms()  # a peer's last sign of life: this wake-up (one clock read a batch)
             if self._control in events:
                 for _ in range(_BATCH):
                     try:
@@ -516,7 +518,7 @@ class DataPlane:
             else:
                 self._send_error(rid, ErrorCode.NOT_REGISTERED, corr, 0, b"", "say HELLO first")
             return
-        peer.last_seen = _now_ms()
+        peer.last_seen = self._woke
         if peer.state == STATE_SUSPECT:
             peer.state = STATE_ALIVE
             self._up([EV_STATE, rid, bytes([STATE_ALIVE])])
