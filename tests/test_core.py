@@ -215,6 +215,49 @@ def test_io_twins_send_and_receive_whole_messages_in_byte_bounded_batches(impl: 
         ctx.term()
 
 
+@pytest.mark.parametrize("impl", ["c", "py"])
+def test_io_twins_send_a_queue_until_the_socket_is_full_or_a_message_needs_the_caller(impl: str) -> None:
+    from collections import deque
+
+    import zmq
+
+    from orbitmesh._wire import header
+    from orbitmesh.protocol import Kind
+
+    io = _core.load("_io", impl)
+    ctx = zmq.Context()
+    a, b, lone = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.setsockopt(zmq.SNDHWM, 4)
+        a.bind(f"inproc://io-queue-{impl}")
+        b.setsockopt(zmq.RCVHWM, 4)  # inproc: the pipe holds both sides' marks
+        b.connect(f"inproc://io-queue-{impl}")
+        b.send(b"hi")
+        assert a.recv() == b"hi"  # a has its peer now
+        lone.bind(f"inproc://io-queue-lone-{impl}")
+        # Given a queue of lists and tuples (packed and not), then a message of another sort
+        hdr = header(Kind.REQUEST, corr=1)
+        out: deque[Any] = deque([[hdr, b"r", b"c"], (hdr, b"t"), [hdr, memoryview(b"m")], object(), [b"after"]])
+        assert io.send_queue(lone, out, False) is True  # no peer: the socket takes nothing
+        assert len(out) == 5
+        # Expect the three sent, in order, and the queue stopped at the other sort of message
+        assert io.send_queue(a, out, True) is False
+        assert len(out) == 2 and type(out[0]) is object
+        got = [io.recv_batch(b, 10) for _ in range(2)]
+        assert got[0] == [[hdr, b"r", b"c"], [hdr, b"t"], [hdr, b"m"]]
+        out.popleft()
+        # ... and a full socket stops it, keeping what is left
+        out.extend([b"x%d" % i] for i in range(50))
+        assert io.send_queue(a, out, False) is True
+        left = len(out)
+        assert 0 < left < 50 and [m[0] for m in out] == [b"x%d" % i for i in range(50 - left, 50)]
+        assert io.send_queue(a, deque(), False) is False
+    finally:
+        for sock in (a, b, lone):
+            sock.close(0)
+        ctx.term()
+
+
 def test_protocol_doc_lists_every_error_code_and_kind() -> None:
     """docs/protocol.md is the reference: every ErrorCode and message kind has its row."""
     from orbitmesh.errors import ErrorCode

@@ -71,6 +71,7 @@ class AsyncSocket:
         self._outbox: deque[Frames | _NoCopy] = deque()
         self._recv_batch = io.recv_batch
         self._send_parts = io.send_parts
+        self._send_queue = io.send_queue
         self._closed = False
         self.packed = False
         loop.add_reader(self._fd, self._drain)
@@ -123,20 +124,19 @@ class AsyncSocket:
 
     def _flush(self) -> None:
         out = self._outbox
-        send = self.sock.send_multipart
         packed = self.packed
-        send_parts, sock = self._send_parts, self.sock
-        while out:
+        sock = self.sock
+        # The plain messages go in one compiled call; a _NoCopy one (or any other) stops it.
+        while not self._send_queue(sock, out, packed) and out:
             frames = out[0]
-            if not isinstance(frames, _NoCopy):
-                if not send_parts(sock, frames, packed):
-                    return
-            else:
+            if isinstance(frames, _NoCopy):
                 parts = frames.frames
                 try:
-                    send(frame.pack_parts(list(parts)) if packed else parts, zmq.NOBLOCK, copy=False)
+                    sock.send_multipart(frame.pack_parts(list(parts)) if packed else parts, zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     return
+            elif not self._send_parts(sock, frames, packed):
+                return
             out.popleft()
 
     def send(self, frames: Frames, copy: bool = True) -> None:

@@ -15,7 +15,7 @@ from orbitmesh._core._zmqabi cimport EAGAIN, EINTR, ZMQ_DONTWAIT, ZMQ_SNDMORE, Z
 from orbitmesh._core._frame_c import pack_parts
 from orbitmesh._core._io_py import BATCH_BYTES
 
-public_api = ["BATCH_BYTES", "recv_batch", "send_parts"]
+public_api = ["BATCH_BYTES", "recv_batch", "send_parts", "send_queue"]
 
 cdef size_t _BATCH_BYTES = BATCH_BYTES
 
@@ -57,8 +57,31 @@ def send_parts(sock, parts, bint packed=False):
     Returns False (nothing sent) if the socket cannot take it now; raises
     zmq.ZMQError for anything else.
     """
+    return _send(socket_handle(sock), zmq_api(), parts, packed) == 1
+
+
+def send_queue(sock, out, bint packed=False):
+    """Send the messages at the front of the deque ``out`` as ``send_parts`` does, popping
+    each once sent, up to the first that is not a list or tuple (left for the caller).
+
+    Returns True if it stopped because the socket cannot take more now, else False (``out``
+    is empty, or starts with such a message). Raises zmq.ZMQError as ``send_parts``.
+    """
     cdef void* h = socket_handle(sock)
     cdef ZmqApi* z = zmq_api()
+    popleft = out.popleft
+    while out:
+        parts = out[0]
+        if type(parts) is not list and type(parts) is not tuple:
+            return False
+        if not _send(h, z, parts, packed):
+            return True
+        popleft()
+    return False
+
+
+cdef int _send(void* h, ZmqApi* z, parts, bint packed) except -1:
+    """send_parts: 1 sent, 0 the socket cannot take it now (nothing sent)."""
     cdef Py_ssize_t i, n = len(parts), first = 0, k = -1
     cdef size_t size
     cdef int flags, err
@@ -77,7 +100,7 @@ def send_parts(sock, parts, bint packed=False):
             err = _send_packed(z, h, parts, k, size, ZMQ_DONTWAIT | (ZMQ_SNDMORE if k + 1 < n else 0))
             if err:
                 if err == EAGAIN:
-                    return False
+                    return 0
                 raise_zmq_error(err)
             first = k + 1
     for i in range(first, n):
@@ -94,9 +117,9 @@ def send_parts(sock, parts, bint packed=False):
         if err:
             # libzmq queues a multipart message whole or refuses its first part.
             if err == EAGAIN and i == first == 0:
-                return False
+                return 0
             raise_zmq_error(err)
-    return True
+    return 1
 
 
 def recv_batch(sock, int limit):

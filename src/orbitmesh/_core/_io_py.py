@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +14,7 @@ import zmq
 from ..errors import ProtocolError
 from ._frame_py import pack_parts, unpack_parts
 
-public_api = ["BATCH_BYTES", "recv_batch", "send_parts"]
+public_api = ["BATCH_BYTES", "recv_batch", "send_parts", "send_queue"]
 
 BATCH_BYTES = 1 << 20  # a receive batch ends once it holds this many bytes
 
@@ -34,6 +35,23 @@ def send_parts(sock: zmq.Socket[Any], parts: Sequence[Any], packed: bool = False
     except zmq.Again:
         return False
     return True
+
+
+def send_queue(sock: zmq.Socket[Any], out: deque[Any], packed: bool = False) -> bool:
+    """Send the messages at the front of the deque ``out`` as ``send_parts`` does, popping
+    each once sent, up to the first that is not a list or tuple (left for the caller).
+
+    Returns True if it stopped because the socket cannot take more now, else False (``out``
+    is empty, or starts with such a message). Raises zmq.ZMQError as ``send_parts``.
+    """
+    while out:
+        parts = out[0]
+        if type(parts) is not list and type(parts) is not tuple:
+            return False
+        if not send_parts(sock, parts, packed):
+            return True
+        out.popleft()
+    return False
 
 
 def recv_batch(sock: zmq.Socket[Any], limit: int) -> list[list[bytes]]:
