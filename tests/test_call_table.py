@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from orbitmesh import _core
 from orbitmesh.errors import ErrorCode, SerializationError
-from orbitmesh.protocol import F_RAW_REPLY, Kind
+from orbitmesh.protocol import F_RAW_REPLY, F_TRACKED, Kind
 from orbitmesh.serializers import JsonSerializer, MsgpackSerializer, RawSerializer
 
 HDR = struct.Struct("<2sBBHHIIQQQ")
@@ -104,6 +105,34 @@ def test_the_deadlines_of_ended_calls_are_dropped_in_bulk(calls: Any) -> None:
         # Bounded by the calls in flight (1) times two, plus the slack of 1,024
         assert t.deadlines <= 2 * 1 + 1024 + 1
         assert t.due(1.0) == [slow.corr]
+    finally:
+        loop.close()
+
+
+def test_request_opens_a_call_and_sends_it_or_never_makes_it(calls: Any) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        t = calls.CallTable()
+        sent: list[list[bytes]] = []
+        before = time.time_ns() // 1_000_000
+        p = t.request(sent.append, loop.create_future(), JSON, Kind.REQUEST, F_TRACKED, 7, 5.0, 2.5, b"r", b"c", b"b")
+        after = time.time_ns() // 1_000_000
+        q = t.request(
+            sent.append, loop.create_future(), MSGPACK, Kind.REQUEST, 0, 0, float("inf"), 1.0, b"r", b"c", b"", b"o"
+        )
+        assert [p.corr, q.corr] == [1, 2] and t.pending == {1: p, 2: q} and t.deadlines == 1
+        hdr = HDR.unpack(sent[0][0])
+        assert hdr[:9] == (b"OM", 1, Kind.REQUEST, (JSON.id << 8) | F_TRACKED, 0, 7, 0, 1, 0)
+        assert before + 2500 <= hdr[9] <= after + 2500  # the wall clock deadline, in ms
+        assert sent[0][1:] == [b"r", b"c", b"b"] and sent[1][1:] == [b"r", b"c", b"", b"o"]
+        assert p.serializer is JSON and p.kind == Kind.REQUEST
+
+        def refuse(frames: list[bytes]) -> None:
+            raise OSError("gone")
+
+        with pytest.raises(OSError):
+            t.request(refuse, loop.create_future(), MSGPACK, Kind.REQUEST, 0, 0, 9.0, 1.0, b"r", b"c", b"")
+        assert t.pending.keys() == {1, 2}  # never made
     finally:
         loop.close()
 

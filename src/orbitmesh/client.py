@@ -590,17 +590,10 @@ class MeshClient:
         loop = self._loop
         assert loop is not None
         at = loop.time() + to if to < _FOREVER else _INF  # _FOREVER: ended by its own protocol
-        p = self._calls.open(loop.create_future(), s, _REQUEST, at)
-        deadline = time_ns() // 1_000_000 + int(to * 1000)  # wall_ms(), inlined
-        hdr = _pack_hdr(b"OM", 1, _REQUEST, (s.id << 8) | _flags, 0, _aux, 0, p.corr, 0, deadline)
-        frames = [hdr, route, cmd, body]
-        if _options:
-            frames.append(_options)
-        try:
-            conn.sock_send(frames)  # (conn.send, after the readiness check above)
-        except BaseException:
-            del self._pending[p.corr]  # never made
-            raise
+        # Sent with conn.sock_send: conn.send, after the readiness check above.
+        p = self._calls.request(
+            conn.sock_send, loop.create_future(), s, _REQUEST, _flags, _aux, at, to, route, cmd, body, _options
+        )
         if at < self._timer_at or (self._timer is None and at != _INF):
             self._arm_timer(at)
         if _flags & F_TRACKED:
@@ -749,7 +742,9 @@ class MeshClient:
         returns: Any = None,
     ) -> Stream:
         """Iterate a streaming handler's items. ``window``: items the agent may send ahead;
-        ``timeout``: the longest wait for any one item."""
+        ``timeout``: the longest wait for any one item (ValueError for a window past 2**32 - 1)."""
+        if window > 0xFFFFFFFF:
+            raise ValueError(f"window must be at most {0xFFFFFFFF}, not {window}")
         return Stream(self, agent, command, params, window, self.timeout if timeout is None else timeout, returns)
 
     def _start_stream(self, target: Target, command: str, params: Any, window: int) -> tuple[int, Pending]:

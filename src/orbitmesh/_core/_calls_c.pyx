@@ -5,14 +5,15 @@ of C structs (no tuple per call), and ``settle`` reads each reply's header in pl
 """
 
 cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Contains, PyDict_DelItem, PyDict_GetItem, PyDict_SetItem
 from cpython.long cimport PyLong_FromUnsignedLongLong
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.ref cimport PyObject
-from libc.stdint cimport uint16_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint64_t
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
-from orbitmesh._core._frame_c cimport om_check_header, om_hdr_corr, om_hdr_flags, om_hdr_kind
+from orbitmesh._core._frame_c cimport OM_HEADER_SIZE, om_check_header, om_hdr_corr, om_hdr_flags, om_hdr_kind, om_write_header
 
 from orbitmesh.errors import ErrorCode, OrbitMeshError, SerializationError
 from orbitmesh.protocol import F_RAW_REPLY, Kind
@@ -189,6 +190,31 @@ cdef class CallTable:
                 # and a 30 s timeout that was 3M entries before the first one expired.
                 self._compact()
             self._push(at, self.corr)
+        return p
+
+    def request(self, send, fut, serializer, int kind, int flags, unsigned int aux, double at, double timeout,
+                bytes route, bytes command, bytes body, options=None):
+        """Open a call (as ``open``) and send it: ``send([header, route, command, body(,
+        options)])``, the header naming the serializer besides ``flags`` and carrying the wall
+        clock deadline ``timeout`` s from now. If ``send`` raises, the call was never made."""
+        cdef Pending p = self.open(fut, serializer, kind, at)
+        cdef timespec ts
+        cdef int64_t deadline
+        clock_gettime(CLOCK_REALTIME, &ts)
+        deadline = <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000 + <int64_t>(timeout * 1000)
+        hdr = PyBytes_FromStringAndSize(NULL, OM_HEADER_SIZE)
+        om_write_header(
+            <unsigned char*>PyBytes_AS_STRING(hdr), <uint8_t>kind, <uint16_t>((p.sid << 8) | flags), 0, aux, p.corr, 0,
+            <uint64_t>(deadline if deadline > 0 else 0),
+        )
+        frames = [hdr, route, command, body]
+        if options:
+            frames.append(options)
+        try:
+            send(frames)
+        except BaseException:
+            del self.pending[p.corr]
+            raise
         return p
 
     def next_deadline(self):

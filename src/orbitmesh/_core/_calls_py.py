@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import struct
+from collections.abc import Callable
+from time import time_ns
 from typing import Any
 
 from ..errors import ErrorCode, OrbitMeshError, SerializationError
@@ -23,6 +26,7 @@ public_api = ["CallTable", "Pending", "decode_reply"]
 _REQUEST, _REPLY = int(Kind.REQUEST), int(Kind.REPLY)
 _RAW_ID = RawSerializer.id
 _INF = float("inf")
+_pack_hdr = struct.Struct("<2sBBHHIIQQQ").pack
 EMPTY = b""
 
 
@@ -91,6 +95,37 @@ class CallTable:
                 # and a 30 s timeout that was 3M entries before the first one expired.
                 heap = self._compact()
             heapq.heappush(heap, (at, corr))
+        return p
+
+    def request(
+        self,
+        send: Callable[[list[Any]], None],
+        fut: asyncio.Future[Any],
+        serializer: Serializer,
+        kind: int,
+        flags: int,
+        aux: int,
+        at: float,
+        timeout: float,
+        route: bytes,
+        command: bytes,
+        body: bytes,
+        options: bytes | None = None,
+    ) -> Pending:
+        """Open a call (as ``open``) and send it: ``send([header, route, command, body(,
+        options)])``, the header naming the serializer besides ``flags`` and carrying the wall
+        clock deadline ``timeout`` s from now. If ``send`` raises, the call was never made."""
+        p = self.open(fut, serializer, kind, at)
+        deadline = max(0, time_ns() // 1_000_000 + int(timeout * 1000))
+        hdr = _pack_hdr(b"OM", 1, kind, (serializer.id << 8) | flags, 0, aux, 0, p.corr, 0, deadline)
+        frames = [hdr, route, command, body]
+        if options:
+            frames.append(options)
+        try:
+            send(frames)
+        except BaseException:
+            del self.pending[p.corr]
+            raise
         return p
 
     def _compact(self) -> list[tuple[float, int]]:
