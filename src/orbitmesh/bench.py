@@ -41,6 +41,7 @@ import platform
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,7 @@ if TYPE_CHECKING:
 
 AGENT_NAME = "bench-agent"
 RAW_AGENT_NAME = "bench-raw-agent"
+_CORR = struct.Struct("<Q")  # a header's corr, at byte 16
 COMMAND = "noop"
 LOCALHOST = "tcp://127.0.0.1:0"
 READY_TIMEOUT = 60.0
@@ -650,16 +652,19 @@ def _raw_agent_main(parent: _Parent, endpoint: str, capacity: int) -> None:
         sock.setsockopt(opt, value)
     sock.connect(endpoint)
     reply, heartbeat = header(Kind.REPLY), [header(Kind.HEARTBEAT), b""]
+    pack, unpack, send = frame.pack_parts, frame.unpack_parts, sock.send
 
     def handle(frames: list[bytes]) -> None:
         kind = frames[0][3]
         if kind == Kind.REQUEST:
-            sock.send_multipart([reply, frames[1], frames[3]])
+            parts = unpack(frames)  # [header, token, command, params]
+            send(pack([reply, parts[1], parts[3]])[0])  # one frame: all inline
         elif kind == Kind.HEARTBEAT:
             sock.send_multipart(heartbeat)
 
     try:
-        hello = {"role": "agent", "name": RAW_AGENT_NAME, "capacity": capacity, "commands": [COMMAND]}
+        # Protocol 2 (packed framing): a request or a reply is one frame, as the baseline's are.
+        hello = {"role": "agent", "name": RAW_AGENT_NAME, "capacity": capacity, "commands": [COMMAND], "protocol": 2}
         _raw_hello(sock, Role.AGENT, hello)
         parent.send(ready={})
         _serve_raw(parent, sock, handle)
@@ -1028,11 +1033,18 @@ def measure_invoke(s: Settings, payload: bytes) -> tuple[Figures, Figures, Figur
         base_send, base_recv = functools.partial(base_sock.send, payload), base_sock.recv
         raw_sock = stack.enter_context(_dealer(endpoint))
         route = frame.pack_route(Route.NAME, Strategy.LEAST_LOADED, RAW_AGENT_NAME.encode())
-        tail = [route, COMMAND.encode(), msgpack.packb(payload)]
-        corrs = itertools.count(1)  # each request's corr must increase within the session
+        # Protocol 2 (packed framing): a request is one frame, as the baseline's; only its corr
+        # changes, written in place (each request's corr must increase within the session).
+        packed = frame.pack_parts([header(Kind.REQUEST), route, COMMAND.encode(), msgpack.packb(payload)])
+        if len(packed) != 1:
+            raise RuntimeError(f"a {len(payload)}-byte request does not pack into one frame")
+        request = bytearray(packed[0])
+        corrs = itertools.count(1)
+        set_corr = functools.partial(_CORR.pack_into, request, 16)
 
         def raw_send() -> None:
-            raw_sock.send_multipart([header(Kind.REQUEST, corr=next(corrs)), *tail])
+            set_corr(next(corrs))
+            raw_sock.send(request)
 
         raw_recv = _raw_reply_receiver(raw_sock)
         top = s.max_round_trips
@@ -1054,7 +1066,7 @@ def measure_invoke(s: Settings, payload: bytes) -> tuple[Figures, Figures, Figur
                 echoed = await client.invoke(AGENT_NAME, COMMAND, payload)
                 if echoed != payload:
                     raise RuntimeError(f"the agent echoed {echoed!r:.60}, not the payload")
-                _raw_hello(raw_sock, Role.CLIENT, {"role": "client", "name": "bench-raw-client"})
+                _raw_hello(raw_sock, Role.CLIENT, {"role": "client", "name": "bench-raw-client", "protocol": 2})
                 sides: dict[str, tuple[Any, Any, _Meter]] = {
                     "orbitmesh": (
                         lambda t: _Pipeline(_invokes(client, payload), s.window, t, top, "an invoke").run(),
