@@ -68,6 +68,10 @@ def test_corrs_rise_and_each_call_has_its_entry(calls: Any) -> None:
         assert [p.corr for p in t.take_all()] == [1, 2, 3, 4]
         assert t.pending == {} and t.deadlines == 0 and t.next_deadline() == float("inf")
         assert t.open(loop.create_future(), MSGPACK, Kind.REQUEST).corr == 5  # corrs never go back
+        # A NaN deadline would never come due, and hold back every one behind it
+        with pytest.raises(ValueError, match="NaN"):
+            t.open(loop.create_future(), MSGPACK, Kind.REQUEST, float("nan"))
+        assert t.corr == 5 and t.deadlines == 0
     finally:
         loop.close()
 

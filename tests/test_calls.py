@@ -91,6 +91,12 @@ def test_routing_errors(arun, ctx, core_impl):
             with pytest.raises(om.RoutingError) as info:
                 await client.invoke(om.Select(), "not-served-anywhere")
             assert info.value.code == ErrorCode.NO_AGENT_AVAILABLE
+            # Calls the client refuses before sending anything, and the session still works
+            with pytest.raises(ValueError, match="NaN"):
+                await client.invoke("agent-0", "echo", 1, timeout=float("nan"))
+            with pytest.raises(ValueError, match="window"):
+                client.stream("agent-0", "count", window=2**32)
+            assert await client.invoke("agent-0", "echo", {"value": 7}) == 7
 
     arun(main())
 

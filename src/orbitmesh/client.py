@@ -491,7 +491,9 @@ class MeshClient:
         self._timer = None
         pending = self._pending
         for corr in self._calls.due(self._loop.time()):
-            p = pending[corr]
+            p = pending.get(corr)
+            if p is None:
+                continue  # ended meanwhile
             if p.accepted is not None:
                 # A job: its deadline is for ACCEPTED only; once accepted, the outcome decides.
                 if not p.accepted.done():
@@ -589,7 +591,7 @@ class MeshClient:
         to = self.timeout if timeout is None else timeout
         loop = self._loop
         assert loop is not None
-        at = loop.time() + to if to < _FOREVER else _INF  # _FOREVER: ended by its own protocol
+        at = _INF if to >= _FOREVER else loop.time() + to  # _FOREVER: ended by its own protocol (NaN: refused)
         # Sent with conn.sock_send: conn.send, after the readiness check above.
         p = self._calls.request(
             conn.sock_send, loop.create_future(), s, _REQUEST, _flags, _aux, at, to, route, cmd, body, _options

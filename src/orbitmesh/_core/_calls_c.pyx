@@ -173,7 +173,9 @@ cdef class CallTable:
 
     cpdef Pending open(self, fut, serializer, int kind, double at=_INF):
         """Record a new call under the next corr (``p.corr``; corrs only rise, the broker
-        refuses replays), with its deadline ``at`` (loop time; inf: none)."""
+        refuses replays), with its deadline ``at`` (loop time; inf: none; NaN: ValueError)."""
+        if at != at:
+            raise ValueError("a call's deadline must be a number (is its timeout NaN?)")
         cdef Pending p = Pending.__new__(Pending)
         self.corr += 1
         p.fut = fut

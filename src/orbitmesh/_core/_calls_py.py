@@ -83,7 +83,9 @@ class CallTable:
 
     def open(self, fut: asyncio.Future[Any], serializer: Serializer, kind: int, at: float = _INF) -> Pending:
         """Record a new call under the next corr (``p.corr``; corrs only rise, the broker
-        refuses replays), with its deadline ``at`` (loop time; inf: none)."""
+        refuses replays), with its deadline ``at`` (loop time; inf: none; NaN: ValueError)."""
+        if at != at:
+            raise ValueError("a call's deadline must be a number (is its timeout NaN?)")
         self.corr = corr = self.corr + 1
         p = Pending(fut, serializer, kind, corr)
         pending = self.pending
