@@ -1,6 +1,7 @@
-"""Short runs of the coverage-guided fuzz harnesses: the frame codec (fuzz/fuzz_decoders.py), with
-proof that it can fail (a bug planted in the pure twin must be found), and the broker's HELLO /
-QUERY handling (fuzz/fuzz_control.py). The long runs are in docs/security.md ("Fuzzing").
+"""Short runs of the coverage-guided fuzz harnesses: the frame codec (fuzz/fuzz_decoders.py) and
+what clients and agents do with received batches (fuzz/fuzz_receivers.py), each with proof that
+it can fail (a bug planted in a pure twin must be found), and the broker's HELLO / QUERY handling
+(fuzz/fuzz_control.py). The long runs are in docs/security.md ("Fuzzing").
 
 atheris is a test dependency wherever it publishes wheels (Linux x86_64, CPython < 3.14, as the
 marker in pyproject.toml says); there its absence is a failure, elsewhere the tests skip.
@@ -23,6 +24,7 @@ from .conftest import subprocess_env
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "fuzz" / "fuzz_decoders.py"
 CONTROL = ROOT / "fuzz" / "fuzz_control.py"
+RECEIVERS = ROOT / "fuzz" / "fuzz_receivers.py"
 SEEDS = ROOT / "fuzz" / "corpus"
 RUN_SECONDS = 8
 MIN_RUNS = 5_000  # ~40k runs/s on an idle core; a loaded 2-core CI machine still does far more
@@ -132,3 +134,29 @@ def test_short_control_fuzz_run_finds_nothing(tmp_path):
     # here, and 17 once under a loaded full suite.
     found = len(list(corpus.iterdir()))
     assert found >= 10, f"{found} corpus entries after {done.group(1)} runs"
+
+
+def test_short_receivers_fuzz_run_finds_nothing_and_a_planted_bug_is_found(tmp_path):
+    corpus = tmp_path / "receivers-corpus"
+    corpus.mkdir()
+    # Given random batches for the client's call table and the agent's dispatcher, both twins
+    rc, out = run_harness(
+        tmp_path, "-max_total_time=5", "-seed=1", f"-artifact_prefix={tmp_path}/", str(corpus), harness=RECEIVERS
+    )
+    # Expect no exception and no disagreement over many batches, and the corpus grown
+    assert rc == 0, out[-3000:]
+    done = re.search(r"Done (\d+) runs in (\d+) second", out)
+    assert done is not None and int(done.group(1)) >= MIN_RUNS, out[-3000:]
+    assert len(list(corpus.iterdir())) >= 10
+    # When the pure dispatcher serves TRACKED requests as plain ones, Expect the harness to say so
+    rc, out = run_harness(
+        tmp_path,
+        "-max_total_time=30",
+        "-seed=1",
+        f"-artifact_prefix={tmp_path}/",
+        str(corpus),
+        harness=RECEIVERS,
+        plant=True,
+    )
+    assert rc != 0 and "Disagreement: agent" in out, out[-3000:]
+    assert list(tmp_path.glob("crash-*"))
