@@ -24,6 +24,19 @@ def dataplane_impl(request: pytest.FixtureRequest) -> ModuleType:
     return load("_dataplane", request.param)
 
 
+@pytest.fixture(params=["c", "py"], ids=["c", "py"])
+def calls_impl(request: pytest.FixtureRequest) -> ModuleType:
+    """The client's call table module: ``_calls_c`` or ``_calls_py``."""
+    return load("_calls", request.param)
+
+
+@pytest.fixture(params=["c", "py"], ids=["c", "py"])
+def serve_impl(request: pytest.FixtureRequest) -> ModuleType:
+    """The agent's request dispatcher module: ``_serve_c`` or ``_serve_py``."""
+    return load("_serve", request.param)
+
+
+_IMPL_FIXTURES = ("core_impl", "dataplane_impl", "calls_impl", "serve_impl")
 _MEANS: dict[str, dict[str, float]] = {}  # case (test id without the core) -> {"c": s, "py": s}
 
 
@@ -35,7 +48,7 @@ def _record_mean(request: pytest.FixtureRequest) -> Iterator[None]:
     bench = request.node.funcargs.get("benchmark")
     if callspec is None or bench is None or bench.disabled or bench.stats is None:
         return
-    impl = callspec.params.get("core_impl") or callspec.params.get("dataplane_impl")
+    impl = next((callspec.params[f] for f in _IMPL_FIXTURES if f in callspec.params), None)
     if impl not in ("c", "py"):
         return
     case = request.node.name.replace(f"[{impl}-", "[").replace(f"-{impl}]", "]").replace(f"[{impl}]", "")
