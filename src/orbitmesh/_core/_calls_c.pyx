@@ -169,7 +169,18 @@ cdef class CallTable:
         while i >= 0:
             self._sift_down(i)
             i -= 1
+        self._shrink()
         return 0
+
+    cdef void _shrink(self) noexcept:
+        """Give back most of an array a burst of calls grew (as a list does as it empties)."""
+        cdef Py_ssize_t cap = max(1024, 2 * self._n)
+        cdef Deadline* smaller
+        if self._cap > 1024 and self._n < self._cap // 4:
+            smaller = <Deadline*>PyMem_Realloc(self._heap, cap * sizeof(Deadline))
+            if smaller != NULL:  # else keep the larger one
+                self._heap = smaller
+                self._cap = cap
 
     cpdef Pending open(self, fut, serializer, int kind, double at=_INF):
         """Record a new call under the next corr (``p.corr``; corrs only rise, the broker
@@ -243,6 +254,7 @@ cdef class CallTable:
         out = list(self.pending.values())
         self.pending.clear()
         self._n = 0
+        self._shrink()
         return out
 
     def settle(self, list batch, Py_ssize_t start=0):
