@@ -104,6 +104,8 @@ class AsyncSocket:
             i = 0
             while i < got:  # in order: on_batch takes what it can, on_message the others
                 i = on_batch(batch, i)
+                if self._closed:
+                    return
                 if i < got:
                     on_message(batch[i])
                     if self._closed:
