@@ -130,13 +130,18 @@ def test_request_opens_a_call_and_sends_it_or_never_makes_it(calls: Any) -> None
         assert before + 2500 <= hdr[9] <= after + 2500  # the wall clock deadline, in ms
         assert sent[0][1:] == [b"r", b"c", b"b"] and sent[1][1:] == [b"r", b"c", b"", b"o"]
         assert p.serializer is JSON and p.kind == Kind.REQUEST
+        # An infinite timeout sends no deadline (0), and holds none
+        t.request(
+            sent.append, loop.create_future(), MSGPACK, Kind.REQUEST, 0, 0, float("inf"), float("inf"), b"r", b"c", b""
+        )
+        assert HDR.unpack(sent[2][0])[9] == 0 and t.deadlines == 1
 
         def refuse(frames: list[bytes]) -> None:
             raise OSError("gone")
 
         with pytest.raises(OSError):
             t.request(refuse, loop.create_future(), MSGPACK, Kind.REQUEST, 0, 0, 9.0, 1.0, b"r", b"c", b"")
-        assert t.pending.keys() == {1, 2}  # never made
+        assert t.pending.keys() == {1, 2, 3}  # never made
     finally:
         loop.close()
 

@@ -97,6 +97,7 @@ def test_routing_errors(arun, ctx, core_impl):
             with pytest.raises(ValueError, match="window"):
                 client.stream("agent-0", "count", window=2**32)
             assert await client.invoke("agent-0", "echo", {"value": 7}) == 7
+            assert await client.invoke("agent-0", "echo", {"value": 8}, timeout=float("inf")) == 8  # no deadline
 
     arun(main())
 

@@ -28,6 +28,7 @@ cdef uint16_t _SER_MASK = SERIALIZER_MASK
 cdef int _SER_SHIFT = SERIALIZER_SHIFT
 cdef int _RAW_ID = RawSerializer.id
 cdef double _INF = float("inf")
+cdef double _NO_DEADLINE_S = 1e12  # a timeout this long (~31,700 years) or longer sends no deadline
 cdef bytes EMPTY = b""
 
 
@@ -209,12 +210,16 @@ cdef class CallTable:
                 bytes route, bytes command, bytes body, options=None):
         """Open a call (as ``open``) and send it: ``send([header, route, command, body(,
         options)])``, the header naming the serializer besides ``flags`` and carrying the wall
-        clock deadline ``timeout`` s from now. If ``send`` raises, the call was never made."""
+        clock deadline ``timeout`` s from now (none for an infinite one). If ``send`` raises, the
+        call was never made."""
         cdef Pending p = self.open(fut, serializer, kind, at)
         cdef timespec ts
         cdef int64_t deadline
-        clock_gettime(CLOCK_REALTIME, &ts)
-        deadline = <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000 + <int64_t>(timeout * 1000)
+        if timeout >= _NO_DEADLINE_S:
+            deadline = 0  # no deadline (an infinite timeout, or one past any clock)
+        else:
+            clock_gettime(CLOCK_REALTIME, &ts)
+            deadline = <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000 + <int64_t>(timeout * 1000)
         hdr = PyBytes_FromStringAndSize(NULL, OM_HEADER_SIZE)
         om_write_header(
             <unsigned char*>PyBytes_AS_STRING(hdr), <uint8_t>kind, <uint16_t>((p.sid << 8) | flags), 0, aux, p.corr, 0,

@@ -26,6 +26,7 @@ public_api = ["CallTable", "Pending", "decode_reply"]
 _REQUEST, _REPLY = int(Kind.REQUEST), int(Kind.REPLY)
 _RAW_ID = RawSerializer.id
 _INF = float("inf")
+_NO_DEADLINE_S = 1e12  # a timeout this long (~31,700 years) or longer sends no deadline
 _pack_hdr = struct.Struct("<2sBBHHIIQQQ").pack
 EMPTY = b""
 
@@ -116,9 +117,11 @@ class CallTable:
     ) -> Pending:
         """Open a call (as ``open``) and send it: ``send([header, route, command, body(,
         options)])``, the header naming the serializer besides ``flags`` and carrying the wall
-        clock deadline ``timeout`` s from now. If ``send`` raises, the call was never made."""
+        clock deadline ``timeout`` s from now (none for an infinite one). If ``send`` raises, the
+        call was never made."""
         p = self.open(fut, serializer, kind, at)
-        deadline = max(0, time_ns() // 1_000_000 + int(timeout * 1000))
+        # 0: no deadline (an infinite timeout, or one past any clock)
+        deadline = 0 if timeout >= _NO_DEADLINE_S else max(0, time_ns() // 1_000_000 + int(timeout * 1000))
         hdr = _pack_hdr(b"OM", 1, kind, (serializer.id << 8) | flags, 0, aux, 0, p.corr, 0, deadline)
         frames = [hdr, route, command, body]
         if options:
