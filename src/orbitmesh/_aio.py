@@ -99,14 +99,15 @@ class AsyncSocket:
             # turn later: one wake-up of libzmq's I/O thread, and no turn of latency.
             self._draining = True
             try:
-                if not self._handle(batch, got):
-                    return  # closed meanwhile
+                still_open = self._handle(batch, got)
             except BaseException:
                 self._draining = False
                 if self._outbox:
                     self._schedule()
                 raise
             self._draining = False
+            if not still_open:
+                return  # closed meanwhile
         if got == _BATCH:
             # More may be waiting: yield to the loop, then continue (flushing first).
             self._schedule()
