@@ -258,6 +258,63 @@ def test_io_twins_send_a_queue_until_the_socket_is_full_or_a_message_needs_the_c
         ctx.term()
 
 
+def test_async_socket_sends_what_a_batch_answers_at_the_end_of_that_batch() -> None:
+    """What the handlers of a received batch send leaves when the batch ends, not a loop turn
+    later; and a handler that raises still leaves a drain scheduled for what was queued."""
+    import asyncio
+
+    import zmq
+
+    from orbitmesh._aio import AsyncSocket
+
+    loop = asyncio.new_event_loop()
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    sock = None
+    try:
+        a.bind("inproc://aio-batch-end")
+        b.connect("inproc://aio-batch-end")
+        b.send(b"hi")
+        assert a.recv() == b"hi"  # a has its peer now
+        got: list[bytes] = []
+
+        def on_message(frames: list[bytes]) -> None:
+            got.append(frames[0])
+            sock.send([b"re-" + frames[0]])
+            if frames[0] == b"boom":
+                raise RuntimeError("a handler's bug")
+
+        sock = AsyncSocket(a, on_message, loop)
+        # Given three messages waiting, When one batch handles them (no loop turn)
+        for m in (b"1", b"2", b"3"):
+            b.send(m)
+        assert a.poll(1000)
+        sock._drain()
+        # Expect the three answers already sent, in order
+        assert got == [b"1", b"2", b"3"]
+        answers = []
+        for _ in range(3):
+            assert b.poll(1000)
+            answers.append(b.recv())
+        assert answers == [b"re-1", b"re-2", b"re-3"]
+        # When a handler raises after sending, Expect its answer to leave on the next loop turn
+        b.send(b"boom")
+        assert a.poll(1000)
+        with pytest.raises(RuntimeError, match="bug"):
+            sock._drain()
+        assert not b.poll(50)
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert b.poll(1000) and b.recv() == b"re-boom"
+    finally:
+        if sock is not None:
+            sock.close()
+        else:
+            a.close(0)
+        b.close(0)
+        ctx.term()
+        loop.close()
+
+
 def test_protocol_doc_lists_every_error_code_and_kind() -> None:
     """docs/protocol.md is the reference: every ErrorCode and message kind has its row."""
     from orbitmesh.errors import ErrorCode

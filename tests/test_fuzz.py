@@ -54,6 +54,13 @@ def run_harness(
     return proc.returncode, proc.stdout.decode(errors="replace")
 
 
+def runs_done(out: str) -> int:
+    """How many inputs a harness run that ended by itself went through (libFuzzer's last line)."""
+    done = re.search(r"Done (\d+) runs in (\d+) second", out)
+    assert done is not None, out[-3000:]
+    return int(done.group(1))
+
+
 def corpus_copy(tmp_path: Path) -> Path:
     """The seed corpus, copied: libFuzzer writes new inputs into its first corpus directory."""
     corpus = tmp_path / "corpus"
@@ -81,9 +88,7 @@ def test_short_fuzz_run_finds_nothing(tmp_path):
     )
     # Expect it to end by itself, cleanly, having run many inputs
     assert rc == 0, out[-3000:]
-    done = re.search(r"Done (\d+) runs in (\d+) second", out)
-    assert done is not None, out[-3000:]
-    assert int(done.group(1)) >= MIN_RUNS, out[-3000:]
+    assert runs_done(out) >= MIN_RUNS, out[-3000:]
     assert not list(tmp_path.glob("crash-*"))
     # ... and coverage feedback at work: the corpus grew beyond the seeds
     assert len(list(corpus.iterdir())) > len(list(SEEDS.iterdir()))
@@ -127,13 +132,13 @@ def test_short_control_fuzz_run_finds_nothing(tmp_path):
     )
     # Expect every one answered with a known code, nothing logged, and a meaningful number of them
     assert rc == 0, out[-3000:]
-    done = re.search(r"Done (\d+) runs in (\d+) second", out)
-    assert done is not None and int(done.group(1)) >= 1_000, out[-3000:]
+    runs = runs_done(out)
+    assert runs >= 1_000, out[-3000:]
     # Coverage feedback from the broker's bytecode: without it (the harness with its
     # instrument_func calls removed) 26k runs wrote no entry; with it, 22 - 28 in 15k - 26k runs
     # here, and 17 once under a loaded full suite.
     found = len(list(corpus.iterdir()))
-    assert found >= 10, f"{found} corpus entries after {done.group(1)} runs"
+    assert found >= 10, f"{found} corpus entries after {runs} runs"
 
 
 def test_short_receivers_fuzz_run_finds_nothing_and_a_planted_bug_is_found(tmp_path):
@@ -145,8 +150,7 @@ def test_short_receivers_fuzz_run_finds_nothing_and_a_planted_bug_is_found(tmp_p
     )
     # Expect no exception and no disagreement over many batches, and the corpus grown
     assert rc == 0, out[-3000:]
-    done = re.search(r"Done (\d+) runs in (\d+) second", out)
-    assert done is not None and int(done.group(1)) >= MIN_RUNS, out[-3000:]
+    assert runs_done(out) >= MIN_RUNS, out[-3000:]
     assert len(list(corpus.iterdir())) >= 10
     # When the pure dispatcher serves TRACKED requests as plain ones, Expect the harness to say so
     rc, out = run_harness(

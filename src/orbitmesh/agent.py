@@ -60,7 +60,6 @@ class _Handler:
     inline: bool
 
 
-_call_args = call_args
 _UNSTARTED: Any = object()  # _run_eagerly: the coroutine has not been started yet
 
 
@@ -445,7 +444,7 @@ class Agent:
     @staticmethod
     def _stream_endpoint(handler: _Handler) -> Callable[[Call], Awaitable[Any]]:
         async def start(call: Call) -> Any:
-            args, kwargs = _call_args(call.params)
+            args, kwargs = call_args(call.params)
             return handler.fn(*args, **kwargs)
 
         return start
@@ -454,7 +453,7 @@ class Agent:
         return await self._invoke(handler, call.params)
 
     def _invoke(self, handler: _Handler, params: Any) -> Awaitable[Any]:
-        args, kwargs = _call_args(params)
+        args, kwargs = call_args(params)
         if handler.kind == "async":
             return handler.fn(*args, **kwargs)  # type: ignore[no-any-return]
         if handler.inline:
@@ -567,7 +566,7 @@ class Agent:
                 call = Call("agent", "stream", handler.name, params, self.name, job)
                 gen: AsyncIterator[Any] = await build_chain(self._middleware, self._stream_endpoint(handler))(call)
             else:
-                args, kwargs = _call_args(params)
+                args, kwargs = call_args(params)
                 gen = handler.fn(*args, **kwargs)
             try:
                 async for item in gen:

@@ -5,15 +5,16 @@ of C structs (no tuple per call), and ``settle`` reads each reply's header in pl
 """
 
 cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_Contains, PyDict_DelItem, PyDict_GetItem, PyDict_SetItem
 from cpython.long cimport PyLong_FromUnsignedLongLong
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.ref cimport PyObject
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint64_t
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
-from orbitmesh._core._frame_c cimport OM_HEADER_SIZE, om_check_header, om_hdr_corr, om_hdr_flags, om_hdr_kind, om_write_header
+from orbitmesh._core._frame_c cimport OM_HEADER_SIZE, om_hdr_corr, om_hdr_flags, om_msg_header, om_write_header
 
 from orbitmesh.errors import ErrorCode, OrbitMeshError, SerializationError
 from orbitmesh.protocol import F_RAW_REPLY, Kind
@@ -279,18 +280,11 @@ cdef class CallTable:
         cdef uint16_t flags
         cdef PyObject* found
         cdef Pending p
-        if type(frames) is not list:
+        h = om_msg_header(frames, 2, PY_SSIZE_T_MAX, _REPLY)
+        if h == NULL:
             return False
         fr = <list>frames
         n = len(fr)
-        if n < 2:
-            return False
-        hdr = fr[0]
-        if type(hdr) is not bytes:
-            return False
-        h = <const unsigned char*>PyBytes_AS_STRING(hdr)
-        if om_check_header(h, <size_t>PyBytes_GET_SIZE(hdr)) or om_hdr_kind(h) != _REPLY:
-            return False
         key = PyLong_FromUnsignedLongLong(om_hdr_corr(h))
         found = PyDict_GetItem(self.pending, key)
         if found == NULL:

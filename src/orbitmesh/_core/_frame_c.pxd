@@ -81,6 +81,26 @@ cdef inline int om_check_header(const unsigned char* p, size_t n) noexcept nogil
     return 0
 
 
+cdef inline const unsigned char* om_msg_header(object msg, Py_ssize_t min_parts, Py_ssize_t max_parts, int kind):
+    """The header of ``msg``, a received message (a list of bytes frames), if it has ``min_parts``
+    to ``max_parts`` parts and a valid v1 header of ``kind``; else NULL. It points into the
+    header frame: valid while ``msg`` holds that frame."""
+    cdef Py_ssize_t n
+    cdef const unsigned char* h
+    if type(msg) is not list:
+        return NULL
+    n = len(<list>msg)
+    if n < min_parts or n > max_parts:
+        return NULL
+    hdr = (<list>msg)[0]
+    if type(hdr) is not bytes:
+        return NULL
+    h = <const unsigned char*>PyBytes_AS_STRING(hdr)
+    if om_check_header(h, <size_t>PyBytes_GET_SIZE(hdr)) or h[3] != kind:
+        return NULL
+    return h
+
+
 # --- field readers (p points at a checked 40-byte header) -------------------------------
 
 cdef inline uint8_t om_hdr_version(const unsigned char* p) noexcept nogil:

@@ -5,14 +5,14 @@ coroutine that returns at once raises no StopIteration), and the reply's header 
 straight into its bytes.
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_GetItem, PyDict_Next
 from cpython.object cimport PyObject_Call
 from cpython.ref cimport PyObject, Py_XDECREF
 from cpython.unicode cimport PyUnicode_Check
 from libc.stdint cimport uint16_t, uint64_t
 
-from orbitmesh._core._frame_c cimport OM_HEADER_SIZE, om_check_header, om_hdr_corr, om_hdr_flags, om_hdr_job, om_hdr_kind, om_write_header
+from orbitmesh._core._frame_c cimport OM_HEADER_SIZE, om_hdr_corr, om_hdr_flags, om_hdr_job, om_msg_header, om_write_header
 
 import types
 
@@ -104,18 +104,11 @@ cdef class Dispatcher:
         if conn is None or not conn.ready:
             return start  # the agent drops what comes while it is not registered
         for i in range(start, n):
-            if type(batch[i]) is not list:
+            h = om_msg_header(batch[i], 3, 4, _REQUEST)  # [header, token, command, params?]
+            if h == NULL:
                 return i
             frames = <list>batch[i]
             nf = len(frames)
-            if nf < 3 or nf > 4:
-                return i
-            hdr = frames[0]
-            if type(hdr) is not bytes:
-                return i
-            h = <const unsigned char*>PyBytes_AS_STRING(hdr)
-            if om_check_header(h, <size_t>PyBytes_GET_SIZE(hdr)) or om_hdr_kind(h) != _REQUEST:
-                return i
             flags = om_hdr_flags(h)
             if flags & ~_SER_MASK or om_hdr_job(h):  # TRACKED, STREAM, ...; a job
                 return i
