@@ -22,6 +22,7 @@ from typing import Any
 
 import msgpack
 
+from .._core.record import FieldPacker
 from ..errors import ErrorCode, StorageError
 from ..models import JobState
 
@@ -69,12 +70,10 @@ class JobRecord:
         ``state`` packs as its string value (JobState is a str enum) and the ``non_retryable``
         tuple as an array, as ``from_bytes`` reads them. The fields are read from the instance
         dict by name in one C call (26 attribute lookups cost twice as much: a third of the
-        encode); a field missing from it is read as an attribute (its class default, if any)."""
-        try:
-            values = _GET_ITEMS(self.__dict__)
-        except KeyError:
-            values = _GET_ALL(self)
-        return _PACK(values)  # type: ignore[no-any-return]
+        encode), and packed by the compiled core; a field missing from the dict is read as an
+        attribute (its class default, if any)."""
+        data = _PACK_FIELDS(self.__dict__)
+        return _PACK(_GET_ALL(self)) if data is None else data
 
     def copy(self) -> JobRecord:
         """A snapshot: a shallow copy with its own transitions list (the rest is immutable)."""
@@ -102,7 +101,7 @@ _FIELDS = dataclasses.fields(JobRecord)
 _GET_ALL = operator.attrgetter(*(f.name for f in _FIELDS))
 _PACK = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 _NAMES = [f.name for f in _FIELDS]
-_GET_ITEMS = operator.itemgetter(*_NAMES)
+_PACK_FIELDS = FieldPacker(_NAMES).pack
 _STATE_INDEX = _NAMES.index("state")
 _NON_RETRYABLE_INDEX = _NAMES.index("non_retryable")
 _TRANSITIONS_INDEX = _NAMES.index("transitions")

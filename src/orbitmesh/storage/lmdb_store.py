@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 
 import lmdb
 
+from .._core.record import time_key
 from ..errors import ErrorCode, StorageError
 from ..models import JobState
 from .base import FORMAT_VERSION, JobRecord, JobStore, check_durability
@@ -70,7 +71,6 @@ _STATE_CODE: dict[JobState, bytes] = {
 assert set(_STATE_CODE) == set(JobState), "every JobState needs an on-disk code"
 
 _U64 = struct.Struct(">Q")
-_F64 = struct.Struct(">d")
 _VERSION = struct.Struct(">I")
 _KEY_LIMIT = 400  # below LMDB's 511-byte default key limit, with room for the prefix
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -96,10 +96,7 @@ def _str_key(s: str) -> bytes:
 _STR_KEYS: dict[str, bytes] = {}
 
 
-def _time_key(t: float) -> bytes:
-    """8 bytes that sort like the doubles they encode (t + 0.0 folds -0.0 into 0.0)."""
-    (u,) = _U64.unpack(_F64.pack(t + 0.0))
-    return _U64.pack(u ^ 0xFFFF_FFFF_FFFF_FFFF if u >> 63 else u | 1 << 63)
+_time_key = time_key  # 8 bytes that sort like the doubles they encode
 
 
 # What the indexes hold for a record as last written: state code, agent, command, created,

@@ -1,0 +1,137 @@
+"""A job record's encoding (``_core/_record_*``): both twins against msgpack and each other."""
+
+from __future__ import annotations
+
+import math
+import struct
+import time
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orbitmesh import _core
+from orbitmesh.models import JobState
+from orbitmesh.storage.base import JobRecord
+
+
+@pytest.fixture(params=["c", "py"])
+def record(request: pytest.FixtureRequest) -> Any:
+    return _core.load("_record", request.param)
+
+
+def packb(values: tuple[Any, ...]) -> Any:
+    """msgpack's own bytes for ``values``, or the type of the error it raises."""
+    try:
+        return msgpack.packb(values, use_bin_type=True)
+    except Exception as exc:
+        return type(exc)
+
+
+def pack(record: Any, names: list[str], fields: dict[str, Any]) -> Any:
+    try:
+        return record.FieldPacker(names).pack(fields)
+    except Exception as exc:
+        return type(exc)
+
+
+# Every boundary of msgpack's int, str, bin and array forms, and what msgpack packs itself.
+EDGES: list[Any] = [
+    *(0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 10**30),
+    *(-1, -32, -33, -128, -129, -32768, -32769, -(2**31), -(2**31) - 1, -(2**63), -(2**63) - 1),
+    *(0.0, -0.0, 1.5, math.inf, -math.inf, math.nan, 1e308),
+    *("", "a" * 31, "a" * 32, "a" * 255, "a" * 256, "a" * 65535, "a" * 65536, "é€😀", "\udc80"),
+    *(b"", b"x" * 255, b"x" * 256, b"x" * 65535, b"x" * 65536),
+    *((), [], tuple(range(15)), list(range(16)), list(range(65536)), [[[[[[[[[[1]]]]]]]]]]),
+    *(None, True, False, JobState.RUNNING, bytearray(b"ab"), memoryview(b"cd"), {"a": 1}, object()),
+]
+
+
+@pytest.mark.parametrize("value", EDGES, ids=lambda v: type(v).__name__ + ":" + repr(v)[:20])
+def test_each_value_packs_as_msgpack_packs_it(record: Any, value: Any) -> None:
+    got = pack(record, ["a", "b"], {"a": value, "b": 7})
+    assert got == packb((value, 7))  # a NaN too: the same bits
+
+
+values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.binary(max_size=40)
+    | st.text(max_size=40)
+    | st.sampled_from(list(JobState)),
+    lambda inner: st.lists(inner, max_size=5) | st.lists(inner, max_size=5).map(tuple),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(values, min_size=1, max_size=12))
+def test_twins_pack_any_record_alike_and_as_msgpack(items: list[Any]) -> None:
+    names = [f"f{i}" for i in range(len(items))]
+    fields = dict(zip(names, items, strict=True))
+    want = packb(tuple(items))
+    for impl in ("c", "py"):
+        assert pack(_core.load("_record", impl), names, fields) == want
+
+
+def test_a_missing_field_is_none_and_extra_ones_are_ignored(record: Any) -> None:
+    packer = record.FieldPacker(["a", "b"])
+    assert packer.pack({"a": 1}) is None
+    assert packer.pack({"b": 1, "a": 2, "c": 3}) == msgpack.packb((2, 1))
+    assert record.FieldPacker(["only"]).pack({"only": "x"}) == msgpack.packb(("x",))
+    with pytest.raises(ValueError):
+        record.FieldPacker([])
+
+
+def test_a_large_record_leaves_the_stack_buffer(record: Any) -> None:
+    big = [b"p" * 5000, "s" * 3000, [("RUNNING", 1.0, "a" * 100)] * 200]
+    names = ["x", "y", "z"]
+    assert pack(record, names, dict(zip(names, big, strict=True))) == packb(tuple(big))
+
+
+def test_a_job_record_encodes_and_decodes(record: Any) -> None:
+    now = time.time()
+    rec = JobRecord(
+        id=42,
+        command="square",
+        route=b"\x01\x00worker",
+        params=b"\x91\x07",
+        flags=0x100,
+        state=JobState.SUCCEEDED,
+        created=now,
+        updated=now + 1,
+        agent="worker",
+        non_retryable=("ValueError",),
+        result=b"\x31",
+        transitions=[("PENDING", now, ""), ("SUCCEEDED", now + 1, "worker")],
+    )
+    names = [f.name for f in JobRecord.__dataclass_fields__.values()]
+    data = record.FieldPacker(names).pack(rec.__dict__)
+    assert data == rec.to_bytes()
+    back = JobRecord.from_bytes(data)
+    assert back == rec
+
+
+TIMES = [0.0, -0.0, 5e-324, -5e-324, 1.0, -1.0, 1700000000.25, -1e300, 1e300, math.inf, -math.inf, 3]
+
+
+def test_time_keys_sort_as_the_times_do(record: Any) -> None:
+    keys = [record.time_key(t) for t in TIMES]
+    assert all(len(k) == 8 for k in keys)
+    assert sorted(TIMES) == [t for _, t in sorted(zip(keys, TIMES, strict=True))]
+    assert record.time_key(-0.0) == record.time_key(0.0)  # one key for zero
+    with pytest.raises(TypeError):
+        record.time_key("1")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(allow_nan=False), st.floats(allow_nan=False))
+def test_time_key_twins_agree_and_keep_order(a: float, b: float) -> None:
+    c, py = _core.load("_record", "c"), _core.load("_record", "py")
+    assert c.time_key(a) == py.time_key(a)
+    assert (c.time_key(a) < c.time_key(b)) == (a < b)
+    assert struct.unpack(">Q", c.time_key(a))[0] >> 63 == (0 if a < 0 else 1)
