@@ -747,3 +747,35 @@ def test_a_selector_job_goes_to_an_agent_with_room(arun, ctx, core_impl):
             assert broker.jobs is not None and broker.jobs.stats()["jobs_backlogged"] == 0
 
     arun(main())
+
+
+def test_a_submitted_record_is_a_whole_job_record(arun, ctx, core_impl):
+    """submit builds its record from JobRecord's defaults, not through __init__: Expect every
+    field of the dataclass, the job's options where given, and the defaults where not."""
+    import dataclasses
+
+    from orbitmesh.storage import JobRecord
+
+    names = {f.name for f in dataclasses.fields(JobRecord)}
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), setup=job_handlers({})) as (broker, _, client):
+            plain = await client.execute("agent-0", "add", [1, 2])
+            tuned = await client.execute(
+                "agent-0", "add", [3, 4], max_attempts=3, job_timeout=9.0, idempotency_key="k-1"
+            )
+            for job in (plain, tuned):
+                await job.result(timeout=5)
+            for job in (plain, tuned):
+                rec = broker.jobs.get(job.id)
+                assert set(vars(rec)) == names
+                assert rec == JobRecord(**{name: getattr(rec, name) for name in names})
+            default = JobRecord(id=1, command="")
+            rec = broker.jobs.get(plain.id)
+            assert (rec.max_attempts, rec.timeout, rec.idempotency_key) == (1, 0.0, "")
+            assert (rec.retry_initial, rec.retry_max) == (default.retry_initial, default.retry_max)
+            rec = broker.jobs.get(tuned.id)
+            assert (rec.max_attempts, rec.timeout, rec.idempotency_key) == (3, 9.0, "k-1")
+            assert rec.params != broker.jobs.get(plain.id).params and rec.command == "add"
+
+    arun(main())

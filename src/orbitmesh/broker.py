@@ -15,9 +15,11 @@ import logging
 import os
 import random
 import struct
+import sys
 import threading
 import time
 import uuid
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +42,16 @@ log = logging.getLogger("orbitmesh.broker")
 
 _META = struct.Struct("<BIIB")  # OP_REG meta: role, capacity, ACL flags, session protocol
 _LOAD = struct.Struct("<III")  # EV_LOAD record after the routing id: inflight, capacity, running
+
+
+def _swapped_le16(sizes: array[int]) -> bytes:
+    swapped = array("H", sizes)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
+# An OP_BATCH layout's bytes: each message's frame count as 16-bit little-endian.
+_le16 = array.tobytes if sys.byteorder == "little" else _swapped_le16
 _NAME_MAX = 200
 _LIST_MAX = 256
 _STATE_NAMES = {0: "alive", 1: "suspect"}
@@ -242,6 +254,7 @@ class Broker:
         self.id = uuid.uuid4().hex[:12]
         self._ctx = context or zmq.Context.instance()
         self._dp_mod = _core.load("_dataplane", self.core)
+        self._op_send = self._dp_mod.OP["SEND"]
         self._agents: dict[bytes, _Agent] = {}
         self._by_name: dict[str, _Agent] = {}
         self._clients: set[bytes] = set()
@@ -461,21 +474,22 @@ class Broker:
             ctrl.flush()  # this is the turn's one message already: no reason to wait a turn more
             return
         op_batch, cap = self._dp_mod.OP["BATCH"], self._dp_mod.CTRL_MAX_FRAMES
-        layout = bytearray()
+        sizes = array("H")  # the layout: each message's frame count, 16-bit little-endian
         batch: list[bytes] = []
         for frames in out:
-            if len(frames) + len(batch) + 2 > cap and batch:
-                ctrl.send([op_batch, bytes(layout), *batch])
-                layout.clear()
+            n = len(frames)
+            if n + len(batch) + 2 > cap and batch:
+                ctrl.send([op_batch, _le16(sizes), *batch])
+                sizes = array("H")
                 batch = []
-            layout += len(frames).to_bytes(2, "little")
+            sizes.append(n)
             batch += frames
-        ctrl.send([op_batch, bytes(layout), *batch])
+        ctrl.send([op_batch, _le16(sizes), *batch])
         ctrl.flush()
 
     def _send(self, rid: bytes, frames: list[bytes]) -> None:
         if self._ctrl is not None:
-            self._ctl([self._dp_mod.OP["SEND"], rid, *frames])
+            self._ctl([self._op_send, rid, *frames])
 
     def _reply(self, rid: bytes, corr: int, body: Any) -> None:
         self._send(rid, [header(Kind.REPLY, corr=corr), b"", msgpack.packb(body, use_bin_type=True)])

@@ -11,6 +11,7 @@ from .base import JobRecord
 
 MAX_ID = 2**63 - 1  # SQLite's signed 64-bit INTEGER bounds every store
 UNFINISHED_STATES = tuple(s for s in JobState if not s.terminal)
+_isnan = math.isnan
 
 
 def check_id(job_id: int) -> int:
@@ -22,8 +23,10 @@ def check_id(job_id: int) -> int:
 
 def encode_record(rec: JobRecord) -> bytes:
     """Validate ``rec`` (id, times that compare) and encode it; raises before a store writes anything."""
-    check_id(rec.id)
-    if math.isnan(rec.created) or math.isnan(rec.updated):
+    job_id = rec.id
+    if job_id.__class__ is not int or not 0 < job_id <= MAX_ID:
+        check_id(job_id)  # an int subclass may pass; anything else raises
+    if _isnan(rec.created) or _isnan(rec.updated):
         raise ValueError(f"job {rec.id}: created / updated must not be NaN")
     return rec.to_bytes()
 

@@ -69,6 +69,7 @@ _STATE_CODE: dict[JobState, bytes] = {
     JobState.LOST: b"\x08",
 }
 assert set(_STATE_CODE) == set(JobState), "every JobState needs an on-disk code"
+_TERMINAL = frozenset(state for state in JobState if state.terminal)
 
 _U64 = struct.Struct(">Q")
 _VERSION = struct.Struct(">I")
@@ -347,17 +348,10 @@ class LmdbStore(JobStore):
         off the writer's share). Raises ValueError for a record no store may hold."""
         data = encode_record(record)
         state = record.state
-        done = _time_key(record.updated) + _be(record.id) if state.terminal else b""
-        return (
-            record.id,
-            _STATE_CODE[state],
-            record.agent,
-            record.command,
-            record.created,
-            record.idempotency_key,
-            done,
-            data,
-        )
+        job_id = record.id
+        done = _time_key(record.updated) + _U64.pack(job_id) if state in _TERMINAL else b""
+        key = record.idempotency_key
+        return (job_id, _STATE_CODE[state], record.agent, record.command, record.created, key, done, data)
 
     def write_prepared(self, items: Sequence[Prepared], delete: Sequence[int] = ()) -> None:
         """Write ``prepare`` output and delete ``delete`` ids, with every index, in one transaction."""
