@@ -52,6 +52,7 @@ def _swapped_le16(sizes: array[int]) -> bytes:
 
 # An OP_BATCH layout's bytes: each message's frame count as 16-bit little-endian.
 _le16 = array.tobytes if sys.byteorder == "little" else _swapped_le16
+_REQUEST, _RAW, _QUERY, _BYE, _EVENT = (int(k) for k in (Kind.REQUEST, Kind.RAW, Kind.QUERY, Kind.BYE, Kind.EVENT))
 _NAME_MAX = 200
 _LIST_MAX = 256
 _STATE_NAMES = {0: "alive", 1: "suspect"}
@@ -622,13 +623,13 @@ class Broker:
     def _on_peer_message(self, rid: bytes, frames: list[bytes]) -> None:
         fields = HDR.unpack(frames[0])
         kind, flags, corr = fields[2], fields[3], fields[7]
-        if kind == Kind.QUERY:
-            self._on_query(rid, corr, frames)
-        elif kind in (Kind.REQUEST, Kind.RAW):
+        if kind == _REQUEST or kind == _RAW:  # plain ints: an enum attribute costs 70-190 ns
             self._on_request(rid, fields, frames)
-        elif kind == Kind.BYE:
+        elif kind == _QUERY:
+            self._on_query(rid, corr, frames)
+        elif kind == _BYE:
             self._on_bye(rid, bool(flags & F_DRAIN))
-        elif kind == Kind.EVENT:
+        elif kind == _EVENT:
             self._on_agent_event(rid, frames)
 
     def _on_hello(self, rid: bytes, corr: int, frames: list[bytes], user: bytes = b"") -> None:
