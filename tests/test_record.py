@@ -87,6 +87,18 @@ def test_a_missing_field_is_none_and_extra_ones_are_ignored(record: Any) -> None
         record.FieldPacker([])
 
 
+def test_fields_in_any_order_or_with_extra_keys_pack_alike(record: Any) -> None:
+    names = ["alpha", "beta", "gamma", "delta"]
+    want = msgpack.packb((1, "b", [2.5], None), use_bin_type=True)
+    packer = record.FieldPacker(names)
+    assert packer.pack({"alpha": 1, "beta": "b", "gamma": [2.5], "delta": None}) == want  # field order
+    assert packer.pack({"delta": None, "gamma": [2.5], "beta": "b", "alpha": 1}) == want  # reversed
+    assert packer.pack({"alpha": 1, "extra": 0, "beta": "b", "gamma": [2.5], "delta": None}) == want
+    rebuilt = {"".join(("al", "pha")): 1, "".join(("be", "ta")): "b", "gamma": [2.5], "delta": None}
+    assert packer.pack(rebuilt) == want  # equal names that are other string objects
+    assert packer.pack({"alpha": 1, "beta": "b", "gamma": [2.5]}) is None  # the last one missing
+
+
 def test_a_large_record_leaves_the_stack_buffer(record: Any) -> None:
     big = [b"p" * 5000, "s" * 3000, [("RUNNING", 1.0, "a" * 100)] * 200]
     names = ["x", "y", "z"]

@@ -7,6 +7,7 @@ beyond 64 bits, a string that does not encode...) is packed by msgpack's own Pac
 start, so the bytes, and the exceptions, are always msgpack's.
 """
 
+from cpython.dict cimport PyDict_Next
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.list cimport PyList_Check
@@ -212,19 +213,27 @@ cdef class FieldPacker:
         cdef char stack[STACK_BYTES]
         cdef Buf b
         cdef PyObject* value
+        cdef PyObject* key
         cdef tuple names = self.names
-        cdef Py_ssize_t i, n = len(names)
+        cdef PyObject** wanted = PySequence_Fast_ITEMS(names)
+        cdef Py_ssize_t i = 0, pos = 0, n = len(names)
         cdef int left = 0
         b.data, b.used, b.size, b.heap = stack, 0, STACK_BYTES, False
         try:
             _sized(&b, n, 0x90, 16, 0, 0xDC, 0xDD)
-            for i in range(n):
-                value = PyDict_GetItemWithError(fields, <object>PyTuple_GET_ITEM(names, i))
-                if value == NULL:  # missing (an error raises: except? NULL)
-                    return None
+            # A record's dict holds its fields in field order (__init__, copy and the job table's
+            # template all keep it): walk it while its keys are the names, with no lookup.
+            while i < n and PyDict_Next(fields, &pos, &key, &value) and key == wanted[i]:
                 if _pack(&b, <object>value, 0):
                     left = 1
                     break
+                i += 1
+            while i < n and not left:  # the rest (a dict in another order) by name
+                value = PyDict_GetItemWithError(fields, <object>wanted[i])
+                if value == NULL:  # missing (an error raises: except? NULL)
+                    return None
+                left = _pack(&b, <object>value, 0)
+                i += 1
             if not left:
                 return PyBytes_FromStringAndSize(b.data, b.used)
         finally:
