@@ -35,6 +35,7 @@ from ..errors import ErrorCode, StorageError
 from ..models import JobState
 from .base import FORMAT_VERSION, JobRecord, JobStore, check_durability
 from .common import (
+    MAX_ID,
     UNFINISHED_STATES,
     check_id,
     check_query,
@@ -440,9 +441,11 @@ class LmdbStore(JobStore):
         # A cursor's put skips Transaction.put's argument parsing (~0.1 us each, ~5 per record).
         put_state, put_agent, put_command = (txn.cursor(db).put for db in (by_state, by_agent, by_command))
         put_time, put_done, put_job = (txn.cursor(db).put for db in (by_time, by_done, jobs))
+        pack_id = _U64.pack
         for job_id, state, agent, command, created, key, done, data in items:
-            check_id(job_id)
-            rid = _be(job_id)
+            if job_id.__class__ is not int or not 0 < job_id <= MAX_ID:
+                check_id(job_id)  # prepare checked it: this is for a hand-made item
+            rid = pack_id(job_id)
             known = cache[job_id] if job_id in cache else live.get(job_id)
             if known is None and job_id <= top:  # above every id stored so far (this txn too): new
                 raw = txn.get(rid, db=jobs)
