@@ -36,7 +36,13 @@ def serve_impl(request: pytest.FixtureRequest) -> ModuleType:
     return load("_serve", request.param)
 
 
-_IMPL_FIXTURES = ("core_impl", "dataplane_impl", "calls_impl", "serve_impl")
+@pytest.fixture(params=["c", "py"], ids=["c", "py"])
+def record_impl(request: pytest.FixtureRequest) -> ModuleType:
+    """The job record encoding module: ``_record_c`` or ``_record_py``."""
+    return load("_record", request.param)
+
+
+_IMPL_FIXTURES = ("core_impl", "dataplane_impl", "calls_impl", "serve_impl", "record_impl")
 _MEANS: dict[str, dict[str, float]] = {}  # case (test id without the core) -> {"c": s, "py": s}
 
 
