@@ -7,16 +7,16 @@ beyond 64 bits, a string that does not encode...) is packed by msgpack's own Pac
 start, so the bytes, and the exceptions, are always msgpack's.
 """
 
-from cpython.dict cimport PyDict_Next
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_Next
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.list cimport PyList_Check
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport PyObject
-from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM
+from cpython.tuple cimport PyTuple_Check
 from cpython.unicode cimport PyUnicode_Check
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.string cimport memcpy
 
 import operator
