@@ -27,6 +27,7 @@ import asyncio
 import os
 import struct
 import sys
+from collections import OrderedDict
 from typing import Any
 
 import atheris
@@ -57,6 +58,9 @@ class _Host:
     def __init__(self) -> None:
         self._conn = _Conn()
         self.calls: list[tuple[Any, ...]] = []
+        self._jobs_running: dict[int, list[Any]] = {}  # the agent's job bookkeeping
+        self._jobs_done: OrderedDict[int, list[Any]] = OrderedDict()
+        self.remember_jobs = 2
 
     def _reply(self, result: Any, token: bytes, corr: int, job: int, sflags: int, serializer: Any) -> None:
         self.calls.append(("reply", type(result).__name__, token, corr, job, sflags, serializer.name))
@@ -102,8 +106,9 @@ def _batch(fdp: atheris.FuzzedDataProvider) -> list[list[bytes]]:
             flags = fdp.ConsumeIntInRange(0, 0xFFFF)
             corr = fdp.ConsumeIntInRange(0, 9)
             job = fdp.ConsumeIntInRange(0, 2)
+            lease = fdp.ConsumeIntInRange(0, 3)
             reserved = 0 if fdp.ConsumeProbability() < 0.9 else fdp.ConsumeIntInRange(0, 0xFFFFFFFF)
-            frames.append(_HDR.pack(b"OM", 1, kind, flags, 0, 0, reserved, corr, job, 0))
+            frames.append(_HDR.pack(b"OM", 1, kind, flags, 0, lease, reserved, corr, job, 0))
         for _ in range(fdp.ConsumeIntInRange(0 if frames else 1, 4)):
             frames.append(fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 24)))
         batch.append(frames)
@@ -147,7 +152,8 @@ def _agent(mod: Any, batch: list[list[bytes]]) -> tuple[Any, ...]:
     ):
         d.add(name, fn, sync)
     left = _drive(d.serve, batch)
-    return left, host._conn.sent, host.calls, d.inflight, d.served
+    jobs = (dict(host._jobs_running), list(host._jobs_done.items()))
+    return left, host._conn.sent, host.calls, d.inflight, d.served, jobs
 
 
 def test_one_input(data: bytes) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections import OrderedDict
 from typing import Any
 
 import pytest
@@ -23,9 +24,9 @@ JSON_ID = JsonSerializer.id
 
 
 def request(
-    corr: int, command: bytes, body: bytes | None = b"\x91\x05", *, flags: int = 0, job: int = 0
+    corr: int, command: bytes, body: bytes | None = b"\x91\x05", *, flags: int = 0, job: int = 0, lease: int = 0
 ) -> list[bytes]:
-    frames = [HDR.pack(b"OM", 1, Kind.REQUEST, flags, 0, 0, 0, corr, job, 0), b"tok%d" % corr, command]
+    frames = [HDR.pack(b"OM", 1, Kind.REQUEST, flags, 0, lease, 0, corr, job, 0), b"tok%d" % corr, command]
     return frames if body is None else [*frames, body]
 
 
@@ -44,6 +45,9 @@ class Host:
     def __init__(self) -> None:
         self._conn: Conn | None = Conn()
         self.calls: list[tuple[Any, ...]] = []
+        self._jobs_running: dict[int, list[Any]] = {}  # the agent's job bookkeeping
+        self._jobs_done: OrderedDict[int, list[Any]] = OrderedDict()
+        self.remember_jobs = 3
 
     def _reply(self, result: Any, token: bytes, corr: int, job: int, sflags: int, serializer: Any) -> None:
         self.calls.append(("reply", type(result).__name__, token, corr, job, sflags, serializer.name))
@@ -183,13 +187,48 @@ def test_other_messages_stop_the_batch_in_order(impl: str) -> None:
         bad,
         request(10, b"add"),
     ]
-    assert serve(d, batch) == list(range(1, 10))
-    assert host._conn is not None and [HDR.unpack(f[0])[7] for f in host._conn.sent] == [1, 10]
+    assert serve(d, batch) == [1, *range(3, 10)]  # a tracked job is served: the next test
+    assert host._conn is not None and [HDR.unpack(f[0])[7] for f in host._conn.sent] == [1, 2, 10]
     # Not registered: everything goes to the agent (which drops it)
     host._conn.ready = False
     assert d.serve([request(11, b"add")], 0) == 0
     host._conn = None
     assert d.serve([request(12, b"add")], 0) == 0
+
+
+def test_a_tracked_jobs_first_delivery_is_served_with_the_agents_bookkeeping(impl: str) -> None:
+    d, host = setup(impl)
+    conn = host._conn
+    assert conn is not None
+    tracked = F_TRACKED | JSON_ID << 8
+    batch = [
+        request(1, b"echo", b"[1]", flags=tracked, job=41, lease=7),
+        request(2, b"add", flags=F_TRACKED, job=42, lease=1),
+        request(3, b"waits", flags=F_TRACKED, job=43, lease=2),  # suspends: the agent ends it
+        request(4, b"boom", flags=F_TRACKED, job=44, lease=3),  # raises: the agent answers
+        request(5, b"add", flags=F_TRACKED, job=0),  # tracked without a job id: the agent's
+    ]
+    assert serve(d, batch) == [4]
+    # Expect each answer as the agent's _answer makes it: the job, its lease, its serializer
+    assert [HDR.unpack(f[0]) for f in conn.sent] == [
+        (b"OM", 1, Kind.REPLY, JSON_ID << 8, 0, 7, 0, 1, 41, 0),
+        (b"OM", 1, Kind.REPLY, 0, 0, 1, 0, 2, 42, 0),
+    ]
+    assert [f[1:] for f in conn.sent] == [[b"tok1", b"[1]"], [b"tok2", b"\x06"]]
+    assert host.calls == [
+        ("later", "coroutine", b"tok3", 3, 43, 0, "msgpack", (None,)),
+        ("error", "ValueError", "no", b"tok4", 4, 44),
+    ]
+    # Expect the answered jobs remembered and the others held as running, for a redelivery
+    assert host._jobs_done == {41: conn.sent[0], 42: conn.sent[1]}
+    assert host._jobs_running == {43: [b"tok3", 3, 2], 44: [b"tok4", 4, 3]}
+    # A redelivery of any of them is the agent's (it answers again, or points the run at it)
+    again = [request(6 + i, b"add", flags=F_TRACKED, job=job, lease=9) for i, job in enumerate((41, 43))]
+    assert serve(d, again) == [0, 1]
+    # Expect at most remember_jobs answers kept, the oldest dropped first
+    serve(d, [request(10 + i, b"add", flags=F_TRACKED, job=50 + i) for i in range(2)])
+    assert list(host._jobs_done) == [42, 50, 51]
+    assert (d.inflight, d.served) == (1, 5)
 
 
 def test_idle_resolves_when_the_last_request_ends(impl: str) -> None:

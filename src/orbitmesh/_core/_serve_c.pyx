@@ -10,13 +10,21 @@ from cpython.dict cimport PyDict_GetItem, PyDict_Next
 from cpython.object cimport PyObject_Call
 from cpython.ref cimport PyObject, Py_XDECREF
 from cpython.unicode cimport PyUnicode_Check
-from libc.stdint cimport uint16_t, uint64_t
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
-from orbitmesh._core._frame_c cimport OM_HEADER_SIZE, om_hdr_corr, om_hdr_flags, om_hdr_job, om_msg_header, om_write_header
+from orbitmesh._core._frame_c cimport (
+    OM_HEADER_SIZE,
+    om_hdr_aux,
+    om_hdr_corr,
+    om_hdr_flags,
+    om_hdr_job,
+    om_msg_header,
+    om_write_header,
+)
 
 import types
 
-from orbitmesh.protocol import Kind
+from orbitmesh.protocol import F_TRACKED, Kind
 from orbitmesh.serializers import SERIALIZER_MASK, RawSerializer
 
 public_api = ["Dispatcher", "call_args"]
@@ -27,6 +35,7 @@ cdef extern from "Python.h":
 cdef int _REQUEST = Kind.REQUEST
 cdef int _REPLY = Kind.REPLY
 cdef uint16_t _SER_MASK = SERIALIZER_MASK
+cdef uint16_t _F_TRACKED = F_TRACKED
 cdef int _RAW_ID = RawSerializer.id
 cdef object _Coroutine = types.CoroutineType
 cdef tuple _NO_ARGS = ()
@@ -100,7 +109,9 @@ cdef class Dispatcher:
         cdef int sid
         cdef list frames
         cdef PyObject* entry
-        conn = self.host._conn
+        cdef uint64_t job
+        host = self.host
+        conn = host._conn
         if conn is None or not conn.ready:
             return start  # the agent drops what comes while it is not registered
         for i in range(start, n):
@@ -110,7 +121,11 @@ cdef class Dispatcher:
             frames = <list>batch[i]
             nf = len(frames)
             flags = om_hdr_flags(h)
-            if flags & ~_SER_MASK or om_hdr_job(h):  # TRACKED, STREAM, ...; a job
+            job = om_hdr_job(h)
+            if flags & ~_SER_MASK:
+                if flags & ~_SER_MASK != _F_TRACKED or not job:  # a stream, raw, ...
+                    return i
+            elif job:
                 return i
             cmd = frames[2]
             if type(cmd) is not bytes:
@@ -132,11 +147,18 @@ cdef class Dispatcher:
                 params = serializer.loads(body) if body or sid == _RAW_ID else None
             except Exception:
                 return i  # the agent says why
+            token = frames[1]
+            if job:
+                # A tracked job's first delivery (a redelivery is the agent's: it may have run).
+                running = host._jobs_running
+                if job in running or job in host._jobs_done:
+                    return i
+                running[job] = [token, om_hdr_corr(h), om_hdr_aux(h)]
             self.inflight += 1
-            self._run(<tuple>entry, params, frames[1], om_hdr_corr(h), flags, serializer)
+            self._run(<tuple>entry, params, token, om_hdr_corr(h), flags & _SER_MASK, serializer, job, om_hdr_aux(h))
         return n
 
-    cdef int _run(self, tuple entry, params, token, uint64_t corr, uint16_t sflags, s) except -1:
+    cdef int _run(self, tuple entry, params, token, uint64_t corr, uint16_t sflags, s, uint64_t job, uint32_t lease) except -1:
         cdef PyObject* out = NULL
         cdef int rc = 0
         fn = entry[0]
@@ -154,24 +176,31 @@ cdef class Dispatcher:
             else:
                 other = True  # some other awaitable
         except BaseException as exc:
-            host._reply_error(exc, token, corr, 0)
+            host._reply_error(exc, token, corr, job)
             self.end()
             return 0
         if other:
-            host._run_eagerly(aw, token, corr, 0, sflags, s)
+            host._run_eagerly(aw, token, corr, job, sflags, s)
             return 0
         if rc:  # suspended on ``value``: a task ends it
-            host._run_eagerly(aw, token, corr, 0, sflags, s, value)
+            host._run_eagerly(aw, token, corr, job, sflags, s, value)
             return 0
         try:
             body = s.dumps(value)
         except Exception:
-            host._reply(value, token, corr, 0, sflags, s)  # says why
+            host._reply(value, token, corr, job, sflags, s)  # says why
         else:
+            hdr = PyBytes_FromStringAndSize(NULL, OM_HEADER_SIZE)
+            om_write_header(<unsigned char*>PyBytes_AS_STRING(hdr), _REPLY, sflags, 0, lease, corr, job, 0)
+            frames = [hdr, token, body]
+            if job:  # the agent's _answer: this delivery is done, its answer kept for a redelivery
+                host._jobs_running.pop(job, None)
+                done = host._jobs_done
+                done[job] = frames
+                if len(done) > host.remember_jobs:
+                    done.popitem(last=False)
             conn = host._conn
             if conn is not None and conn.ready:
-                hdr = PyBytes_FromStringAndSize(NULL, OM_HEADER_SIZE)
-                om_write_header(<unsigned char*>PyBytes_AS_STRING(hdr), _REPLY, sflags, 0, 0, corr, 0, 0)
-                conn.sock_send([hdr, token, body])
+                conn.sock_send(frames)
         self.end()
         return 0

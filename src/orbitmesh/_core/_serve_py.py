@@ -3,10 +3,12 @@
 Per request an agent reads the header, finds the handler, decodes the params, calls the
 handler and, when it finishes without suspending (most do), encodes the result and sends
 the reply. A ``Dispatcher`` does all of that straight from a received batch for a plain
-request (no job, no stream, no options) to a coroutine handler or an inline sync handler.
-Everything else goes to the agent, in order: the other kinds of message, handlers on the
-thread pool, streams, jobs, middleware, params that do not decode, a handler that suspends
-or raises, a result that does not encode.
+request (no stream, no options) to a coroutine handler or an inline sync handler, and for a
+tracked job's first delivery (the agent's job bookkeeping with it: the delivery is held in
+``host._jobs_running`` while it runs, and its reply kept in ``host._jobs_done``).
+Everything else goes to the agent, in order: the other kinds of message, a job's redelivery,
+handlers on the thread pool, streams, middleware, params that do not decode, a handler that
+suspends or raises, a result that does not encode.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import struct
 import types
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..protocol import HEADER_SIZE, Kind
+from ..protocol import F_TRACKED, HEADER_SIZE, Kind
 from ..serializers import SERIALIZER_MASK, RawSerializer, Serializer, SerializerSet
 from ._frame_py import check_header
 
@@ -31,9 +34,12 @@ _is_str = str.__instancecheck__  # isinstance(k, str), for all(map(...)) at C sp
 
 
 class Host(Protocol):
-    """What a Dispatcher needs of its agent: the connection and the slow paths."""
+    """What a Dispatcher needs of its agent: the connection, the job bookkeeping and the slow paths."""
 
     _conn: Any  # a PeerConnection, or None
+    _jobs_running: dict[int, list[Any]]  # tracked job -> [token, corr, lease] of its newest delivery
+    _jobs_done: OrderedDict[int, list[Any]]  # tracked job -> its successful answer
+    remember_jobs: int  # answers kept in _jobs_done
 
     def _reply(self, result: Any, token: bytes, corr: int, job: int, sflags: int, serializer: Serializer) -> None: ...
 
@@ -108,7 +114,11 @@ class Dispatcher:
             ):
                 return i
             flags = hdr[4] | (hdr[5] << 8)
-            if flags & ~SERIALIZER_MASK or any(hdr[24:32]):  # TRACKED, STREAM, ...; a job
+            job = int.from_bytes(hdr[24:32], "little")
+            if flags & ~SERIALIZER_MASK:
+                if flags & ~SERIALIZER_MASK != F_TRACKED or not job:  # a stream, raw, ...
+                    return i
+            elif job:
                 return i
             entry = handlers.get(frames[2])
             if entry is None:
@@ -129,13 +139,28 @@ class Dispatcher:
                 return i  # the agent says why
             token = frames[1]
             corr = int.from_bytes(hdr[16:24], "little")
+            lease = int.from_bytes(hdr[8:12], "little")
+            if job:
+                # A tracked job's first delivery (a redelivery is the agent's: it may have run).
+                running = self.host._jobs_running
+                if job in running or job in self.host._jobs_done:
+                    return i
+                running[job] = [token, corr, lease]
             self.inflight += 1
-            self._run(entry, params, token, corr, sid << 8, serializer)
+            self._run(entry, params, token, corr, sid << 8, serializer, job, lease)
             i += 1
         return n
 
     def _run(
-        self, entry: tuple[Callable[..., Any], bool], params: Any, token: bytes, corr: int, sflags: int, s: Serializer
+        self,
+        entry: tuple[Callable[..., Any], bool],
+        params: Any,
+        token: bytes,
+        corr: int,
+        sflags: int,
+        s: Serializer,
+        job: int,
+        lease: int,
     ) -> None:
         fn, sync = entry
         args, kwargs = call_args(params)
@@ -154,21 +179,28 @@ class Dispatcher:
             else:
                 other = True  # some other awaitable
         except BaseException as exc:
-            host._reply_error(exc, token, corr, 0)
+            host._reply_error(exc, token, corr, job)
             self.end()
             return
         if other:
-            host._run_eagerly(aw, token, corr, 0, sflags, s)
+            host._run_eagerly(aw, token, corr, job, sflags, s)
             return
         if suspended:  # on ``value``: a task ends it
-            host._run_eagerly(aw, token, corr, 0, sflags, s, value)
+            host._run_eagerly(aw, token, corr, job, sflags, s, value)
             return
         try:
             body = s.dumps(value)
         except Exception:
-            host._reply(value, token, corr, 0, sflags, s)  # says why
+            host._reply(value, token, corr, job, sflags, s)  # says why
         else:
+            frames = [_pack_header(b"OM", 1, _REPLY, sflags, 0, lease, 0, corr, job, 0), token, body]
+            if job:  # the agent's _answer: this delivery is done, its answer kept for a redelivery
+                host._jobs_running.pop(job, None)
+                done = host._jobs_done
+                done[job] = frames
+                if len(done) > host.remember_jobs:
+                    done.popitem(last=False)
             conn = host._conn
             if conn is not None and conn.ready:
-                conn.sock_send([_pack_header(b"OM", 1, _REPLY, sflags, 0, 0, 0, corr, 0, 0), token, body])
+                conn.sock_send(frames)
         self.end()
