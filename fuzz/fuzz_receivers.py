@@ -136,6 +136,7 @@ def _client(mod: Any, batch: list[list[bytes]]) -> tuple[Any, ...]:
         p = t.open(_LOOP.create_future(), _SERIALIZERS[i % 3], kind, float(i))
         if i == 5:
             p.accepted = _LOOP.create_future()
+            futs.append(p.accepted)
         futs.append(p.fut)
     left = _drive(t.settle, batch)
     return left, sorted(t.pending), [_outcome(f) for f in futs]

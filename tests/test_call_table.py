@@ -17,11 +17,14 @@ from orbitmesh.protocol import F_RAW_REPLY, F_TRACKED, Kind
 from orbitmesh.serializers import JsonSerializer, MsgpackSerializer, RawSerializer
 
 HDR = struct.Struct("<2sBBHHIIQQQ")
+_REQ = Kind.REQUEST
 MSGPACK, JSON, RAW = MsgpackSerializer(), JsonSerializer(), RawSerializer()
 
 
-def reply(corr: int, body: bytes = b"\xa2ok", *, sid: int = 0, flags: int = 0, kind: int = Kind.REPLY) -> list[bytes]:
-    return [HDR.pack(b"OM", 1, kind, (sid << 8) | flags, 0, 0, 0, corr, 0, 0), b"token", body]
+def reply(
+    corr: int, body: bytes = b"\xa2ok", *, sid: int = 0, flags: int = 0, kind: int = Kind.REPLY, job: int = 0
+) -> list[bytes]:
+    return [HDR.pack(b"OM", 1, kind, (sid << 8) | flags, 0, 0, 0, corr, job, 0), b"token", body]
 
 
 class Broken:
@@ -177,10 +180,46 @@ def test_settle_resolves_plain_replies_and_returns_the_rest_in_order(calls: Any)
             [b"short"],
         ]
         rest = settle(t, batch)
-        assert rest == [batch[0], *batch[4:8], batch[9], batch[10], batch[11]]
+        assert rest == [batch[0], *batch[5:8], batch[9], batch[10], batch[11]]
         assert plain.fut.result() == 42 and empty.fut.result() is None and raw_empty.fut.result() == b""
-        assert t.pending.keys() == {job.corr, query.corr, other_ser.corr, raw_reply.corr}
-        assert not job.fut.done() and not query.fut.done()
+        assert job.fut.result() == "ok"  # a job's outcome too (the next test)
+        assert t.pending.keys() == {query.corr, other_ser.corr, raw_reply.corr}
+        assert not query.fut.done()
+    finally:
+        loop.close()
+
+
+def accepted(corr: int, job: int) -> list[bytes]:
+    return [HDR.pack(b"OM", 1, Kind.ACCEPTED, 0, 0, 0, 0, corr, job, 0), b""]
+
+
+def test_settle_resolves_a_jobs_accepted_and_its_outcome(calls: Any) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        t = calls.CallTable()
+        job = t.open(loop.create_future(), MSGPACK, Kind.REQUEST, 9.0)
+        job.accepted = loop.create_future()
+        job.waiter = loop.create_future()  # a Job.result() waiting
+        garbled = t.open(loop.create_future(), MSGPACK, Kind.REQUEST, 9.0)
+        garbled.accepted = loop.create_future()
+        plain = t.open(loop.create_future(), MSGPACK, Kind.REQUEST, 9.0)
+        batch = [
+            accepted(job.corr, 77),
+            accepted(job.corr, 78),  # a second one changes nothing
+            accepted(plain.corr, 5),  # not a job: the client's
+            accepted(999, 5),  # nobody waits for it: the client's
+            accepted(garbled.corr, 79),
+            reply(garbled.corr, b"\xc1"),
+            reply(job.corr, b"\x07"),
+        ]
+        assert settle(t, batch) == [batch[2], batch[3]]
+        # Expect ACCEPTED to give the job id, and the outcome to wake Job.result() and end the call
+        assert job.accepted.result() == 77 and job.waiter.done() and job.fut.result() == 7
+        assert garbled.accepted.result() == 79
+        assert not garbled.fut._log_traceback  # a job's failure is not "never retrieved": nobody may ask
+        exc = garbled.fut.exception()
+        assert isinstance(exc, SerializationError) and exc.code == ErrorCode.BAD_PAYLOAD
+        assert t.pending.keys() == {plain.corr}
     finally:
         loop.close()
 
@@ -206,14 +245,22 @@ def test_a_reply_that_does_not_decode_fails_its_call_with_bad_payload(calls: Any
 # --- the twins side by side: one random history, the same outcome --------------------------
 
 _op = st.one_of(
-    st.tuples(st.just("open"), st.sampled_from([Kind.REQUEST, Kind.QUERY]), st.one_of(st.none(), st.integers(0, 50))),
+    st.tuples(
+        st.just("open"),
+        st.sampled_from([Kind.REQUEST, Kind.QUERY, "job"]),
+        st.one_of(st.none(), st.integers(0, 50)),
+    ),
     st.tuples(st.just("due"), st.integers(0, 60)),
     st.tuples(st.just("end"), st.integers(1, 40)),
     st.tuples(
         st.just("settle"),
         st.lists(
             st.tuples(
-                st.integers(0, 40), st.sampled_from([0, 1, 2]), st.booleans(), st.sampled_from([b"", b"\x01", b"\xc1"])
+                st.integers(0, 40),
+                st.sampled_from([0, 1, 2]),
+                st.booleans(),
+                st.sampled_from([b"", b"\x01", b"\xc1"]),
+                st.sampled_from([Kind.REPLY, Kind.REPLY, Kind.ACCEPTED]),
             ),
             max_size=6,
         ),
@@ -242,8 +289,11 @@ def test_the_twins_agree_on_any_history(ops: list[tuple[Any, ...]]) -> None:
             for impl, t in tables.items():
                 if op[0] == "open":
                     at = float("inf") if op[2] is None else float(op[2])
-                    p = t.open(loop.create_future(), sers[len(futs[impl]) % 3], op[1], at)
+                    p = t.open(loop.create_future(), sers[len(futs[impl]) % 3], _REQ if op[1] == "job" else op[1], at)
                     futs[impl].append(p.fut)
+                    if op[1] == "job":
+                        p.accepted = loop.create_future()
+                        futs[impl].append(p.accepted)
                     seen[impl] = p.corr
                 elif op[0] == "due":
                     seen[impl] = t.due(float(op[1]))
@@ -251,7 +301,8 @@ def test_the_twins_agree_on_any_history(ops: list[tuple[Any, ...]]) -> None:
                     seen[impl] = t.pending.pop(op[1], None) is not None
                 elif op[0] == "settle":
                     batch = [
-                        reply(corr, body, sid=sid, flags=F_RAW_REPLY if raw else 0) for corr, sid, raw, body in op[1]
+                        reply(corr, body, sid=sid, flags=F_RAW_REPLY if raw else 0, kind=kind, job=corr + 100)
+                        for corr, sid, raw, body, kind in op[1]
                     ]
                     seen[impl] = [HDR.unpack(m[0])[7] for m in settle(t, batch)]
                 else:

@@ -14,7 +14,14 @@ from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint64_t
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
-from orbitmesh._core._frame_c cimport OM_HEADER_SIZE, om_hdr_corr, om_hdr_flags, om_msg_header, om_write_header
+from orbitmesh._core._frame_c cimport (
+    OM_HEADER_SIZE,
+    om_hdr_corr,
+    om_hdr_flags,
+    om_hdr_job,
+    om_msg_header,
+    om_write_header,
+)
 
 from orbitmesh.errors import ErrorCode, OrbitMeshError, SerializationError
 from orbitmesh.protocol import F_RAW_REPLY, Kind
@@ -24,6 +31,7 @@ public_api = ["CallTable", "Pending", "decode_reply"]
 
 cdef int _REQUEST = Kind.REQUEST
 cdef int _REPLY = Kind.REPLY
+cdef int _ACCEPTED = Kind.ACCEPTED
 cdef uint16_t _F_RAW_REPLY = F_RAW_REPLY
 cdef uint16_t _SER_MASK = SERIALIZER_MASK
 cdef int _SER_SHIFT = SERIALIZER_SHIFT
@@ -264,9 +272,10 @@ cdef class CallTable:
         return out
 
     def settle(self, list batch, Py_ssize_t start=0):
-        """Resolve the plain replies in ``batch`` (received messages, each a list of frames) from
-        ``start`` on, up to the first message of another sort; return that one's index
-        (``len(batch)`` if none), for the client to handle before settling on after it."""
+        """Resolve the plain replies and jobs' ACCEPTED and replies in ``batch`` (received
+        messages, each a list of frames) from ``start`` on, up to the first message of another
+        sort; return that one's index (``len(batch)`` if none), for the client to handle before
+        settling on after it."""
         cdef Py_ssize_t i, n = len(batch)
         for i in range(start, n):
             if not self._settle_one(batch[i]):
@@ -280,8 +289,8 @@ cdef class CallTable:
         cdef uint16_t flags
         cdef PyObject* found
         cdef Pending p
-        h = om_msg_header(frames, 2, PY_SSIZE_T_MAX, _REPLY)
-        if h == NULL:
+        h = om_msg_header(frames, 2, PY_SSIZE_T_MAX, -1)
+        if h == NULL or (h[3] != _REPLY and h[3] != _ACCEPTED):
             return False
         fr = <list>frames
         n = len(fr)
@@ -290,11 +299,15 @@ cdef class CallTable:
         if found == NULL:
             return False
         p = <Pending>found
+        if h[3] == _ACCEPTED:  # a job is in the log: its call waits on for the outcome
+            if p.accepted is None:
+                return False
+            if not p.accepted.done():
+                p.accepted.set_result(PyLong_FromUnsignedLongLong(om_hdr_job(h)))
+            return True
         flags = om_hdr_flags(h)
         if (
             p.kind != _REQUEST
-            or p.accepted is not None
-            or p.waiter is not None
             or p.items is not None
             or flags & _F_RAW_REPLY
             or (flags & _SER_MASK) >> _SER_SHIFT != p.sid
@@ -302,6 +315,12 @@ cdef class CallTable:
             return False
         PyDict_DelItem(self.pending, key)
         fut = p.fut
-        if not fut.done():
-            decode_reply(fut, p.serializer, fr[2] if n > 2 else EMPTY)
+        if fut.done():
+            return True
+        waiter = p.waiter
+        if waiter is not None and not waiter.done():  # a Job.result() waiting
+            waiter.set_result(None)
+        decode_reply(fut, p.serializer, fr[2] if n > 2 else EMPTY)
+        if p.accepted is not None and fut.done() and not fut.cancelled():
+            fut.exception()  # a job's outcome may never be asked for: not "never retrieved"
         return True

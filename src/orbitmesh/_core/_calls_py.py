@@ -2,9 +2,9 @@
 
 Per call a client takes the next correlation id, records what the answer is awaited by and
 pushes the call's deadline; per answer it finds that record and resolves the future. The
-``CallTable`` holds all three and settles the commonest answer itself: a REPLY to a plain
-request, decoded with the serializer it was sent with. Everything else (jobs, streams,
-queries, raw calls, errors, events) is left to the client.
+``CallTable`` holds all three and settles the commonest answers itself: a REPLY to a plain
+request or a job, decoded with the serializer it was sent with, and a job's ACCEPTED.
+Everything else (streams, queries, raw calls, errors, events) is left to the client.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ._frame_py import check_header
 
 public_api = ["CallTable", "Pending", "decode_reply"]
 
-_REQUEST, _REPLY = int(Kind.REQUEST), int(Kind.REPLY)
+_REQUEST, _REPLY, _ACCEPTED = int(Kind.REQUEST), int(Kind.REPLY), int(Kind.ACCEPTED)
 _RAW_ID = RawSerializer.id
 _INF = float("inf")
 _NO_DEADLINE_S = 1e12  # a timeout this long (~31,700 years) or longer sends no deadline
@@ -165,9 +165,10 @@ class CallTable:
         return out
 
     def settle(self, batch: list[list[Any]], start: int = 0) -> int:
-        """Resolve the plain replies in ``batch`` (received messages, each a list of frames) from
-        ``start`` on, up to the first message of another sort; return that one's index
-        (``len(batch)`` if none), for the client to handle before settling on after it."""
+        """Resolve the plain replies and jobs' ACCEPTED and replies in ``batch`` (received
+        messages, each a list of frames) from ``start`` on, up to the first message of another
+        sort; return that one's index (``len(batch)`` if none), for the client to handle before
+        settling on after it."""
         pending = self.pending
         n = len(batch)
         i = start
@@ -177,26 +178,38 @@ class CallTable:
             if (
                 type(hdr) is not bytes
                 or len(hdr) != HEADER_SIZE
-                or hdr[3] != _REPLY
+                or (hdr[3] != _REPLY and hdr[3] != _ACCEPTED)
                 or len(frames) < 2
                 or check_header(hdr)
             ):
                 return i
             corr = int.from_bytes(hdr[16:24], "little")
             p = pending.get(corr)
+            if p is None:
+                return i
+            if hdr[3] == _ACCEPTED:  # a job is in the log: its call waits on for the outcome
+                if p.accepted is None:
+                    return i
+                if not p.accepted.done():
+                    p.accepted.set_result(int.from_bytes(hdr[24:32], "little"))
+                i += 1
+                continue
             flags = hdr[4] | (hdr[5] << 8)
             if (
-                p is None
-                or p.kind != _REQUEST
-                or p.accepted is not None
-                or p.waiter is not None
+                p.kind != _REQUEST
                 or p.items is not None
                 or flags & F_RAW_REPLY
                 or (flags & SERIALIZER_MASK) >> SERIALIZER_SHIFT != p.serializer.id
             ):
                 return i
             del pending[corr]
-            if not p.fut.done():
-                decode_reply(p.fut, p.serializer, frames[2] if len(frames) > 2 else EMPTY)
+            fut = p.fut
+            if not fut.done():
+                waiter = p.waiter
+                if waiter is not None and not waiter.done():  # a Job.result() waiting
+                    waiter.set_result(None)
+                decode_reply(fut, p.serializer, frames[2] if len(frames) > 2 else EMPTY)
+                if p.accepted is not None and fut.done() and not fut.cancelled():
+                    fut.exception()  # a job's outcome may never be asked for: not "never retrieved"
             i += 1
         return n

@@ -83,8 +83,8 @@ cdef inline int om_check_header(const unsigned char* p, size_t n) noexcept nogil
 
 cdef inline const unsigned char* om_msg_header(object msg, Py_ssize_t min_parts, Py_ssize_t max_parts, int kind):
     """The header of ``msg``, a received message (a list of bytes frames), if it has ``min_parts``
-    to ``max_parts`` parts and a valid v1 header of ``kind``; else NULL. It points into the
-    header frame: valid while ``msg`` holds that frame."""
+    to ``max_parts`` parts and a valid v1 header of ``kind`` (any kind: -1); else NULL. It points
+    into the header frame: valid while ``msg`` holds that frame."""
     cdef Py_ssize_t n
     cdef const unsigned char* h
     if type(msg) is not list:
@@ -96,7 +96,7 @@ cdef inline const unsigned char* om_msg_header(object msg, Py_ssize_t min_parts,
     if type(hdr) is not bytes:
         return NULL
     h = <const unsigned char*>PyBytes_AS_STRING(hdr)
-    if om_check_header(h, <size_t>PyBytes_GET_SIZE(hdr)) or h[3] != kind:
+    if om_check_header(h, <size_t>PyBytes_GET_SIZE(hdr)) or (kind >= 0 and h[3] != kind):
         return NULL
     return h
 
