@@ -85,6 +85,8 @@ def test_a_missing_field_is_none_and_extra_ones_are_ignored(record: Any) -> None
     assert record.FieldPacker(["only"]).pack({"only": "x"}) == msgpack.packb(("x",))
     with pytest.raises(ValueError):
         record.FieldPacker([])
+    with pytest.raises(TypeError):
+        record.FieldPacker(["a", 1])
 
 
 def test_fields_in_any_order_or_with_extra_keys_pack_alike(record: Any) -> None:

@@ -29,6 +29,8 @@ class FieldPacker:
         self.names = tuple(names)
         if not self.names:
             raise ValueError("a record has at least one field")
+        if not all(isinstance(name, str) for name in self.names):
+            raise TypeError("field names must be strings")
         self._get = operator.itemgetter(*self.names)
         self._pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
         self._single = len(self.names) == 1
