@@ -160,8 +160,9 @@ class Agent:
         self.remember_jobs = 100_000
         self._conn: PeerConnection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Plain requests to coroutine and inline handlers are served by the compiled core
-        # straight from each received batch; it also counts what runs (inflight, served).
+        # Plain requests and tracked jobs' first deliveries to coroutine and inline handlers are
+        # served by the compiled core straight from each received batch (a job's with the
+        # bookkeeping above); it also counts what runs (inflight, served).
         self._serve = Dispatcher(self, self._serializers)
 
     @property
