@@ -17,8 +17,9 @@ Run for a fixed time::
     python fuzz/fuzz_receivers.py -max_total_time=60 /tmp/om-recv-corpus
 
 Coverage feedback comes from the pure twins' bytecode, instrumented here.
-``ORBITMESH_FUZZ_PLANT=1`` plants a bug in the pure dispatcher (it serves a request flagged
-TRACKED as a plain one), which a working harness finds within seconds.
+``ORBITMESH_FUZZ_PLANT=1`` plants a bug in the pure dispatcher (it reads the TRACKED flag as a
+serializer bit: a job's first delivery goes to the agent, a TRACKED request without a job id is
+served as a plain one), which a working harness finds within seconds.
 """
 
 from __future__ import annotations

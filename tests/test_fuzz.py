@@ -152,7 +152,7 @@ def test_short_receivers_fuzz_run_finds_nothing_and_a_planted_bug_is_found(tmp_p
     assert rc == 0, out[-3000:]
     assert runs_done(out) >= MIN_RUNS, out[-3000:]
     assert len(list(corpus.iterdir())) >= 10
-    # When the pure dispatcher serves TRACKED requests as plain ones, Expect the harness to say so
+    # When the pure dispatcher reads the TRACKED flag as a serializer bit, Expect the harness to say so
     rc, out = run_harness(
         tmp_path,
         "-max_total_time=30",
