@@ -9,6 +9,10 @@ written (durably, in ``sync`` mode).
 The data plane sends a tracked job's answers here only (``EV_JOB``), never to the client: this
 module decides whether an error is final or retried, and answers the client's ``execute``
 (and any ``wait``) with the final outcome.
+
+The jobs that need only the common path (no options, an agent registered with a free slot) are
+held by ``jobfast.FastJobs`` until anything else happens to them; it keeps these semantics, and
+hands such a job back here with the record and state this module would hold at that point.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import msgpack
 
 from ._wire import HDR, error_message, header
 from .errors import ErrorCode, OrbitMeshError
+from .jobfast import FINISHING, FastJobs
 from .joblog import JobLog
 from .models import JobState
 from .protocol import F_TRACKED, Kind, Route
@@ -210,6 +215,7 @@ class JobManager:
         retention_age_s: float = 7 * 86400.0,
         retention_count: int = 1_000_000,
         max_live: int = 1_000_000,
+        fast_path: bool = True,
     ) -> None:
         self.store = store
         self._loop = loop
@@ -256,6 +262,8 @@ class JobManager:
         self._next_id = 1
         self._sweeper: asyncio.TimerHandle | None = None
         self.recovered = 0
+        # The common path's jobs (jobfast.py): same semantics, a fraction of the objects per job.
+        self._fast = FastJobs(self, _RECORD_DEFAULTS, JOBS_RID, DIRTY_FLUSH_S) if fast_path else None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -304,6 +312,9 @@ class JobManager:
 
     def submit(self, rid: bytes, fields: tuple[Any, ...], frames: list[bytes]) -> None:
         """A client's tracked REQUEST: frames = [hdr, route, command, params, options?]."""
+        fast = self._fast
+        if fast is not None and fast.submit(rid, fields, frames):
+            return
         flags, corr = fields[3], fields[7]
         try:
             if fields[2] != _REQUEST or len(frames) < 3:
@@ -320,9 +331,10 @@ class JobManager:
             if existing is not None:
                 self._attach(existing, rid, corr)
                 return
-        if len(self._live) >= self.max_live:
+        live = len(self._live) + (fast.live if fast is not None else 0)
+        if live >= self.max_live:
             self.refused_full += 1
-            message = f"job table full: {len(self._live)} unfinished jobs (max_live_jobs); try again later"
+            message = f"job table full: {live} unfinished jobs (max_live_jobs); try again later"
             self._to_peer(rid, error_message(ErrorCode.QUEUE_FULL, corr, message))
             return
         now = time.time()
@@ -682,6 +694,9 @@ class JobManager:
         """A tracked job's RUNNING / REPLY / ERROR (from its agent, or from the data plane)."""
         fields = _unpack_header(frames[0])
         kind, lease, job_id = fields[2], fields[5], fields[8]
+        fast = self._fast
+        if fast is not None and job_id in fast.jobs and fast.on_event(fields, frames):
+            return
         rec = self._live.get(job_id)
         now = time.time()
         if rec is None or rec.lease != lease:
@@ -846,6 +861,8 @@ class JobManager:
 
     def _flush_dirty(self) -> None:
         self._flusher = None
+        if self._fast is not None:
+            self._fast.flush_dirty()
         dirty, self._dirty = self._dirty, {}
         for rec in dirty.values():
             self.log.append(rec)
@@ -860,10 +877,14 @@ class JobManager:
 
     def get(self, job_id: int) -> JobRecord | None:
         """The freshest record: live, recently finished, or from the store."""
-        return self._live.get(job_id) or self._recent.get(job_id) or self.store.get(job_id)
+        rec = self._live.get(job_id)
+        if rec is None and self._fast is not None:
+            rec = self._fast.peek(job_id)
+        return rec or self._recent.get(job_id) or self.store.get(job_id)
 
     def cancel(self, job_id: int) -> JobRecord | None:
         """Cancel a job durably; a running handler is cancelled too. Terminal jobs are left as they are."""
+        self._take(job_id)
         rec = self._live.get(job_id)
         if rec is None:
             return self.get(job_id)
@@ -874,10 +895,17 @@ class JobManager:
 
     def wait(self, job_id: int, rid: bytes, corr: int, answer: Watcher) -> bool:
         """Call ``answer(record, rid, corr)`` when the job ends; False if it already has."""
+        self._take(job_id)
         if job_id in self._live:
             self._mem[job_id].watchers.append((rid, corr, answer))
             return True
         return False
+
+    def _take(self, job_id: int) -> None:
+        """A live job on the fast path becomes JobManager's (a finishing one stays: it has ended)."""
+        fast = self._fast
+        if fast is not None and job_id in fast.jobs and fast.jobs[job_id].phase != FINISHING:
+            fast.take(job_id)
 
     def forget_waiter(self, job_id: int, rid: bytes, corr: int) -> bool:
         """Drop a ``wait``; False if it was answered already."""
@@ -898,6 +926,8 @@ class JobManager:
         try:
             # Only delivered jobs hold a lease: the sweep's cost follows the jobs in flight, not
             # every unfinished job (up to max_live_jobs may wait for an agent).
+            if self._fast is not None:
+                self._fast.expire(now)  # its expired ones join _delivered, handled below
             delivered = self._delivered
             for job_id in list(delivered):
                 rec = self._live.get(job_id)
@@ -932,8 +962,11 @@ class JobManager:
             self.log.delete(old)
 
     def stats(self) -> dict[str, int]:
+        fast = self._fast
         return {
-            "jobs_live": len(self._live),
+            "jobs_live": len(self._live) + (fast.live if fast is not None else 0),
+            "jobs_fast_path": fast.taken if fast is not None else 0,
+            "jobs_handed_over": fast.handed_over if fast is not None else 0,
             "jobs_waiting_for_agent": sum(map(len, self._awaiting.values())) + sum(map(len, self._parked_any.values())),
             "jobs_refused_full": self.refused_full,
             "jobs_backlogged": sum(map(len, self._backlog.values())),

@@ -1,0 +1,207 @@
+"""The common-path job table (``jobfast.FastJobs``) against ``JobManager``'s general path: the same
+scenario through two job managers over real LMDB logs, one with the fast path and one without,
+must write the same records and send the same messages, step by step -- the happy path, and
+every hand-over (an agent's error, cancel, wait, a lease that expires, a late answer, an agent
+that is full or gone when the job is to be sent)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from orbitmesh._core import dataplane
+from orbitmesh._wire import HDR
+from orbitmesh.errors import ErrorCode, OrbitMeshError
+from orbitmesh.jobs import JobManager
+from orbitmesh.protocol import F_TRACKED, Kind, Route
+from orbitmesh.storage import LmdbStore
+from orbitmesh.storage.base import JobRecord
+
+CLIENT = b"client-1"
+
+
+def _route(name: str) -> bytes:
+    return bytes((Route.NAME, 0)) + name.encode()
+
+
+def _norm(value: Any) -> Any:
+    """Times (unix seconds) as "T", so that two runs compare."""
+    if isinstance(value, float) and value > 1e9:
+        return "T"
+    if isinstance(value, (list, tuple)):
+        return type(value)(_norm(v) for v in value)
+    return value
+
+
+def _record(rec: JobRecord | None) -> Any:
+    return None if rec is None else {k: _norm(v) for k, v in rec.__dict__.items()}
+
+
+def _message(frames: list[bytes]) -> list[Any]:
+    """A message with its header decoded (a data-plane op: [op, rid, hdr, ...])."""
+    i = 0 if len(frames[0]) == HDR.size else 2
+    return [*frames[:i], HDR.unpack(frames[i]), *frames[i + 1 :]]
+
+
+class _Harness:
+    """One JobManager over its own LMDB log, driven by hand: what it sends is recorded."""
+
+    def __init__(self, directory: Path, fast: bool, capacity: int = 64) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.store = LmdbStore(directory / ("fast" if fast else "general"), "sync")
+        self.store.open()
+        self.sessions = {"w1": 7}
+        self.capacity = capacity
+        self.ops: list[list[Any]] = []
+        self.answers: list[tuple[bytes, list[Any]]] = []
+        self.jobs = JobManager(
+            self.store,
+            self.loop,
+            op=dataplane.OP,
+            send=lambda frames: self.ops.append(_message(frames)),
+            to_peer=lambda rid, frames: self.answers.append((rid, _message(frames))),
+            publish=lambda topic, data: None,
+            choose=self._choose,
+            agent_session=self.sessions.get,
+            listening=lambda: False,
+            agent_capacity=lambda name: self.capacity,
+            lease_s=0.2,
+            fast_path=fast,
+        )
+        self.jobs.start()
+        assert self.jobs._sweeper is not None
+        self.jobs._sweeper.cancel()  # swept by hand, at the same step in both runs
+
+    def _choose(self, route: bytes, command: str, free: Any) -> str | OrbitMeshError:
+        name = route[2:].decode()
+        if name in self.sessions:
+            return name
+        return OrbitMeshError(f"no agent named '{name}'", code=ErrorCode.NO_SUCH_AGENT)
+
+    def settle(self) -> None:
+        """Until everything queued for the log is written and its callbacks have run."""
+        done = self.loop.create_future()
+        self.jobs.log.barrier(lambda err: done.set_result(err))
+        self.loop.run_until_complete(asyncio.wait_for(done, 10))
+        self.loop.run_until_complete(asyncio.sleep(0.001))  # what those callbacks scheduled
+
+    def submit(self, corr: int, agent: str = "w1") -> None:
+        hdr = HDR.pack(b"OM", 1, int(Kind.REQUEST), F_TRACKED | 0x100, 0, 0, 0, corr, 0, 0)
+        self.jobs.submit(CLIENT, HDR.unpack(hdr), [hdr, _route(agent), b"square", b"\x91\x07"])
+
+    def answer(self, job: int, kind: Kind, lease: int = 1, code: int = 0, frames: tuple[bytes, ...] = ()) -> None:
+        hdr = HDR.pack(b"OM", 1, int(kind), F_TRACKED | 0x100, code, lease, 0, job, job, 0)
+        self.jobs.on_event(b"agent-rid", [hdr, b"", *frames])
+
+    def close(self) -> None:
+        self.jobs.stop()
+        self.jobs.close()
+        self.loop.close()
+
+
+def _scenario(h: _Harness) -> list[tuple[str, Any]]:
+    seen: list[tuple[str, Any]] = []
+
+    def look(step: str, *jobs: int) -> None:
+        seen.append((step, [_record(h.jobs.get(j)) for j in jobs], h.jobs.stats()["jobs_live"]))
+
+    for corr in (11, 12, 13):
+        h.submit(corr)
+    look("submitted: new records not yet written", 1, 2, 3)
+    h.settle()
+    look("accepted and dispatched", 1, 2, 3)
+    h.answer(1, Kind.RUNNING)
+    h.answer(1, Kind.RUNNING)  # a progress heartbeat: the lease only
+    look("job 1 running", 1)
+    h.answer(1, Kind.REPLY, frames=(b"\x31",))
+    look("job 1 answered, its record being written", 1)
+    h.settle()
+    look("job 1 done", 1)
+    details = msgpack.packb({"type": "ValueError", "traceback": "", "agent": "w1"})
+    h.answer(2, Kind.ERROR, code=int(ErrorCode.HANDLER_ERROR), frames=(b"boom", details))
+    h.settle()
+    look("job 2 failed by its handler", 2)
+    h.jobs.cancel(3)
+    h.settle()
+    look("job 3 cancelled while dispatched", 3)
+    h.submit(14)  # job 4: a wait while it runs
+    h.settle()
+    watched: list[Any] = []
+    assert h.jobs.wait(4, b"client-2", 99, lambda rec, rid, corr: watched.append((rec.state, rid, corr)))
+    h.answer(4, Kind.REPLY, frames=(b"\x34",))
+    h.settle()
+    seen.append(("job 4 watched", watched))
+    h.submit(15)  # job 5: a late answer after it finished
+    h.settle()
+    h.answer(5, Kind.REPLY, frames=(b"\x35",))
+    h.answer(5, Kind.REPLY, frames=(b"\x35",))
+    h.answer(5, Kind.RUNNING)
+    h.settle()
+    h.jobs.flush_changes()
+    h.settle()
+    look("job 5 with its late answer recorded", 5)
+    h.submit(16)  # job 6: its lease expires (one attempt: LOST)
+    h.settle()
+    time.sleep(0.3)
+    h.jobs._sweep()
+    h.settle()
+    look("job 6 lost", 6)
+    h.submit(17)  # job 7: a stale answer from an older lease while it runs
+    h.settle()
+    h.answer(7, Kind.REPLY, lease=9, frames=(b"\x37",))
+    h.answer(7, Kind.REPLY, frames=(b"\x37",))
+    h.settle()
+    look("job 7 answered after a stale answer", 7)
+    h.capacity = 0  # a window of 64 when the capacity is unknown: fill it
+    for corr in range(100, 166):
+        h.submit(corr)
+    h.settle()
+    look("jobs 8-73: the agent's window full, the rest backlogged", 8, 72, 73)
+    for job in range(8, 74):
+        h.answer(job, Kind.REPLY, lease=1, frames=(b"\x38",))
+    h.settle()
+    h.loop.run_until_complete(asyncio.sleep(0.01))
+    h.settle()
+    look("jobs 8-73 done, the backlog fed", 8, 72, 73)
+    del h.sessions["w1"]
+    h.submit(200)  # job 74: its agent gone before it is sent
+    h.settle()
+    look("job 74 waiting for its agent", 74)
+    h.jobs.flush_changes()
+    h.settle()
+    seen.append(("ops to the data plane", h.ops))
+    seen.append(("answers to clients", h.answers))
+    seen.append(("the log", [_record(r) for r in h.store.query(limit=1000)[0]]))
+    return seen
+
+
+def test_fast_path_writes_and_sends_what_the_general_path_does(tmp_path: Path) -> None:
+    runs = []
+    for fast in (False, True):
+        h = _Harness(tmp_path, fast)
+        try:
+            runs.append(_scenario(h))
+            stats = h.jobs.stats()
+        finally:
+            h.close()
+        # Expect the fast path to have taken the option-less jobs, and handed some over
+        if fast:
+            assert stats["jobs_fast_path"] >= 70 and stats["jobs_handed_over"] >= 4, stats
+        else:
+            assert stats["jobs_fast_path"] == 0
+    general, fast_run = runs
+    assert [step for step, *_ in general] == [step for step, *_ in fast_run]
+    for a, b in zip(general, fast_run, strict=True):
+        assert a == b, a[0]
+    # The scenario meant what it says: every ending, and the late answer, are in the log
+    final = {r["id"]: r for r in general[-1][1]}
+    assert final[1]["state"].value == "SUCCEEDED" and final[1]["result"] == b"\x31"
+    assert final[2]["state"].value == "FAILED" and final[3]["state"].value == "CANCELLED"
+    assert final[6]["state"].value == "LOST" and final[7]["state"].value == "SUCCEEDED"
+    assert any(t[0] == "LATE_REPLY" for t in final[5]["transitions"])
+    assert any(t[0] == "LATE_REPLY" for t in final[7]["transitions"])
+    assert final[74]["state"].value == "PENDING"
