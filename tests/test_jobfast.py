@@ -1,4 +1,4 @@
-"""The common-path job table (``jobfast.FastJobs``) against ``JobManager``'s general path: the same
+"""The common-path job table (``_core.jobfast.FastJobs``, both twins) against ``JobManager``'s general path: the same
 scenario through two job managers over real LMDB logs, one with the fast path and one without,
 must write the same records and send the same messages, step by step -- the happy path, and
 every hand-over (an agent's error, cancel, wait, a lease that expires, a late answer, an agent
@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 
-from orbitmesh._core import dataplane
+from orbitmesh import jobs as jobs_module
+from orbitmesh._core import dataplane, load
 from orbitmesh._wire import HDR
 from orbitmesh.errors import ErrorCode, OrbitMeshError
 from orbitmesh.jobs import JobManager
@@ -179,7 +181,11 @@ def _scenario(h: _Harness) -> list[tuple[str, Any]]:
     return seen
 
 
-def test_fast_path_writes_and_sends_what_the_general_path_does(tmp_path: Path) -> None:
+@pytest.mark.parametrize("impl", ["c", "py"])
+def test_fast_path_writes_and_sends_what_the_general_path_does(
+    tmp_path: Path, impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobs_module, "FastJobs", load("_jobfast", impl).FastJobs)
     runs = []
     for fast in (False, True):
         h = _Harness(tmp_path, fast)

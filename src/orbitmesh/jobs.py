@@ -11,8 +11,9 @@ module decides whether an error is final or retried, and answers the client's ``
 (and any ``wait``) with the final outcome.
 
 The jobs that need only the common path (no options, an agent registered with a free slot) are
-held by ``jobfast.FastJobs`` until anything else happens to them; it keeps these semantics, and
-hands such a job back here with the record and state this module would hold at that point.
+held by ``_core.jobfast.FastJobs`` (compiled, with its pure twin) until anything else happens to
+them; it keeps these semantics, and hands such a job back here with the record and state this
+module would hold at that point.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from typing import Any
 
 import msgpack
 
+from ._core.jobfast import FINISHING, FastJobs
 from ._wire import HDR, error_message, header
 from .errors import ErrorCode, OrbitMeshError
-from .jobfast import FINISHING, FastJobs
 from .joblog import JobLog
 from .models import JobState
 from .protocol import F_TRACKED, Kind, Route
@@ -262,7 +263,7 @@ class JobManager:
         self._next_id = 1
         self._sweeper: asyncio.TimerHandle | None = None
         self.recovered = 0
-        # The common path's jobs (jobfast.py): same semantics, a fraction of the objects per job.
+        # The common path's jobs (_core/jobfast): same semantics, a fraction of the objects per job.
         self._fast = FastJobs(self, _RECORD_DEFAULTS, JOBS_RID, DIRTY_FLUSH_S) if fast_path else None
 
     # ------------------------------------------------------------ lifecycle
@@ -650,6 +651,10 @@ class JobManager:
         agent = mem.sent_to
         assert agent is not None
         mem.sent_to = None
+        self._release_slot(agent)
+
+    def _release_slot(self, agent: str) -> None:
+        """One of ``agent``'s slots is free (a delivery ended): its backlog may take it."""
         out = self._outstanding.get(agent, 0) - 1
         if out > 0:
             self._outstanding[agent] = out

@@ -1,4 +1,5 @@
-"""A durable job's common path, lean: the jobs that need nothing but submit -> logged ->
+"""A durable job's common path, lean (the pure-Python twin of ``_jobfast_c``): the jobs that need
+nothing but submit -> logged ->
 ACCEPTED -> dispatched -> answered -> logged -> the result to the client, kept as one small
 object each instead of a ``JobRecord``, its ``_Live`` and their closures.
 
@@ -22,14 +23,14 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._wire import HDR, error_message
-from .errors import ErrorCode, OrbitMeshError
-from .models import JobState
-from .protocol import F_TRACKED, Kind, Route
-from .storage.base import JobRecord
+from .._wire import HDR, error_message
+from ..errors import ErrorCode, OrbitMeshError
+from ..models import JobState
+from ..protocol import F_TRACKED, Kind, Route
+from ..storage.base import JobRecord
 
 if TYPE_CHECKING:
-    from .jobs import JobManager
+    from ..jobs import JobManager
 
 log = logging.getLogger("orbitmesh.jobs")
 
@@ -210,14 +211,7 @@ class FastJobs:
         job.result = frames[2] if len(frames) > 2 else b""
         job.result_flags = fields[3] & 0x0F00
         agent = job.agent
-        out = m._outstanding.get(agent, 0) - 1  # JobManager._release
-        if out > 0:
-            m._outstanding[agent] = out
-        else:
-            m._outstanding.pop(agent, None)
-        if agent in m._backlog and agent not in m._feeding:
-            m._feeding.add(agent)
-            m._loop.call_soon(m._feed, agent)
+        m._release_slot(agent)  # JobManager._release
         job.phase = FINISHING
         job.finished = now
         job.lease_expires = 0.0
@@ -242,7 +236,7 @@ class FastJobs:
     def take(self, job_id: int) -> JobRecord:
         """Hand a live job to ``JobManager``: its record and ``_Live`` as JobManager would hold
         them now (in ``_live``, ``_mem``, and ``_delivered`` / ``_dirty`` once dispatched)."""
-        from .jobs import _Live
+        from ..jobs import _Live
 
         job = self.jobs.pop(job_id)
         assert job.phase != FINISHING, "a finishing job stays until its record is written"
@@ -324,4 +318,4 @@ class FastJobs:
         return rec
 
 
-__all__ = ["FastJobs"]
+public_api = ["DISPATCHED", "FINISHING", "FastJobs", "PENDING", "RUNNING"]
