@@ -211,3 +211,29 @@ def test_fast_path_writes_and_sends_what_the_general_path_does(
     assert any(t[0] == "LATE_REPLY" for t in final[5]["transitions"])
     assert any(t[0] == "LATE_REPLY" for t in final[7]["transitions"])
     assert final[74]["state"].value == "PENDING"
+
+
+@pytest.mark.parametrize("impl", ["c", "py"])
+def test_a_job_submitted_while_the_log_is_down_is_refused_at_once(
+    tmp_path: Path, impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job log that is down (a batch-mode flush failed: every append raises)
+    monkeypatch.setattr(jobs_module, "FastJobs", load("_jobfast", impl).FastJobs)
+    seen = []
+    for fast in (False, True):
+        h = _Harness(tmp_path / impl, fast)
+        try:
+            h.jobs.log._failed = OSError("disk gone")
+            # When a job is submitted, Expect STORAGE_ERROR to its caller now, and nothing kept
+            h.submit(21)
+            h.loop.run_until_complete(asyncio.sleep(0.001))
+            assert h.jobs.stats()["jobs_live"] == 0 and h.jobs.get(1) is None
+            seen.append(h.answers)
+        finally:
+            h.jobs.log._failed = None
+            h.close()
+    general, fast_path = seen
+    assert general == fast_path
+    [(rid, (hdr, _, message))] = general
+    assert rid == CLIENT and hdr[2] == Kind.ERROR and hdr[4] == ErrorCode.STORAGE_ERROR and hdr[7] == 21
+    assert message == b"job not recorded: [STORAGE_ERROR] job log is down: disk gone"

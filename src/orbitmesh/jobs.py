@@ -31,7 +31,7 @@ import msgpack
 
 from ._core.jobfast import FINISHING, FastJobs
 from ._wire import HDR, error_message, header
-from .errors import ErrorCode, OrbitMeshError
+from .errors import ErrorCode, OrbitMeshError, StorageError
 from .joblog import JobLog
 from .models import JobState
 from .protocol import F_TRACKED, Kind, Route
@@ -375,7 +375,14 @@ class JobManager:
         if opts.key:
             self._unwritten[job_id] = []  # submits of the same key wait here for ACCEPTED
             self._by_key[opts.key] = job_id
-        self.log.append(rec, lambda err: self._accepted(rec, rid, corr, err))
+        try:
+            self.log.append(rec, lambda err: self._accepted(rec, rid, corr, err))
+        except StorageError as exc:  # the log is down: not recorded, and the caller hears it now
+            self._live.pop(job_id, None)
+            self._mem.pop(job_id, None)
+            self._unwritten.pop(job_id, None)
+            self._by_key.pop(opts.key, None)
+            self._to_peer(rid, error_message(exc.code, corr, f"job not recorded: {exc}", job=job_id))
 
     def _attach(self, job_id: int, rid: bytes, corr: int) -> None:
         """A submit with a known idempotency key: the same job, not a new run."""

@@ -23,7 +23,7 @@ import functools
 import logging
 
 from orbitmesh._wire import HDR, error_message
-from orbitmesh.errors import ErrorCode, OrbitMeshError
+from orbitmesh.errors import ErrorCode, OrbitMeshError, StorageError
 from orbitmesh.models import JobState
 from orbitmesh.protocol import F_TRACKED, Kind, Route
 from orbitmesh.storage.base import JobRecord
@@ -151,7 +151,11 @@ cdef class FastJobs:
         self.jobs[job_id] = job
         self.live += 1
         self.taken += 1
-        self._log.append(self._record(job), _partial(self._accepted, job))
+        try:
+            self._log.append(self._record(job), _partial(self._accepted, job))
+        except StorageError as exc:  # the log is down (JobManager.submit)
+            self._forget(job)
+            self._to_peer(rid, error_message(exc.code, job.corr, f"job not recorded: {exc}", job=job_id))
         return True
 
     def _accepted(self, _Job job, err):

@@ -24,7 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .._wire import HDR, error_message
-from ..errors import ErrorCode, OrbitMeshError
+from ..errors import ErrorCode, OrbitMeshError, StorageError
 from ..models import JobState
 from ..protocol import F_TRACKED, Kind, Route
 from ..storage.base import JobRecord
@@ -101,7 +101,7 @@ class FastJobs:
         self._flush_s = flush_s  # JobManager's DIRTY_FLUSH_S
         self.jobs: dict[int, _Job] = {}
         self.live = 0  # jobs not yet finished (JobManager counts these as live)
-        self.taken = 0  # jobs accepted on this path, ever
+        self.taken = 0  # jobs taken on this path, ever
         self.handed_over = 0  # of those, handed to JobManager before they ended
         self._dirty: dict[int, _Job] = {}  # dispatched or running, not yet logged in that state
 
@@ -137,7 +137,11 @@ class FastJobs:
         self.jobs[job_id] = job
         self.live += 1
         self.taken += 1
-        m.log.append(self._record(job), _partial(self._accepted, job))
+        try:
+            m.log.append(self._record(job), _partial(self._accepted, job))
+        except StorageError as exc:  # the log is down (JobManager.submit)
+            self._forget(job)
+            m._to_peer(rid, error_message(exc.code, job.corr, f"job not recorded: {exc}", job=job_id))
         return True
 
     def _accepted(self, job: _Job, err: BaseException | None) -> None:
