@@ -10,7 +10,7 @@ The data plane sends a tracked job's answers here only (``EV_JOB``), never to th
 module decides whether an error is final or retried, and answers the client's ``execute``
 (and any ``wait``) with the final outcome.
 
-The jobs that need only the common path (no options, an agent registered with a free slot) are
+The jobs that need only the common path (no options, their agent registered) are
 held by ``_core.jobfast.FastJobs`` (compiled, with its pure twin) until anything else happens to
 them; it keeps these semantics, and hands such a job back here with the record and state this
 module would hold at that point.

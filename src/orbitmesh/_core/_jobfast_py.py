@@ -1,12 +1,11 @@
 """A durable job's common path, lean (the pure-Python twin of ``_jobfast_c``): the jobs that need
-nothing but submit -> logged ->
-ACCEPTED -> dispatched -> answered -> logged -> the result to the client, kept as one small
-object each instead of a ``JobRecord``, its ``_Live`` and their closures.
+nothing but submit -> logged -> ACCEPTED -> dispatched -> answered -> logged -> the result to the
+client, kept as one small object each instead of a ``JobRecord``, its ``_Live`` and their closures.
 
 ``JobManager`` owns the semantics; this table keeps them, byte for byte (the same records in the
 log, the same messages, at the same moments), for the jobs it takes: a tracked REQUEST with no
 options whose agent is known and registered (a NAME route, or a selector ``JobManager``'s chooser
-resolves) and has a free slot. Anything else about a job it holds -- an agent's ERROR, a lease that
+resolves). Anything else about a job it holds -- an agent's ERROR, a lease that
 expires, a stale answer, ``cancel``, ``wait``, its agent gone or full when it is to be sent --
 hands it to ``JobManager`` (``take``): its ``JobRecord`` and ``_Live`` are built as
 ``JobManager`` would hold them at that point, and ``JobManager`` carries on from there. Queries by
