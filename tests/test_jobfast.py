@@ -30,17 +30,23 @@ def _route(name: str) -> bytes:
     return bytes((Route.NAME, 0)) + name.encode()
 
 
-def _norm(value: Any) -> Any:
-    """Times (unix seconds) as "T", so that two runs compare."""
+def _norm(value: Any, steps: dict[float, str]) -> Any:
+    """Times (unix seconds) as the transition they are the time of ("T0" for the first), else
+    "T": two runs compare, and a record's ``created`` / ``updated`` still say which step they are."""
     if isinstance(value, float) and value > 1e9:
-        return "T"
+        return steps.get(value, "T")
     if isinstance(value, (list, tuple)):
-        return type(value)(_norm(v) for v in value)
+        return type(value)(_norm(v, steps) for v in value)
     return value
 
 
 def _record(rec: JobRecord | None) -> Any:
-    return None if rec is None else {k: _norm(v) for k, v in rec.__dict__.items()}
+    if rec is None:
+        return None
+    steps: dict[float, str] = {}
+    for i, (_, at, _) in enumerate(rec.transitions):
+        steps.setdefault(at, f"T{i}")
+    return {k: _norm(v, steps) for k, v in rec.__dict__.items()}
 
 
 def _message(frames: list[bytes]) -> list[Any]:
