@@ -421,9 +421,16 @@ class Soak:
             # Few reconnects per peer: the monitor's events pile up in an inproc pipe that libzmq's
             # I/O thread blocks on when full, and disable_monitor() would then wait for it.
             peer = Peer(self.ctx, self.endpoint, keys, reconnect_ms=1000)
+            # A refused handshake may drop the socket's only pipe before the first send, which then
+            # waits for a connection that never comes: bounded, and counted as the refusal it is.
+            peer.sock.setsockopt(zmq.SNDTIMEO, 2000)
             monitor = peer.sock.get_monitor_socket(events)
             try:
-                peer.send([hdr(HELLO, aux=1, corr=i), b"", msgpack.packb({"role": "client", "name": what})])
+                try:
+                    peer.send([hdr(HELLO, aux=1, corr=i), b"", msgpack.packb({"role": "client", "name": what})])
+                except zmq.Again:
+                    tally.notes[f"{what}: refused before its HELLO was sent"] += 1
+                    continue
                 tally.sent += 1
                 # The first handshake's outcome, as the peer's socket monitor reports it
                 outcome = "none"
