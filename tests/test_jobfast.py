@@ -1,8 +1,9 @@
-"""The common-path job table (``_core.jobfast.FastJobs``, both twins) against ``JobManager``'s general path: the same
-scenario through two job managers over real LMDB logs, one with the fast path and one without,
-must write the same records and send the same messages, step by step -- the happy path, and
-every hand-over (an agent's error, cancel, wait, a lease that expires, a late answer, an agent
-that is full or gone when the job is to be sent)."""
+"""The common-path job table (``_core.jobfast.FastJobs``, both twins) against ``JobManager``'s
+general path: the same scenario through two job managers over real LMDB logs, one with the fast
+path and one without, must write the same records and send the same messages, step by step --
+the happy path, and every hand-over (an agent's error, cancel, wait, a lease that expires, a late
+answer, an agent that is full or gone when the job is to be sent). And the hand-overs under load,
+over real sockets."""
 
 from __future__ import annotations
 
@@ -243,3 +244,54 @@ def test_a_job_submitted_while_the_log_is_down_is_refused_at_once(
     [(rid, (hdr, _, message))] = general
     assert rid == CLIENT and hdr[2] == Kind.ERROR and hdr[4] == ErrorCode.STORAGE_ERROR and hdr[7] == 21
     assert message == b"job not recorded: [STORAGE_ERROR] job log is down: disk gone"
+
+
+def test_hand_overs_under_load_end_every_job_once(arun, ctx, core_impl, tmp_path: Path) -> None:
+    """Concurrency, over real sockets: 600 jobs on the common path while some fail in their
+    handler, some are cancelled, waited on or looked up while they run. Expect every job to end
+    once, in the state its handler or the cancel gave it, and the table to be empty after."""
+    import orbitmesh as om
+    from orbitmesh import JobState
+
+    from .conftest import endpoint_for
+    from .mesh import mesh
+
+    def setup(agent: om.Agent) -> None:
+        @agent.handler
+        async def work(n: int) -> int:
+            await asyncio.sleep(0.002 * (n % 7))
+            if n % 5 == 0:
+                raise ValueError(f"job {n} refuses")
+            return n * n
+
+    async def main() -> None:
+        store = f"lmdb://{tmp_path / 'jobs'}"
+        async with mesh(ctx, core_impl, endpoint_for("inproc"), setup=setup, broker_kw={"store": store}) as (
+            broker,
+            _,
+            client,
+        ):
+            jobs = [await client.execute("agent-0", "work", [n]) for n in range(600)]
+            cancelled = {j.id for j in jobs[3::11]}
+            waits = [client.wait(j.id, timeout=20) for j in jobs[1::13]]
+            for job_id in cancelled:
+                await client.cancel(job_id)
+            for j in jobs[2::17]:
+                assert (await client.get_job(j.id)).id == j.id
+            infos = await asyncio.gather(*(client.wait(j.id, timeout=20) for j in jobs))
+            waited = await asyncio.gather(*waits)
+            assert broker.jobs is not None
+            stats = broker.jobs.stats()
+            # Expect every job ended once, as its handler or the cancel decided
+            for n, info in enumerate(infos):
+                if info.id in cancelled and info.state == JobState.CANCELLED:
+                    continue  # cancelled before it finished (else it finished first: below)
+                want = JobState.FAILED if n % 5 == 0 else JobState.SUCCEEDED
+                assert info.state == want, (n, info.state, info.transitions)
+                assert [t[0] for t in info.transitions].count(want.value) == 1
+            assert {w.id: w.state for w in waited} == {i.id: i.state for i in infos if i.id in {w.id for w in waited}}
+            # ... on the common path, the rest handed over, and nothing left in the table
+            assert stats["jobs_fast_path"] == 600 and stats["jobs_handed_over"] >= 120, stats
+            assert stats["jobs_live"] == 0 and not broker.jobs._fast.jobs
+
+    arun(main(), timeout=60)
