@@ -382,7 +382,12 @@ class JobManager:
             self._mem.pop(job_id, None)
             self._unwritten.pop(job_id, None)
             self._by_key.pop(opts.key, None)
-            self._to_peer(rid, error_message(exc.code, corr, f"job not recorded: {exc}", job=job_id))
+            self._not_recorded(rid, corr, job_id, exc)
+
+    def _not_recorded(self, rid: bytes, corr: int, job_id: int, err: BaseException) -> None:
+        """Tell a submitter its job could not be logged (so it does not exist)."""
+        code = err.code if isinstance(err, OrbitMeshError) else ErrorCode.STORAGE_ERROR
+        self._to_peer(rid, error_message(code, corr, f"job not recorded: {err}", job=job_id))
 
     def _attach(self, job_id: int, rid: bytes, corr: int) -> None:
         """A submit with a known idempotency key: the same job, not a new run."""
@@ -417,9 +422,8 @@ class JobManager:
             self._live.pop(rec.id, None)
             self._mem.pop(rec.id, None)
             self._by_key.pop(rec.idempotency_key, None)
-            code = err.code if isinstance(err, OrbitMeshError) else ErrorCode.STORAGE_ERROR
             for r, c in parked:
-                self._to_peer(r, error_message(code, c, f"job not recorded: {err}", job=rec.id))
+                self._not_recorded(r, c, rec.id, err)
             return
         mem = self._mem.get(rec.id)
         for r, c in parked:

@@ -22,8 +22,8 @@ cdef extern from "<time.h>" nogil:
 import functools
 import logging
 
-from orbitmesh._wire import HDR, error_message
-from orbitmesh.errors import ErrorCode, OrbitMeshError, StorageError
+from orbitmesh._wire import HDR
+from orbitmesh.errors import StorageError
 from orbitmesh.models import JobState
 from orbitmesh.protocol import F_TRACKED, Kind, Route
 from orbitmesh.storage.base import JobRecord
@@ -155,7 +155,7 @@ cdef class FastJobs:
             self._log.append(self._record(job), _partial(self._accepted, job))
         except StorageError as exc:  # the log is down (JobManager.submit)
             self._forget(job)
-            self._to_peer(rid, error_message(exc.code, job.corr, f"job not recorded: {exc}", job=job_id))
+            self._m._not_recorded(rid, job.corr, job_id, exc)
         return True
 
     def _accepted(self, _Job job, err):
@@ -169,8 +169,7 @@ cdef class FastJobs:
             return
         if err is not None:
             self._forget(job)
-            code = err.code if isinstance(err, OrbitMeshError) else ErrorCode.STORAGE_ERROR
-            self._to_peer(job.rid, error_message(code, job.corr, f"job not recorded: {err}", job=job_id))
+            m._not_recorded(job.rid, job.corr, job_id, err)
             return
         self._to_peer(job.rid, [_pack_header(b"OM", 1, _ACCEPTED, 0, 0, 0, 0, job.corr, job_id, 0), b""])
         if self._listening():

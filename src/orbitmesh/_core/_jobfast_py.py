@@ -22,8 +22,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from .._wire import HDR, error_message
-from ..errors import ErrorCode, OrbitMeshError, StorageError
+from .._wire import HDR
+from ..errors import StorageError
 from ..models import JobState
 from ..protocol import F_TRACKED, Kind, Route
 from ..storage.base import JobRecord
@@ -140,7 +140,7 @@ class FastJobs:
             m.log.append(self._record(job), _partial(self._accepted, job))
         except StorageError as exc:  # the log is down (JobManager.submit)
             self._forget(job)
-            m._to_peer(rid, error_message(exc.code, job.corr, f"job not recorded: {exc}", job=job_id))
+            m._not_recorded(rid, job.corr, job_id, exc)
         return True
 
     def _accepted(self, job: _Job, err: BaseException | None) -> None:
@@ -151,8 +151,7 @@ class FastJobs:
             return
         if err is not None:
             self._forget(job)
-            code = err.code if isinstance(err, OrbitMeshError) else ErrorCode.STORAGE_ERROR
-            m._to_peer(job.rid, error_message(code, job.corr, f"job not recorded: {err}", job=job.id))
+            m._not_recorded(job.rid, job.corr, job.id, err)
             return
         job_id = job.id
         m._to_peer(job.rid, [_pack_header(b"OM", 1, _ACCEPTED, 0, 0, 0, 0, job.corr, job_id, 0), b""])
