@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -220,30 +221,79 @@ def test_fast_path_writes_and_sends_what_the_general_path_does(
     assert final[74]["state"].value == "PENDING"
 
 
-@pytest.mark.parametrize("impl", ["c", "py"])
-def test_a_job_submitted_while_the_log_is_down_is_refused_at_once(
-    tmp_path: Path, impl: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Given a job log that is down (a batch-mode flush failed: every append raises)
+def _on_both_paths(
+    tmp_path: Path, impl: str, monkeypatch: pytest.MonkeyPatch, run: Callable[[_Harness], Any]
+) -> tuple[Any, Any]:
+    """What ``run(harness)`` returns on the general path and on the common path (twin ``impl``),
+    each with a job log that ``run`` may take down (as a failed batch-mode flush does)."""
     monkeypatch.setattr(jobs_module, "FastJobs", load("_jobfast", impl).FastJobs)
     seen = []
     for fast in (False, True):
         h = _Harness(tmp_path / impl, fast)
         try:
-            h.jobs.log._failed = OSError("disk gone")
-            # When a job is submitted, Expect STORAGE_ERROR to its caller now, and nothing kept
-            h.submit(21)
-            h.loop.run_until_complete(asyncio.sleep(0.001))
-            assert h.jobs.stats()["jobs_live"] == 0 and h.jobs.get(1) is None
-            seen.append(h.answers)
+            seen.append(run(h))
         finally:
             h.jobs.log._failed = None
             h.close()
-    general, fast_path = seen
+    return seen[0], seen[1]
+
+
+@pytest.mark.parametrize("impl", ["c", "py"])
+def test_a_job_submitted_while_the_log_is_down_is_refused_at_once(
+    tmp_path: Path, impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def run(h: _Harness) -> Any:
+        # Given a job log that is down (every append is refused)
+        h.jobs.log._failed = OSError("disk gone")
+        # When a job is submitted, Expect STORAGE_ERROR to its caller now, and nothing kept
+        h.submit(21)
+        h.loop.run_until_complete(asyncio.sleep(0.001))
+        assert h.jobs.stats()["jobs_live"] == 0 and h.jobs.get(1) is None
+        return h.answers
+
+    general, fast_path = _on_both_paths(tmp_path, impl, monkeypatch, run)
     assert general == fast_path
     [(rid, (hdr, _, message))] = general
     assert rid == CLIENT and hdr[2] == Kind.ERROR and hdr[4] == ErrorCode.STORAGE_ERROR and hdr[7] == 21
     assert message == b"job not recorded: [STORAGE_ERROR] job log is down: disk gone"
+
+
+@pytest.mark.parametrize("impl", ["c", "py"])
+def test_jobs_that_end_while_the_log_is_down_are_answered(
+    tmp_path: Path, impl: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def run(h: _Harness) -> Any:
+        # Given accepted, dispatched jobs (one running), then a job log that goes down
+        for corr in (31, 32, 33):
+            h.submit(corr)
+        h.settle()
+        h.answer(2, Kind.RUNNING)
+        h.answers.clear()
+        h.jobs.log._failed = OSError("disk gone")
+        # When one succeeds, one fails in its handler and one is cancelled
+        h.answer(1, Kind.REPLY, frames=(b"\x31",))
+        details = msgpack.packb({"type": "ValueError", "traceback": "", "agent": "w1"})
+        h.answer(2, Kind.ERROR, code=int(ErrorCode.HANDLER_ERROR), frames=(b"boom", details))
+        h.jobs.cancel(3)
+        h.jobs.flush_changes()  # records without a callback: dropped while the log is down
+        h.loop.run_until_complete(asyncio.sleep(0.01))
+        # Expect each caller answered as after a failed write (its outcome; the failure
+        # logged), nothing left live, and the refused records counted
+        assert h.jobs.stats()["jobs_live"] == 0
+        assert h.jobs.stats()["joblog_refused"] >= 3
+        return sorted(answer for _, answer in _answers(h))
+
+    general, fast_path = _on_both_paths(tmp_path, impl, monkeypatch, run)
+    assert general == fast_path
+    assert [(corr, kind) for corr, kind, _, _ in general] == [(31, Kind.REPLY), (32, Kind.ERROR), (33, Kind.ERROR)]
+    assert general[0][3] == b"\x31" and general[1][2] == ErrorCode.HANDLER_ERROR
+    assert general[2][2] == ErrorCode.CANCELLED
+    assert caplog.text.count("could not be logged") == 6  # 3 jobs, on each path
+
+
+def _answers(h: _Harness) -> list[tuple[bytes, tuple[int, int, int, bytes]]]:
+    """(rid, (corr, kind, error code, last frame)) of each answer sent to a client."""
+    return [(rid, (hdr[7], hdr[2], hdr[4], frames[-1])) for rid, (hdr, *frames) in h.answers]
 
 
 def test_hand_overs_under_load_end_every_job_once(arun, ctx, core_impl, tmp_path: Path) -> None:

@@ -53,15 +53,24 @@ class JobLog:
         self._thread = threading.Thread(target=self._run, name="orbitmesh-joblog", daemon=True)
         self.batches = 0
         self.records = 0
+        self.refused = 0  # appends refused because the log is down
 
     def start(self) -> None:
         self._thread.start()
 
     def append(self, record: JobRecord, done: Callback | None = None) -> None:
         """Queue ``record`` (a snapshot is taken now); ``done(error)`` runs on the loop once it is
-        written (durably, in ``sync`` mode), with the StorageError if the write failed."""
+        written (durably, in ``sync`` mode), with the StorageError if the write failed.
+
+        Never raises: a record that cannot be written (the log is down since a flush failed, or
+        no store may hold it) is not queued, and ``done`` hears why on the next turn of the loop,
+        as it would of a failed write."""
         if self._failed is not None:
-            raise StorageError(f"job log is down: {self._failed}", code=ErrorCode.STORAGE_ERROR)
+            self.refused += 1
+            if done is not None:
+                error = StorageError(f"job log is down: {self._failed}", code=ErrorCode.STORAGE_ERROR)
+                self._loop.call_soon(done, error)
+            return
         try:
             snapshot = self.store.prepare(record)
         except (ValueError, TypeError) as exc:  # a record no store may hold: refused, not queued

@@ -31,7 +31,7 @@ import msgpack
 
 from ._core.jobfast import FINISHING, FastJobs
 from ._wire import HDR, error_message, header
-from .errors import ErrorCode, OrbitMeshError, StorageError
+from .errors import ErrorCode, OrbitMeshError
 from .joblog import JobLog
 from .models import JobState
 from .protocol import F_TRACKED, Kind, Route
@@ -375,14 +375,7 @@ class JobManager:
         if opts.key:
             self._unwritten[job_id] = []  # submits of the same key wait here for ACCEPTED
             self._by_key[opts.key] = job_id
-        try:
-            self.log.append(rec, lambda err: self._accepted(rec, rid, corr, err))
-        except StorageError as exc:  # the log is down: not recorded, and the caller hears it now
-            self._live.pop(job_id, None)
-            self._mem.pop(job_id, None)
-            self._unwritten.pop(job_id, None)
-            self._by_key.pop(opts.key, None)
-            self._not_recorded(rid, corr, job_id, exc)
+        self.log.append(rec, lambda err: self._accepted(rec, rid, corr, err))
 
     def _not_recorded(self, rid: bytes, corr: int, job_id: int, err: BaseException) -> None:
         """Tell a submitter its job could not be logged (so it does not exist)."""
@@ -990,6 +983,7 @@ class JobManager:
             "joblog_batches": self.log.batches,
             "joblog_records": self.log.records,
             "joblog_pending": self.log.pending,
+            "joblog_refused": self.log.refused,  # records not written: the log is down
         }
 
 

@@ -23,7 +23,6 @@ import functools
 import logging
 
 from orbitmesh._wire import HDR
-from orbitmesh.errors import StorageError
 from orbitmesh.models import JobState
 from orbitmesh.protocol import F_TRACKED, Kind, Route
 from orbitmesh.storage.base import JobRecord
@@ -151,11 +150,7 @@ cdef class FastJobs:
         self.jobs[job_id] = job
         self.live += 1
         self.taken += 1
-        try:
-            self._log.append(self._record(job), _partial(self._accepted, job))
-        except StorageError as exc:  # the log is down (JobManager.submit)
-            self._forget(job)
-            self._m._not_recorded(rid, job.corr, job_id, exc)
+        self._log.append(self._record(job), _partial(self._accepted, job))
         return True
 
     def _accepted(self, _Job job, err):

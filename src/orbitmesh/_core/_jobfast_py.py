@@ -23,7 +23,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .._wire import HDR
-from ..errors import StorageError
 from ..models import JobState
 from ..protocol import F_TRACKED, Kind, Route
 from ..storage.base import JobRecord
@@ -136,11 +135,7 @@ class FastJobs:
         self.jobs[job_id] = job
         self.live += 1
         self.taken += 1
-        try:
-            m.log.append(self._record(job), _partial(self._accepted, job))
-        except StorageError as exc:  # the log is down (JobManager.submit)
-            self._forget(job)
-            m._not_recorded(rid, job.corr, job_id, exc)
+        m.log.append(self._record(job), _partial(self._accepted, job))
         return True
 
     def _accepted(self, job: _Job, err: BaseException | None) -> None:
