@@ -258,6 +258,33 @@ def test_io_twins_send_a_queue_until_the_socket_is_full_or_a_message_needs_the_c
         ctx.term()
 
 
+def test_io_twins_pack_messages_into_one_frame_and_back() -> None:
+    """What the broker's two planes send each other per turn (OP_PACKED, EV_PACKED): the same
+    bytes from both twins, read back whole and in order; a packing that does not add up is read
+    up to its last whole message; pack_runs leaves a message over its limit as it is, in order."""
+    c, py = _core.load("_io", "c"), _core.load("_io", "py")
+    messages = [[b"\x01", b"rid", b"h" * 40, b""], [b"\x02"], [b"\x03", bytearray(b"view"), memoryview(b"mv")]]
+    packed = c.pack_messages(messages)
+    assert packed == py.pack_messages(messages) == c.pack_messages(iter(messages))
+    expect = [[bytes(p) for p in m] for m in messages]
+    assert c.unpack_messages(packed) == py.unpack_messages(packed) == expect
+    for cut in range(len(packed)):  # torn anywhere: the whole messages before the tear
+        got = c.unpack_messages(packed[:cut])
+        assert got == py.unpack_messages(packed[:cut]) == expect[: len(got)]
+        assert len(got) == len(expect) or c.pack_messages(got) == packed[: len(c.pack_messages(got))]
+    assert c.unpack_messages(b"\x00\x00" + packed) == []  # a message of no part ends it
+    for bad in ([], [b"x"] * 65536):
+        for io in (c, py):
+            with pytest.raises(ValueError, match="1 to 65535 parts"):
+                io.pack_messages([*messages, bad])
+    big = [b"\x01", b"x" * 20_000]
+    mixed = [messages[0], messages[1], big, messages[2], big]
+    runs_c, runs_py = c.pack_runs(mixed, 16384), py.pack_runs(mixed, 16384)
+    assert runs_c == runs_py
+    assert runs_c == [c.pack_messages(mixed[:2]), big, c.pack_messages(mixed[3:4]), big]
+    assert c.pack_runs([], 10) == [] and c.pack_runs(mixed, 1 << 20) == [c.pack_messages(mixed)]
+
+
 def test_async_socket_sends_what_a_batch_answers_at_the_end_of_that_batch() -> None:
     """What the handlers of a received batch send leaves when the batch ends, not a loop turn
     later; and a handler that raises still leaves a drain scheduled for what was queued."""

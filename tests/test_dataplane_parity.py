@@ -39,6 +39,7 @@ TOKEN = struct.Struct("<II")
 OP_SEND, OP_REG, OP_UNREG, OP_INJECT, OP_STOP = (bytes([i]) for i in range(1, 6))
 EV_MSG, EV_LOST, EV_JOB, EV_DISPATCHED, EV_STATE, EV_LOAD, EV_STOPPED, EV_HELLO = range(1, 9)
 EV_NAMES = {1: "MSG", 2: "LOST", 3: "JOB", 4: "DISPATCHED", 5: "STATE", 6: "LOAD", 7: "STOPPED", 8: "HELLO"}
+EV_PACKED = bytes([9])
 
 MAX_FRAME = 2048  # max_frame_bytes; the ROUTER's MAXMSGSIZE is this + 1024, as in broker.py
 QUEUE_LIMIT = 6
@@ -57,6 +58,13 @@ COMMANDS = (b"echo", b"sum", b"slow")
 
 
 PROBE = hdr(Kind.WELCOME, corr=PROBE_CORR)
+
+
+def _events(frames: list[bytes]) -> list[list[bytes]]:
+    """The events of a message from the data plane: those an EV_PACKED packs, or itself."""
+    if frames[0] == EV_PACKED:
+        return _core.load("_io", "py").unpack_messages(frames[1])
+    return [frames]
 
 
 def route(rtype: int, strategy: int, key: bytes) -> bytes:
@@ -177,7 +185,7 @@ class Rig:
     def _recv_control_hello(self) -> bytes:
         if not self.control.poll(int(WAIT * 1000)):
             raise AssertionError(f"{self.impl}: no EV_HELLO for the monitor's HELLO")
-        frames = self.control.recv_multipart()
+        [frames] = _events(self.control.recv_multipart())
         assert frames[0][0] == EV_HELLO and frames[3][3] == Kind.HELLO, frames
         return frames[2]
 
@@ -273,24 +281,33 @@ class Rig:
                     continue
                 while True:
                     try:
-                        frames = s.recv_multipart(zmq.NOBLOCK)
+                        got = s.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    if n == barrier and waiting and done is not None and done(frames):
-                        waiting = False
-                        if n == "control" and frames[0][0] == EV_LOAD:
-                            self.last_load = frames[1]
-                        continue
-                    self._note(n, frames, out)
+                    for frames in _events(got) if n == "control" else [got]:
+                        if n == barrier and waiting and done is not None and done(frames):
+                            waiting = False
+                            if n == "control" and frames[0][0] == EV_LOAD:
+                                self.last_load = frames[1]
+                            continue
+                        self._note(n, frames, out)
         return out
 
     def peer_barrier(self, peer: str) -> dict[str, Any]:
         self.send(peer, [PROBE])
-        return self.collect(peer, lambda f: len(f) >= 1 and f[0][3] == Kind.ERROR and f[0][16:24] == PROBE[16:24])
+        got = self.collect(peer, lambda f: len(f) >= 1 and f[0][3] == Kind.ERROR and f[0][16:24] == PROBE[16:24])
+        # The events of the turn that answered the probe go up at its end: a control barrier
+        # (handled in later turns) makes sure they are here too.
+        return _merge(got, self.control_barrier())
 
     def control_barrier(self) -> dict[str, Any]:
-        self.control.send_multipart([OP_SEND, self.rid["monitor"], PROBE, b""])
-        return self.collect("monitor", lambda f: f[0] == PROBE)
+        # Two probes, one after the other: the data plane sends the events of a turn up at its
+        # end, so those of the turn that forwarded the first are up by the time of the second.
+        got = []
+        for _ in range(2):
+            self.control.send_multipart([OP_SEND, self.rid["monitor"], PROBE, b""])
+            got.append(self.collect("monitor", lambda f: f[0] == PROBE))
+        return _merge(*got)
 
     # -------------------------------------------------------------- steps
 
@@ -855,6 +872,58 @@ OP_BATCH = bytes([7])
 def _batch(*messages: list[bytes], layout: bytes | None = None) -> list[bytes]:
     counts = b"".join(len(m).to_bytes(2, "little") for m in messages)
     return [OP_BATCH, counts if layout is None else layout, *(f for m in messages for f in m)]
+
+
+OP_PACKED = bytes([8])
+
+
+def test_packed_control_messages_run_in_order() -> None:
+    """OP_PACKED (what the control plane sends per turn): each message in turn, as if sent one by
+    one, its parts alive past the message where the data plane keeps them (a request queued for
+    credit, a reply sent to a packed peer); a nested batch is ignored; a message that does not
+    add up stops the rest. Same on both twins; both ``pack_messages`` make the same bytes."""
+    pack_c, pack_py = (_core.load("_io", impl).pack_messages for impl in ("c", "py"))
+
+    def pack(*messages: list[bytes]) -> list[bytes]:
+        blob = pack_c(messages)
+        assert blob == pack_py(messages) == pack_c([[bytearray(p) for p in m] for m in messages])
+        return [OP_PACKED, blob]
+
+    def scenario(rig: Rig) -> Iterator[Step]:
+        yield "register", _merge(register(rig, "client-0"), register(rig, "client-1"), register(rig, "agent-1"))
+        c0, c1 = rig.rid["client-0"], rig.rid["client-1"]
+        queued = [hdr(Kind.REQUEST, corr=7), route(Route.NAME, 0, b"agent-1"), b"q", b"kept past the message"]
+        yield (
+            "packed",
+            control_step(
+                rig,
+                pack(
+                    [OP_SEND, c0, hdr(Kind.EVENT), b"", b"one"],
+                    [OP_SEND, c1, hdr(Kind.EVENT), b"", b"two"],
+                    _batch([OP_SEND, c0, hdr(Kind.EVENT), b"", b"nested batch"]),
+                    [OP_PACKED, pack([OP_SEND, c0, hdr(Kind.EVENT), b"", b"nested packed"])[1]],
+                    [OP_INJECT, c0, *queued],
+                    [OP_UNREG, c1],
+                    [OP_SEND, c0, hdr(Kind.EVENT), b"", b"three" * 40],
+                ),
+            ),
+        )
+        agent = [OP_REG, rig.rid["agent-1"], META.pack(Role.AGENT, 1, 0, 1), b"agent-1", b"", b"", b""]
+        yield "room", control_step(rig, agent)  # agent-1 now has room: the queued request goes
+        yield "after", send_step(rig, "client-1", request_frames(1, route(Route.CAPABILITY, 0, b"gpu")))
+        good = pack([OP_SEND, c0, hdr(Kind.EVENT), b"", b"four"])[1]
+        torn = pack([OP_SEND, c0, hdr(Kind.EVENT), b"", b"five"])[1][:-1]
+        yield "torn", control_step(rig, [OP_PACKED, good + torn])
+        yield "zero parts", control_step(rig, [OP_PACKED, b"\x00\x00" + good])
+
+    runs = run_both(scenario)
+    assert_same(runs)
+    seen = repr(runs["c"])
+    for word in (b"one", b"two", b"three" * 40, b"four", b"kept past the message"):
+        assert repr(word) in seen, word
+    for word in (b"nested batch", b"nested packed", b"five"):
+        assert repr(word) not in seen, word
+    assert "say HELLO first" in repr(dict(runs["c"])["after"])
 
 
 def test_batched_control_messages_run_in_order() -> None:

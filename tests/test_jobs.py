@@ -37,6 +37,10 @@ def job_handlers(counts: dict[str, int]):
             raise PermissionError("never")
 
         @agent.handler
+        async def echo(blob: bytes, times: int) -> bytes:
+            return blob * times
+
+        @agent.handler
         async def sleep(seconds: float) -> str:
             counts["sleep"] = counts.get("sleep", 0) + 1
             await asyncio.sleep(seconds)
@@ -563,6 +567,26 @@ def test_submit_job_pipelines_without_tasks(arun, ctx, core_impl):
                 with pytest.raises(om.OrbitMeshError) as err:
                     await asyncio.wait_for(fut, 5)
                 assert err.value.code == ErrorCode.BAD_PAYLOAD and "max_attempts" in str(err.value)
+
+    arun(main())
+
+
+def test_big_and_small_jobs_interleaved_come_back_whole(arun, ctx, core_impl):
+    """The broker's planes pack a turn's messages into one frame, and send one of more than 16 KiB
+    on its own (its frames moved, not copied again): params and results on both sides of that
+    size, in flight together, each come back whole to its own caller."""
+    counts: dict[str, int] = {}
+
+    async def main():
+        async with mesh(ctx, core_impl, endpoint_for("tcp"), setup=job_handlers(counts)) as (_, _, client):
+            shapes = ((7, 1), (40_000, 1), (9, 3000))  # (param bytes, times): small, big in, big out
+            cases = [(bytes([i % 251]) * size, times) for i in range(60) for size, times in shapes]
+            sent = [client.submit_job("agent-0", "echo", [blob, times]) for blob, times in cases]
+            results = await asyncio.wait_for(asyncio.gather(*(s.result for s in sent)), 30)
+            assert results == [blob * times for blob, times in cases]
+            ids = await asyncio.gather(*(s.accepted for s in sent))
+            info = await client.wait(ids[1], timeout=5)  # 40,000 bytes in, and back: also in the log
+            assert info.state == JobState.SUCCEEDED and client.job_result(info) == cases[1][0]
 
     arun(main())
 

@@ -161,6 +161,7 @@ cdef enum:
     OP_STOP = 5
     OP_SIGNAL = 6
     OP_BATCH = 7
+    OP_PACKED = 8
     CTRL_CAP = 4096
     EV_MSG = 1
     EV_LOST = 2
@@ -170,6 +171,8 @@ cdef enum:
     EV_LOAD = 6
     EV_STOPPED = 7
     EV_HELLO = 8
+    EV_PACKED = 9
+    EV_DIRECT = 16384  # an event of more bytes goes up as it is, not packed (see _ev_begin)
 
 if CTRL_MAX_FRAMES != CTRL_CAP or len(COUNTERS) != N_COUNTERS or (_ACL_NO_REQUESTS, _ACL_CHECKED) != (A_NO_REQUESTS, A_CHECKED):
     raise ImportError("orbitmesh._core._dataplane_c is out of step with _dataplane_py (COUNTERS, ACL flags)")
@@ -280,6 +283,9 @@ cdef class DataPlane:
     cdef cbool _o_open                   # a packed header frame is being built (see _out)
     cdef int _o_k                        # parts inline in it; -1 before the header
     cdef string _o_buf
+    cdef string _ev_buf                  # events not sent up yet, packed (see _ev_begin)
+    cdef size_t _ev_at                   # where the event being packed starts in _ev_buf
+    cdef int _ev_n                       # its parts so far
 
     def __cinit__(self):
         self._z = NULL
@@ -407,6 +413,7 @@ cdef class DataPlane:
             if now >= next_tick:
                 self._tick(now)
                 next_tick = now + self._hb
+            self._ev_flush()
         self._send_stopped()
         return 0
 
@@ -655,19 +662,70 @@ cdef class DataPlane:
             return
         self._out(text.data(), text.size(), NULL, True)
 
+    # Events go up to the control plane packed: each is appended to _ev_buf as io.pack_messages
+    # writes a message, and what a turn of the loop made goes up as one EV_PACKED message at its
+    # end (_ev_flush): one part for libzmq to move and the control plane to receive per turn,
+    # not ~5 per event. An event of more than EV_DIRECT bytes goes up as it is, its parts moved
+    # rather than copied, after the events packed before it.
+
+    cdef void _ev_begin(self, char ev) noexcept nogil:
+        self._counters[C_TO_CONTROL] += 1
+        self._ev_at = self._ev_buf.size()
+        self._ev_buf.append(2, <char>0)  # its part count, set by _ev_end
+        self._ev_n = 0
+        self._ev_part(&ev, 1)
+
+    cdef void _ev_part(self, const char* data, size_t n) noexcept nogil:
+        cdef unsigned char lb[4]
+        om_st32(lb, <uint32_t>n)
+        self._ev_buf.append(<const char*>lb, 4)
+        if n:
+            self._ev_buf.append(data, n)
+        self._ev_n += 1
+
+    cdef void _ev_parts(self, zmq_msg_t* parts, int n) noexcept nogil:
+        cdef int i
+        for i in range(n):
+            self._ev_part(<const char*>self._z.zmq_msg_data(&parts[i]), self._z.zmq_msg_size(&parts[i]))
+
+    cdef void _ev_end(self) noexcept nogil:
+        cdef char* p = &self._ev_buf[self._ev_at]
+        p[0] = <char>(self._ev_n & 0xFF)
+        p[1] = <char>(self._ev_n >> 8)
+
+    cdef void _ev_flush(self) noexcept nogil:
+        """Send the packed events up (EV_PACKED), if any."""
+        cdef char e = EV_PACKED
+        if self._ev_buf.empty():
+            return
+        if self._send_bytes(self._control, &e, 1, 1) == 0:
+            self._send_bytes(self._control, self._ev_buf.data(), self._ev_buf.size(), 0)
+        self._ev_buf.clear()
+
+    cdef cbool _ev_direct(self, zmq_msg_t* parts, int n, size_t size) noexcept nogil:
+        """Whether an event carrying ``parts`` and ``size`` bytes more goes up as it is (more
+        than EV_DIRECT bytes after its event byte); if so, what is packed goes first."""
+        cdef int i
+        for i in range(n):
+            size += self._z.zmq_msg_size(&parts[i])
+        if size <= EV_DIRECT:
+            return False
+        self._ev_flush()
+        self._counters[C_TO_CONTROL] += 1
+        return True
+
     cdef void _up_error(self, uint16_t code, uint64_t corr, uint64_t job, const string& text, uint32_t aux,
                         const char* agent=NULL, size_t agent_n=0,
                         const char* route=NULL, size_t route_n=0) noexcept nogil:
         """EV_JOB to the control plane: a tracked job failed (in the broker, or its agent was lost)."""
         cdef unsigned char hdr[OM_HEADER_SIZE]
-        cdef char ev = EV_JOB
         om_write_header(hdr, K_ERROR, 0, code, aux, corr, job, 0)
-        self._counters[C_TO_CONTROL] += 1
-        self._send_bytes(self._control, &ev, 1, 1)
-        self._send_bytes(self._control, agent, agent_n, 1)
-        self._send_bytes(self._control, <const char*>hdr, OM_HEADER_SIZE, 1)
-        self._send_bytes(self._control, route, route_n, 1)
-        self._send_bytes(self._control, text.data(), text.size(), 0)
+        self._ev_begin(EV_JOB)
+        self._ev_part(agent, agent_n)
+        self._ev_part(<const char*>hdr, OM_HEADER_SIZE)
+        self._ev_part(route, route_n)
+        self._ev_part(text.data(), text.size())
+        self._ev_end()
 
     cdef void _refuse(self, const string& rid, const unsigned char* hdr, uint16_t code, const string& text) noexcept nogil:
         # A tracked job's answers go to the control plane only: it decides on retries.
@@ -692,31 +750,34 @@ cdef class DataPlane:
     cdef void _up_in(self, uint8_t ev, int first) noexcept nogil:
         """Send [ev, self._in[first:]...] to the control plane."""
         cdef char e = <char>ev
-        self._counters[C_TO_CONTROL] += 1
-        self._send_bytes(self._control, &e, 1, 1)
-        self._send_parts(self._control, &self._in[first], self._nin - first)
+        if self._ev_direct(&self._in[first], self._nin - first, 0):
+            self._send_bytes(self._control, &e, 1, 1)
+            self._send_parts(self._control, &self._in[first], self._nin - first)
+            return
+        self._ev_begin(e)
+        self._ev_parts(&self._in[first], self._nin - first)
+        self._ev_end()
 
     cdef void _up_hello(self) noexcept nogil:
         """EV_HELLO: [ev, user id, rid, hdr, ...]; the User-Id is the ZAP handler's (the CURVE key),
         read from the connection's metadata, so no peer can forge it."""
-        cdef char e = EV_HELLO
         cdef const char* uid = self._z.zmq_msg_gets(&self._packed_in if self._has_packed_in else &self._in[1], b"User-Id")
-        self._counters[C_TO_CONTROL] += 1
-        self._send_bytes(self._control, &e, 1, 1)
-        self._send_bytes(self._control, uid, strlen(uid) if uid != NULL else 0, 1)
-        self._send_parts(self._control, &self._in[0], self._nin)
+        self._ev_begin(EV_HELLO)
+        self._ev_part(uid, strlen(uid) if uid != NULL else 0)
+        self._ev_parts(&self._in[0], self._nin)
+        self._ev_end()
 
     cdef void _up_small(self, uint8_t ev, const string& a, const char* b, size_t bn, int nparts) noexcept nogil:
         """Send [ev, a] or [ev, a, b] to the control plane."""
-        cdef char e = <char>ev
-        self._counters[C_TO_CONTROL] += 1
-        self._send_bytes(self._control, &e, 1, 1)
-        self._send_bytes(self._control, a.data(), a.size(), nparts > 1)
+        self._ev_begin(<char>ev)
+        self._ev_part(a.data(), a.size())
         if nparts > 1:
-            self._send_bytes(self._control, b, bn, 0)
+            self._ev_part(b, bn)
+        self._ev_end()
 
     cdef void _send_stopped(self) noexcept nogil:
         cdef char e = EV_STOPPED
+        self._ev_flush()
         self._send_bytes(self._control, &e, 1, 1)
         self._send_bytes(self._control, <const char*>self._counters, sizeof(uint64_t) * N_COUNTERS, 0)
 
@@ -746,6 +807,8 @@ cdef class DataPlane:
             self._on_client_signal(rid, om_hdr_kind(self._data(&self._in[2])), om_hdr_corr(self._data(&self._in[2])), 2)
         elif op == OP_BATCH and n >= 2:
             self._on_batch()
+        elif op == OP_PACKED and n == 2:
+            self._on_packed()
 
     cdef void _on_batch(self) noexcept nogil:
         """Each message of an OP_BATCH in turn, by pointing self._in at it."""
@@ -762,12 +825,60 @@ cdef class DataPlane:
                 break
             self._in = base + off
             self._nin = count
-            if not (self._size(&self._in[0]) == 1 and self._data(&self._in[0])[0] == OP_BATCH):
+            if not (self._size(&self._in[0]) == 1 and (self._data(&self._in[0])[0] == OP_BATCH or self._data(&self._in[0])[0] == OP_PACKED)):
                 self._on_control()
             off += count
             k += 2
         self._in = base
         self._nin = total
+
+    cdef void _on_packed(self) noexcept nogil:
+        """Each message of an OP_PACKED in turn, by pointing self._in at its parts, made at
+        self._in[2...]: views of the packed frame (self._in[1], alive until _close_in), as
+        _unpack_in's are (what is to outlive the message is copied first: _own); copies for a
+        message of more than 64 parts. Stops at the first message that does not add up."""
+        cdef zmq_msg_t* base = self._in
+        cdef zmq_msg_t* parts = base + 2
+        cdef int total = self._nin, cap = self._in_cap, count, i
+        cdef const unsigned char* p = self._data(&base[1])
+        cdef size_t ln = self._size(&base[1]), at = 0, size
+        cdef cbool fits, views
+        while at + 2 <= ln:
+            count = p[at] | (<int>p[at + 1] << 8)
+            at += 2
+            if count < 1 or count > CTRL_CAP - 1:
+                break
+            fits = True
+            size = at
+            for i in range(count):  # the whole message is checked before any of it is used
+                if size + 4 > ln or size + 4 + om_ld32(p + size) > ln:
+                    fits = False
+                    break
+                size += 4 + om_ld32(p + size)
+            if not fits:
+                break
+            views = count <= 64
+            for i in range(count):
+                size = om_ld32(p + at)
+                if views:
+                    self._z.zmq_msg_init_data(&parts[i], <void*>(p + at + 4), size, NULL, NULL)
+                elif self._z.zmq_msg_init_size(&parts[i], size) == 0:
+                    memcpy(self._z.zmq_msg_data(&parts[i]), p + at + 4, size)
+                else:
+                    self._z.zmq_msg_init(&parts[i])  # out of memory: an empty part
+                at += 4 + size
+            self._in = parts
+            self._nin = count
+            self._in_cap = count
+            self._views = ((<uint64_t>1 << count) - 1 if count < 64 else ~(<uint64_t>0)) if views else 0
+            if not (self._size(&parts[0]) == 1 and (self._data(&parts[0])[0] == OP_BATCH or self._data(&parts[0])[0] == OP_PACKED)):
+                self._on_control()
+            for i in range(count):
+                self._z.zmq_msg_close(&parts[i])
+            self._views = 0
+        self._in = base
+        self._nin = total
+        self._in_cap = cap
 
     cdef void _register(self) noexcept nogil:
         cdef string rid = self._str(&self._in[1])
@@ -1306,10 +1417,15 @@ cdef class DataPlane:
         self._counters[C_FWD_REPLIES] += 1
         if e.tracked:
             ev = EV_JOB
-            self._counters[C_TO_CONTROL] += 1
-            self._send_bytes(self._control, &ev, 1, 1)
-            self._send_bytes(self._control, self._peers[slot].rid.data(), self._peers[slot].rid.size(), 1)
-            self._send_parts(self._control, &self._in[1], n - 1)
+            if self._ev_direct(&self._in[1], n - 1, self._peers[slot].rid.size()):
+                self._send_bytes(self._control, &ev, 1, 1)
+                self._send_bytes(self._control, self._peers[slot].rid.data(), self._peers[slot].rid.size(), 1)
+                self._send_parts(self._control, &self._in[1], n - 1)
+            else:
+                self._ev_begin(ev)
+                self._ev_part(self._peers[slot].rid.data(), self._peers[slot].rid.size())
+                self._ev_parts(&self._in[1], n - 1)
+                self._ev_end()
         else:
             packed = self._packed(e.client)
             if packed and self._has_packed_in:
@@ -1510,8 +1626,7 @@ cdef class DataPlane:
             if self._out_begin(p.rid, p.packed) == 0:
                 self._out(<const char*>hb, OM_HEADER_SIZE, NULL, False)
                 self._out(NULL, 0, NULL, True)
-        ev = EV_LOAD
-        self._counters[C_TO_CONTROL] += 1
-        self._send_bytes(self._control, &ev, 1, 1)
-        self._send_bytes(self._control, load.data(), load.size(), 1)
-        self._send_bytes(self._control, <const char*>self._counters, sizeof(uint64_t) * N_COUNTERS, 0)
+        self._ev_begin(EV_LOAD)
+        self._ev_part(load.data(), load.size())
+        self._ev_part(<const char*>self._counters, sizeof(uint64_t) * N_COUNTERS)
+        self._ev_end()

@@ -23,6 +23,11 @@ control -> data plane
     OP_BATCH    [op, layout, msg1..., msg2...] several of the above in one message (one wake-up of
                 the loop instead of one each); layout = u16 LE frame count of each; at most
                 CTRL_MAX_FRAMES frames in all; nested batches are ignored
+    OP_PACKED   [op, packed]                  the same, the messages packed in one frame (``io.
+                pack_messages``: per message its part count, u16 LE, 1 .. CTRL_MAX_FRAMES - 1,
+                then each part as u32 LE length and bytes); stops at the first message that does
+                not add up; nested batches are ignored. What the control plane sends per turn
+                with more than one message
 
 data plane -> control
     EV_MSG      [ev, rid, hdr, frames...]     a message for the control plane
@@ -34,6 +39,8 @@ data plane -> control
                 heartbeat; running = the agent's own count, from its last HEARTBEAT's aux
     EV_STOPPED  [ev, counters]                the loop ended; counters as <Q*N>
     EV_HELLO    [ev, user_id, rid, hdr, ...]  a HELLO, with its connection's ZAP User-Id (or empty)
+    EV_PACKED   [ev, packed]                  the events of one turn of the loop, packed as OP_PACKED's
+                messages; an event of more than EV_DIRECT bytes goes up as it is (after them)
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import zmq
 from ..errors import ErrorCode, ProtocolError
 from ..protocol import HEADER_SIZE, MAX_FRAMES, PACKED_VERSION, TOKEN_SIZE, Flag, Kind, Role, Route, Strategy
 from ._frame_py import check_header, header_error_message, is_packed, pack_parts, packable, unpack_parts
+from ._io_py import pack_messages, unpack_messages
 
 public_api = [
     "ACL_CHECKED",
@@ -63,7 +71,7 @@ public_api = [
     "pack_reg_meta",
 ]
 
-OP_SEND, OP_REG, OP_UNREG, OP_INJECT, OP_STOP, OP_SIGNAL, OP_BATCH = (bytes([i]) for i in range(1, 8))
+OP_SEND, OP_REG, OP_UNREG, OP_INJECT, OP_STOP, OP_SIGNAL, OP_BATCH, OP_PACKED = (bytes([i]) for i in range(1, 9))
 OP = {
     "SEND": OP_SEND,
     "REG": OP_REG,
@@ -72,9 +80,12 @@ OP = {
     "STOP": OP_STOP,
     "SIGNAL": OP_SIGNAL,
     "BATCH": OP_BATCH,
+    "PACKED": OP_PACKED,
 }
 CTRL_MAX_FRAMES = 4096  # frames in one control message (an OP_BATCH): the control plane splits above
-EV_MSG, EV_LOST, EV_JOB, EV_DISPATCHED, EV_STATE, EV_LOAD, EV_STOPPED, EV_HELLO = (bytes([i]) for i in range(1, 9))
+EV_MSG, EV_LOST, EV_JOB, EV_DISPATCHED, EV_STATE, EV_LOAD, EV_STOPPED, EV_HELLO, EV_PACKED = (
+    bytes([i]) for i in range(1, 10)
+)
 EV = {
     "MSG": EV_MSG,
     "LOST": EV_LOST,
@@ -84,7 +95,9 @@ EV = {
     "LOAD": EV_LOAD,
     "STOPPED": EV_STOPPED,
     "HELLO": EV_HELLO,
+    "PACKED": EV_PACKED,
 }
+EV_DIRECT = 16384  # bytes: an event carrying more goes up as it is, not packed
 STATE_ALIVE, STATE_SUSPECT, STATE_LOST = 0, 1, 2
 
 # Counter slots, reported in EV_STOPPED and by stats(); same order in the C twin.
@@ -246,6 +259,7 @@ class DataPlane:
             raise ValueError("heartbeat_ms must be > 0 and liveness >= 2")
         self._router = router
         self._control = control
+        self._events: list[list[bytes]] = []  # events of this turn, not sent up yet (_flush_up)
         self._hb = heartbeat_ms
         self._woke = _now_ms()  # monotonic ms of the loop's last wake-up
         self._liveness = liveness
@@ -310,6 +324,8 @@ class DataPlane:
             if now >= next_tick:
                 self._tick(now)
                 next_tick = now + self._hb
+            self._flush_up()
+        self._flush_up()
         self._control.send_multipart([EV_STOPPED, b"".join(_Q.pack(c) for c in self._counters)])
 
     # --------------------------------------------------------------- sending
@@ -357,8 +373,24 @@ class DataPlane:
             peer.pending += delta
 
     def _up(self, frames: list[bytes]) -> None:
+        """An event for the control plane, packed with the turn's others (_flush_up)."""
         self._counters[3] += 1
-        self._control.send_multipart(frames)
+        self._events.append(frames)
+
+    def _up_payload(self, frames: list[bytes]) -> None:
+        """``_up`` for a peer's message (EV_MSG, an agent's EV_JOB answer): one of more than
+        EV_DIRECT bytes after the event byte goes now, as it is, after what is packed."""
+        if sum(map(len, frames)) - 1 > EV_DIRECT:
+            self._counters[3] += 1
+            self._flush_up()
+            self._control.send_multipart(frames)
+        else:
+            self._up(frames)
+
+    def _flush_up(self) -> None:
+        if self._events:
+            self._control.send_multipart([EV_PACKED, pack_messages(self._events)])
+            self._events = []
 
     # -------------------------------------------------------------- control
 
@@ -383,9 +415,15 @@ class DataPlane:
                 count = layout[k] | layout[k + 1] << 8
                 if count < 1 or off + count > n:
                     break
-                if frames[off] != OP_BATCH:
+                if frames[off] != OP_BATCH and frames[off] != OP_PACKED:
                     self._on_control(frames[off : off + count])
                 off += count
+        elif op == OP_PACKED and len(frames) == 2:
+            for message in unpack_messages(frames[1]):
+                if len(message) >= CTRL_MAX_FRAMES:
+                    break  # as the compiled twin, which has room for no more
+                if message[0] != OP_BATCH and message[0] != OP_PACKED:
+                    self._on_control(message)
 
     def _register(self, frames: list[bytes]) -> None:
         rid = frames[1]
@@ -560,7 +598,7 @@ class DataPlane:
                 return
             route = frames[2]
             if hdr[4] & Flag.TRACKED or (len(route) >= 1 and route[0] == Route.LABELS) or peer.acl & ACL_CHECKED:
-                self._up([EV_MSG, *frames])
+                self._up_payload([EV_MSG, *frames])
             else:
                 self._route_request(rid, frames[1:], injected=False)
             return
@@ -581,13 +619,13 @@ class DataPlane:
                 peer.draining = True
             else:
                 self._unregister(rid, lost=False)
-            self._up([EV_MSG, *frames])
+            self._up_payload([EV_MSG, *frames])
             return
         if kind == Kind.HELLO:
             self._up_hello(frames)
             return
         if kind in _CONTROL_KINDS:
-            self._up([EV_MSG, *frames])
+            self._up_payload([EV_MSG, *frames])
             return
         self._malformed(rid, ErrorCode.UNEXPECTED_KIND, corr, f"a peer may not send kind {kind}")
 
@@ -742,7 +780,7 @@ class DataPlane:
         index, entry = found
         self._counters[2] += 1
         if entry.tracked:
-            self._up([EV_JOB, peer.rid, *frames[1:]])
+            self._up_payload([EV_JOB, peer.rid, *frames[1:]])
         elif self._packed_in is not None and self._is_packed_peer(entry.client):
             self._send_as_is(entry.client, self._packed_in)  # the parts go on unchanged: so can their framing
         else:

@@ -15,9 +15,96 @@ from orbitmesh._core._zmqabi cimport EAGAIN, EINTR, ZMQ_DONTWAIT, ZMQ_SNDMORE, Z
 from orbitmesh._core._frame_c import pack_parts
 from orbitmesh._core._io_py import BATCH_BYTES
 
-public_api = ["BATCH_BYTES", "recv_batch", "send_parts", "send_queue"]
+public_api = ["BATCH_BYTES", "pack_messages", "pack_runs", "recv_batch", "send_parts", "send_queue", "unpack_messages"]
 
 cdef size_t _BATCH_BYTES = BATCH_BYTES
+
+
+cdef inline void _st32(char* p, size_t v) noexcept:
+    p[0] = <char>(v & 0xFF)
+    p[1] = <char>((v >> 8) & 0xFF)
+    p[2] = <char>((v >> 16) & 0xFF)
+    p[3] = <char>((v >> 24) & 0xFF)
+
+
+cdef Py_ssize_t _part_len(object part) except -1:
+    cdef Py_buffer view
+    cdef Py_ssize_t n
+    if PyBytes_CheckExact(part):
+        return PyBytes_GET_SIZE(part)
+    PyObject_GetBuffer(part, &view, PyBUF_SIMPLE)
+    n = view.len
+    PyBuffer_Release(&view)
+    return n
+
+
+cdef Py_ssize_t _message_bytes(object parts) except -1:
+    """The bytes in the parts of a message to pack (whose part count it checks)."""
+    cdef Py_ssize_t count = len(parts), total = 0
+    if not 0 < count <= 0xFFFF:
+        raise ValueError(f"a packed message has 1 to 65535 parts, not {count}")
+    for part in parts:
+        total += _part_len(part)
+    return total
+
+
+cdef bytes _pack(list messages, Py_ssize_t begin, Py_ssize_t end, Py_ssize_t total):
+    """messages[begin:end] packed, ``total`` bytes in all."""
+    cdef Py_ssize_t i, count
+    cdef size_t n
+    cdef Py_buffer view
+    out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char* p = PyBytes_AS_STRING(out)
+    for i in range(begin, end):
+        parts = messages[i]
+        count = len(parts)
+        p[0] = <char>(count & 0xFF)
+        p[1] = <char>(count >> 8)
+        p += 2
+        for part in parts:
+            if PyBytes_CheckExact(part):
+                n = <size_t>PyBytes_GET_SIZE(part)
+                _st32(p, n)
+                memcpy(p + 4, PyBytes_AS_STRING(part), n)
+            else:
+                PyObject_GetBuffer(part, &view, PyBUF_SIMPLE)
+                try:
+                    n = <size_t>view.len
+                    _st32(p, n)
+                    memcpy(p + 4, view.buf, n)
+                finally:
+                    PyBuffer_Release(&view)
+            p += 4 + n
+    return out
+
+
+def pack_messages(messages):
+    """Several messages as the bytes of one frame (see ``_io_py.pack_messages``)."""
+    cdef list todo = messages if type(messages) is list else list(messages)
+    cdef Py_ssize_t total = 0
+    for parts in todo:
+        total += 2 + 4 * len(parts) + _message_bytes(parts)
+    return _pack(todo, 0, len(todo), total)
+
+
+def pack_runs(list messages, Py_ssize_t limit):
+    """``messages`` in order, as what to send (see ``_io_py.pack_runs``)."""
+    cdef list out = []
+    cdef Py_ssize_t i, start = 0, total = 0, size
+    for i in range(len(messages)):
+        parts = messages[i]
+        size = _message_bytes(parts)
+        if size > limit:
+            if i > start:
+                out.append(_pack(messages, start, i, total))
+            out.append(parts)
+            start = i + 1
+            total = 0
+        else:
+            total += 2 + 4 * len(parts) + size
+    if len(messages) > start:
+        out.append(_pack(messages, start, len(messages), total))
+    return out
 
 
 cdef int _send_msg(ZmqApi* z, void* h, zmq_msg_t* m, int flags) noexcept:
@@ -120,6 +207,31 @@ cdef int _send(void* h, ZmqApi* z, parts, bint packed) except -1:
                 return 0
             raise_zmq_error(err)
     return 1
+
+
+def unpack_messages(bytes packed):
+    """The messages ``pack_messages`` packed into ``packed`` (see ``_io_py.unpack_messages``)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(packed)
+    cdef size_t n = <size_t>PyBytes_GET_SIZE(packed), at = 0, size
+    cdef unsigned int count, i
+    cdef list out = []
+    cdef list parts
+    while at + 2 <= n:
+        count = p[at] | (<unsigned int>p[at + 1] << 8)
+        at += 2
+        if not count:
+            break
+        parts = []
+        for i in range(count):
+            if at + 4 > n:
+                return out
+            size = p[at] | (<size_t>p[at + 1] << 8) | (<size_t>p[at + 2] << 16) | (<size_t>p[at + 3] << 24)
+            if size > n - at - 4:
+                return out
+            parts.append(PyBytes_FromStringAndSize(<const char*>p + at + 4, <Py_ssize_t>size))
+            at += 4 + size
+        out.append(parts)
+    return out
 
 
 def recv_batch(sock, int limit):

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -14,9 +15,70 @@ import zmq
 from ..errors import ProtocolError
 from ._frame_py import pack_parts, unpack_parts
 
-public_api = ["BATCH_BYTES", "recv_batch", "send_parts", "send_queue"]
+public_api = ["BATCH_BYTES", "pack_messages", "pack_runs", "recv_batch", "send_parts", "send_queue", "unpack_messages"]
 
 BATCH_BYTES = 1 << 20  # a receive batch ends once it holds this many bytes
+_LEN = struct.Struct("<I")
+_COUNT = struct.Struct("<H")
+
+
+def pack_messages(messages: Sequence[Sequence[Any]]) -> bytes:
+    """Several messages as the bytes of one frame: for each, its part count (u16 LE), then each
+    part as its length (u32 LE) and its bytes (bytes-like parts). The broker's control plane
+    sends its data plane one such frame per turn of its loop (OP_PACKED) instead of every part
+    as a frame of its own. ValueError for a message with no part or more than 65,535."""
+    out = bytearray()
+    for parts in messages:
+        if not 0 < len(parts) <= 0xFFFF:
+            raise ValueError(f"a packed message has 1 to 65535 parts, not {len(parts)}")
+        out += _COUNT.pack(len(parts))
+        for part in parts:
+            view = memoryview(part).cast("B")
+            out += _LEN.pack(len(view))
+            out += view
+    return bytes(out)
+
+
+def pack_runs(messages: list[Sequence[Any]], limit: int) -> list[bytes | Sequence[Any]]:
+    """``messages`` in order, as what to send: each run of messages of at most ``limit`` bytes
+    (their parts' bytes added up) as the bytes ``pack_messages`` makes of it, and each bigger
+    message as it is (its parts then go as frames of their own, copied once fewer)."""
+    out: list[bytes | Sequence[Any]] = []
+    run: list[Sequence[Any]] = []
+    for parts in messages:
+        if sum(memoryview(part).nbytes for part in parts) > limit:
+            if run:
+                out.append(pack_messages(run))
+                run = []
+            out.append(parts)
+        else:
+            run.append(parts)
+    if run:
+        out.append(pack_messages(run))
+    return out
+
+
+def unpack_messages(packed: bytes) -> list[list[bytes]]:
+    """The messages ``pack_messages`` packed into ``packed``, up to the first that does not add
+    up (a part count of 0, or parts past the end)."""
+    out: list[list[bytes]] = []
+    at, n = 0, len(packed)
+    while at + 2 <= n:
+        (count,) = _COUNT.unpack_from(packed, at)
+        at += 2
+        if not count:
+            break
+        parts = []
+        for _ in range(count):
+            if at + 4 > n:
+                return out
+            (size,) = _LEN.unpack_from(packed, at)
+            if at + 4 + size > n:
+                return out
+            parts.append(packed[at + 4 : at + 4 + size])
+            at += 4 + size
+        out.append(parts)
+    return out
 
 
 def send_parts(sock: zmq.Socket[Any], parts: Sequence[Any], packed: bool = False) -> bool:
