@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ Callback = Callable[[BaseException | None], None]
 # A queued item: (job id, the store's prepared snapshot, callback). Job id 0 is a barrier; a
 # snapshot of None deletes the job.
 _Item = tuple[int, Any, "Callback | None"]
+_WAKE: Any = (0, None, None)  # put by stop(): wakes the writer, writes nothing
 
 
 class JobLog:
@@ -45,9 +47,9 @@ class JobLog:
         self._loop = loop
         self._max_batch = max_batch
         self._flush_s = flush_ms / 1000
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._queue: list[_Item] = []
+        # A SimpleQueue, not a list under a lock: put() is one C call that never blocks, so the
+        # control plane never waits on a lock the writer holds while the writer waits for the GIL.
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._stopping = False
         self._failed: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="orbitmesh-joblog", daemon=True)
@@ -79,31 +81,23 @@ class JobLog:
             if done is not None:
                 self._loop.call_soon(done, error)
             return
-        with self._lock:  # the Condition's own lock: one C call in and out
-            queue = self._queue
-            queue.append((record.id, snapshot, done))
-            if len(queue) == 1:
-                self._cond.notify()
+        self._queue.put((record.id, snapshot, done))
 
     def barrier(self, done: Callback) -> None:
         """Run ``done`` on the loop once everything queued before it is written
         (read-your-writes for queries that go to the store)."""
-        with self._cond:
-            self._queue.append((0, None, done))
-            if len(self._queue) == 1:
-                self._cond.notify()
+        self._queue.put((0, None, done))
 
     def delete(self, job_ids: list[int]) -> None:
         """Queue deletions (retention)."""
-        with self._cond:
-            self._queue.extend((i, None, None) for i in job_ids)
-            self._cond.notify()
+        put = self._queue.put
+        for job_id in job_ids:
+            put((job_id, None, None))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Write what is queued, flush, and stop the thread."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
+        self._stopping = True
+        self._queue.put(_WAKE)
         if self._thread.is_alive():
             self._thread.join(timeout)
         if self._thread.is_alive():
@@ -111,21 +105,28 @@ class JobLog:
 
     @property
     def pending(self) -> int:
-        return len(self._queue)
+        return self._queue.qsize()
 
     def _run(self) -> None:
         batch_mode = self.store.durability == "batch"
         next_flush = time.monotonic() + self._flush_s
         dirty = False
+        get, get_now, empty, most = self._queue.get, self._queue.get_nowait, queue.Empty, self._max_batch
         while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    timeout = max(0.0, next_flush - time.monotonic()) if batch_mode and dirty else None
-                    if not self._cond.wait(timeout):
-                        break  # time to flush
-                batch = self._queue[: self._max_batch]
-                del self._queue[: self._max_batch]
-                stop = self._stopping and not self._queue
+            batch: list[_Item] = []
+            if not self._stopping:
+                timeout = max(0.0, next_flush - time.monotonic()) if batch_mode and dirty else None
+                try:
+                    batch.append(get(timeout=timeout))  # waits without the GIL
+                except empty:
+                    pass  # time to flush
+            while len(batch) < most:  # and whatever else is queued, up to a batch
+                try:
+                    batch.append(get_now())
+                except empty:
+                    break
+            batch = [item for item in batch if item is not _WAKE] if self._stopping else batch
+            stop = self._stopping and self._queue.empty()
             if batch:
                 self._write(batch)
                 dirty = True
