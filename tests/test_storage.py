@@ -30,6 +30,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
+from orbitmesh import _core
 from orbitmesh.errors import ErrorCode, StorageError
 from orbitmesh.models import JobState
 from orbitmesh.storage import (
@@ -46,8 +47,10 @@ from orbitmesh.storage.redis_store import RedisStore
 from .conftest import subprocess_env
 
 REDIS_URL = os.environ.get("ORBITMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-KINDS = ["lmdb", "sqlite", "redis", "memory"]
-PERSISTENT = ["lmdb", "sqlite", "redis"]
+# "lmdb" runs on the default binding (the system's liblmdb, compiled, where it was built);
+# "lmdb-py" on its twin, py-lmdb, as a build without liblmdb's headers does.
+KINDS = ["lmdb", "lmdb-py", "sqlite", "redis", "memory"]
+PERSISTENT = ["lmdb", "lmdb-py", "sqlite", "redis"]
 DONE, PENDING, RUNNING = JobState.SUCCEEDED, JobState.PENDING, JobState.RUNNING
 
 
@@ -86,7 +89,7 @@ class Stores:
         self._run = uuid.uuid4().hex[:12]
 
     def location(self, name: str) -> str:
-        if self.kind == "lmdb":
+        if self.kind.startswith("lmdb"):
             return str(self.tmp_path / f"{name}.lmdb")
         if self.kind == "sqlite":
             return str(self.tmp_path / f"{name}.db")
@@ -97,6 +100,8 @@ class Stores:
         store: JobStore
         if self.kind == "lmdb":
             store = LmdbStore(self.location(name), durability, **kwargs)
+        elif self.kind == "lmdb-py":
+            store = LmdbStore(self.location(name), durability, binding=_core.load("_lmdb", "py"), **kwargs)
         elif self.kind == "sqlite":
             store = SqliteStore(self.location(name), durability, **kwargs)
         elif self.kind == "redis":

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import struct
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from types import ModuleType
 from typing import Any, NoReturn
 
-import lmdb
-
+from .._core import lmdbapi
 from .._core.record import time_key
 from ..errors import ErrorCode, StorageError
 from ..models import JobState
@@ -45,6 +46,8 @@ from .common import (
     not_open,
     take_page,
 )
+
+log = logging.getLogger("orbitmesh.storage")
 
 MARKER = b"orbitmesh-joblog"
 _MAX_ID_KEY = b"max_id"
@@ -76,7 +79,6 @@ _U64 = struct.Struct(">Q")
 _VERSION = struct.Struct(">I")
 _KEY_LIMIT = 400  # below LMDB's 511-byte default key limit, with room for the prefix
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-_CORRUPT_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.VersionMismatchError)
 
 
 def _be(n: int) -> bytes:
@@ -159,6 +161,8 @@ class LmdbStore(JobStore):
     forces one; ``none`` never syncs. The memory map starts at ``map_size`` bytes and doubles
     whenever a write needs more, up to ``max_map_size`` (then StorageError(STORAGE_FULL)).
     Writes come from one thread at a time (serialised by a lock); any thread may read.
+    ``binding``: the LMDB binding (default ``_core.lmdbapi``: the system's liblmdb through the
+    compiled core where it was built, else py-lmdb); ``self.binding`` names the one in use.
     """
 
     def __init__(
@@ -168,9 +172,16 @@ class LmdbStore(JobStore):
         *,
         map_size: int = 64 << 20,
         max_map_size: int = 1 << 40,
+        binding: ModuleType | None = None,
     ) -> None:
         if map_size <= 0 or max_map_size < map_size:
             raise ValueError(f"need 0 < map_size <= max_map_size, got {map_size} and {max_map_size}")
+        # The LMDB binding (``_core.lmdbapi``: liblmdb compiled, or py-lmdb): one per process in
+        # practice, since LMDB forbids opening one environment twice in a process.
+        self._lmdb: Any = lmdbapi if binding is None else binding
+        self.binding: str = self._lmdb.BINDING
+        b = self._lmdb
+        self._corrupt = (b.CorruptedError, b.PageNotFoundError, b.InvalidError, b.VersionMismatchError)
         self.path = os.fspath(path)
         self.durability = check_durability(durability)
         self.map_size = map_size
@@ -191,11 +202,12 @@ class LmdbStore(JobStore):
     def _fail(self, message: str, code: ErrorCode) -> NoReturn:
         raise StorageError(f"{message}: {self.path}", code=code, path=self.path)
 
-    def _raise_lmdb(self, exc: lmdb.Error, doing: str) -> NoReturn:
-        if isinstance(exc, (lmdb.DiskError, lmdb.MapFullError)) or getattr(exc, "code", None) in _FULL_ERRNOS:
+    def _raise_lmdb(self, exc: Exception, doing: str) -> NoReturn:
+        b = self._lmdb
+        if isinstance(exc, (b.DiskError, b.MapFullError)) or getattr(exc, "code", None) in _FULL_ERRNOS:
             what = f"no space left {doing} {self.path}: {exc}"
             raise StorageError(what, code=ErrorCode.STORAGE_FULL, path=self.path) from exc
-        if isinstance(exc, _CORRUPT_ERRORS):
+        if isinstance(exc, self._corrupt):
             code, what = ErrorCode.STORAGE_CORRUPT, "damaged job log"
         else:
             code, what = ErrorCode.STORAGE_ERROR, "LMDB failed"
@@ -216,7 +228,7 @@ class LmdbStore(JobStore):
             "none": {"sync": False, "metasync": False},
         }[self.durability]
         try:
-            env = lmdb.open(
+            env = self._lmdb.open(
                 self.path,
                 map_size=self.map_size,
                 subdir=True,
@@ -226,7 +238,7 @@ class LmdbStore(JobStore):
                 readahead=False,  # random access to a log bigger than RAM: readahead only evicts
                 **flags,
             )
-        except lmdb.Error as exc:
+        except self._lmdb.Error as exc:
             self._raise_lmdb(exc, "opening")
         try:
             with env.begin(write=True) as txn:
@@ -234,10 +246,11 @@ class LmdbStore(JobStore):
                 if fresh:
                     txn.put(MARKER, _VERSION.pack(FORMAT_VERSION), db=dbs[b"meta"])
                     txn.put(_MAX_ID_KEY, _be(0), db=dbs[b"meta"])
-        except lmdb.Error as exc:
+        except self._lmdb.Error as exc:
             env.close()
             self._raise_lmdb(exc, "opening")
         self._env, self._dbs = env, dbs
+        log.info("job log %s open (%s, %s)", self.path, self.durability, self.binding)
 
     def _probe(self) -> bool:
         """Check what is at ``path`` without changing it; True for nothing (create a new log)."""
@@ -271,11 +284,11 @@ class LmdbStore(JobStore):
             )
         # Read-only and without the lock file: a foreign or damaged directory stays byte-identical.
         try:
-            env = lmdb.open(self.path, readonly=True, lock=False, max_dbs=len(_DB_FLAGS) + 4, subdir=True)
-        except lmdb.Error as exc:
+            env = self._lmdb.open(self.path, readonly=True, lock=False, max_dbs=len(_DB_FLAGS) + 4, subdir=True)
+        except self._lmdb.Error as exc:
             if "already open" in str(exc):
                 self._fail("the job log is already open in this process", ErrorCode.STORAGE_ERROR)
-            if not isinstance(exc, _CORRUPT_ERRORS):
+            if not isinstance(exc, self._corrupt):
                 self._fail(f"cannot read data.mdb ({exc})", ErrorCode.STORAGE_ERROR)
             self._fail(f"data.mdb is not a readable LMDB file, damaged or truncated ({exc})", ErrorCode.STORAGE_CORRUPT)
         try:
@@ -289,7 +302,7 @@ class LmdbStore(JobStore):
             meta = env.open_db(b"meta", create=False)
             with env.begin(db=meta) as txn:
                 version = txn.get(MARKER)
-        except lmdb.Error as exc:
+        except self._lmdb.Error as exc:
             self._fail(f"a damaged or foreign LMDB environment ({exc})", ErrorCode.STORAGE_CORRUPT)
         finally:
             env.close()
@@ -316,7 +329,7 @@ class LmdbStore(JobStore):
             try:
                 if self.durability == "batch":
                     env.sync(True)
-            except lmdb.Error as exc:
+            except self._lmdb.Error as exc:
                 self._raise_lmdb(exc, "flushing")
             finally:
                 env.close()
@@ -329,7 +342,7 @@ class LmdbStore(JobStore):
         env = self._check_env()
         try:
             env.sync(True)
-        except lmdb.Error as exc:
+        except self._lmdb.Error as exc:
             self._raise_lmdb(exc, "flushing")
 
     def _check_env(self) -> Any:
@@ -364,11 +377,11 @@ class LmdbStore(JobStore):
                 env = self._check_env()
                 try:
                     txn = env.begin(write=True)
-                except lmdb.MapResizedError:  # another process grew the map: adopt its size
+                except self._lmdb.MapResizedError:  # another process grew the map: adopt its size
                     with self._gate.exclusive():
                         env.set_mapsize(0)
                     continue
-                except lmdb.Error as exc:
+                except self._lmdb.Error as exc:
                     self._raise_lmdb(exc, "writing")
                 try:
                     cache = self._apply(txn, items, deletes)
@@ -380,11 +393,11 @@ class LmdbStore(JobStore):
                         else:
                             live[job_id] = entry
                     return
-                except lmdb.MapFullError:
+                except self._lmdb.MapFullError:
                     self._abort(txn, grow=True)
-                except lmdb.MapResizedError:  # another process grew the map: adopt its size
+                except self._lmdb.MapResizedError:  # another process grew the map: adopt its size
                     self._abort(txn, adopt=True)
-                except lmdb.Error as exc:
+                except self._lmdb.Error as exc:
                     self._abort(txn)
                     self._raise_lmdb(exc, "writing")
                 except BaseException:
@@ -406,7 +419,7 @@ class LmdbStore(JobStore):
                     self._fail(f"job log reached max_map_size ({self.max_map_size} bytes)", ErrorCode.STORAGE_FULL)
                 try:
                     env.set_mapsize(min(current * 2, self.max_map_size))
-                except lmdb.Error as exc:
+                except self._lmdb.Error as exc:
                     self._raise_lmdb(exc, "growing the map")
 
     def _index_entries(self, rec: JobRecord) -> list[tuple[Any, bytes, bytes]]:
@@ -437,10 +450,18 @@ class LmdbStore(JobStore):
         by_time, by_done = dbs[b"by_time"], dbs[b"by_done"]
         max_id = _U64.unpack(txn.get(_MAX_ID_KEY, db=meta))[0]
         top = max_id
-        put, delete = txn.put, txn.delete
-        # A cursor's put skips Transaction.put's argument parsing (~0.1 us each, ~5 per record).
-        put_state, put_agent, put_command = (txn.cursor(db).put for db in (by_state, by_agent, by_command))
-        put_time, put_done, put_job = (txn.cursor(db).put for db in (by_time, by_done, jobs))
+        later = getattr(txn, "later", None)
+        if later is None:  # py-lmdb: each write is made at once (and releases the GIL)
+            put, delete = txn.put, txn.delete
+            # A cursor's put skips Transaction.put's argument parsing (~0.1 us each, ~5 per record).
+            put_state, put_agent, put_command = (txn.cursor(db).put for db in (by_state, by_agent, by_command))
+            put_time, put_done, put_job = (txn.cursor(db).put for db in (by_time, by_done, jobs))
+        else:
+            # The compiled binding queues the writes and makes them, in order, without the GIL at
+            # the commit (or at the next read through txn): the control plane keeps the GIL meanwhile.
+            put, delete = txn.put_later, txn.delete_later
+            put_state, put_agent, put_command = (later(db).put for db in (by_state, by_agent, by_command))
+            put_time, put_done, put_job = (later(db).put for db in (by_time, by_done, jobs))
         pack_id = _U64.pack
         for job_id, state, agent, command, created, key, done, data in items:
             if job_id.__class__ is not int or not 0 < job_id <= MAX_ID:
@@ -518,7 +539,7 @@ class LmdbStore(JobStore):
             try:
                 with env.begin() as txn:
                     yield txn
-            except lmdb.Error as exc:
+            except self._lmdb.Error as exc:
                 self._raise_lmdb(exc, "reading")
 
     def _load(self, txn: Any, rid: bytes) -> JobRecord | None:
