@@ -926,6 +926,28 @@ def test_packed_control_messages_run_in_order() -> None:
     assert "say HELLO first" in repr(dict(runs["c"])["after"])
 
 
+def test_events_go_up_in_order_packed_or_as_they_are() -> None:
+    """The data plane packs a turn's events into one EV_PACKED message; a peer's message of more
+    than 16 KiB goes up as it is, after what was packed before it. Expect the control plane to
+    get them in the order the peer sent them, the big ones whole, on both twins."""
+    big = [b"B%d" % i + b"b" * 1998 for i in range(10)]  # 20 KB in parts under MAX_FRAME
+
+    def scenario(rig: Rig) -> Iterator[Step]:
+        yield "register", register(rig, "client-0")
+        # Keep the data plane busy (~1 ms of ops) so the five queries wait and share one turn
+        busy = [[OP_SEND, rig.rid["monitor"], hdr(Kind.EVENT), b"", b"busy"]] * 1000
+        rig.control.send_multipart([OP_PACKED, _core.load("_io", "py").pack_messages(busy)])
+        for i, body in enumerate(([b"small-1"], big, [b"small-2"], big, [b"small-3"])):
+            rig.send("client-0", [hdr(Kind.QUERY, corr=100 + i), b"", *body])
+        yield "queries", rig.peer_barrier("client-0")
+
+    runs = run_both(scenario)
+    assert_same(runs)
+    queries = [e for e in dict(runs["c"])["queries"]["control"] if e[0] == "MSG"]
+    assert [e[4][:7] for e in queries] == [b"small-1", b"B0bbbbb", b"small-2", b"B0bbbbb", b"small-3"]
+    assert list(queries[1][4:]) == big and list(queries[3][4:]) == big
+
+
 def test_batched_control_messages_run_in_order() -> None:
     """OP_BATCH: each message in turn, as if sent one by one; a nested batch is ignored, and a
     layout that does not fit the frames stops at the first message that does not fit."""
