@@ -435,9 +435,9 @@ cdef class Transaction:
         self._used = need
         return 0
 
-    cdef int _run_ops(self, size_t* failed) noexcept nogil:
-        """Run the queued writes in order; 0, or the first one's error (its index in ``failed``).
-        The queue is emptied either way."""
+    cdef int _run_ops(self, MDB_txn* txn, size_t* failed) noexcept nogil:
+        """Run the queued writes in order in ``txn``; 0, or the first one's error (its index in
+        ``failed``). The queue is emptied either way."""
         cdef size_t i, n = self._nops
         cdef int rc = 0
         cdef _Op* op
@@ -449,11 +449,11 @@ cdef class Transaction:
             v.mv_data = self._arena + op.at + op.klen
             v.mv_size = op.vlen
             if op.delete:
-                rc = mdb_del(self._txn, op.dbi, &k, &v if v.mv_size else NULL)
+                rc = mdb_del(txn, op.dbi, &k, &v if v.mv_size else NULL)
                 if rc == MDB_NOTFOUND:
                     rc = 0
             else:
-                rc = mdb_put(self._txn, op.dbi, &k, &v, 0)
+                rc = mdb_put(txn, op.dbi, &k, &v, 0)
                 if rc == MDB_KEYEXIST:
                     rc = 0
             if rc:
@@ -468,7 +468,7 @@ cdef class Transaction:
         cdef bint delete = False
         cdef int rc
         with nogil:
-            rc = self._run_ops(&failed)
+            rc = self._run_ops(self._txn, &failed)
         if rc:
             delete = self._ops[failed].delete
             _fail("mdb_del" if delete else "mdb_put", rc)
@@ -513,26 +513,24 @@ cdef class Transaction:
         cdef MDB_txn* txn
         cdef size_t failed = 0
         cdef int rc = 0
-        cdef bint wrote = False
+        cdef bint write_failed = False
         if self._txn == NULL:
             raise Error("the transaction has ended")
         txn = self._end()
         if self.write:
             with nogil:  # the queued writes, then the pages written (and fsynced in sync mode)
                 if self._nops:
-                    self._txn = txn  # _run_ops writes through self._txn
-                    rc = self._run_ops(&failed)
-                    self._txn = NULL
+                    rc = self._run_ops(txn, &failed)
                 if rc:
                     mdb_txn_abort(txn)
-                    wrote = True
+                    write_failed = True
                 else:
                     rc = mdb_txn_commit(txn)
         else:
             rc = mdb_txn_commit(txn)
+        if write_failed:
+            _fail("mdb_del" if self._ops[failed].delete else "mdb_put", rc)
         if rc:
-            if wrote:
-                _fail("mdb_del" if self._ops[failed].delete else "mdb_put", rc)
             _fail("mdb_txn_commit", rc)
 
     def abort(self):
