@@ -130,6 +130,49 @@ def test_a_job_record_encodes_and_decodes(record: Any) -> None:
     assert back == rec
 
 
+def template_pack(record: Any, names: list[str], defaults: dict[str, Any], values: dict[str, Any]) -> Any:
+    try:
+        return record.RecordTemplate(names, defaults, list(values)).pack(tuple(values.values()))
+    except Exception as exc:
+        return type(exc)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(values, values, st.booleans()), min_size=1, max_size=12))
+def test_a_template_packs_what_field_packer_packs_of_its_defaults_and_values(items: list[Any]) -> None:
+    # Given a record's fields, each with a default and, for some, a value of its own
+    names = [f"f{i}" for i in range(len(items))]
+    defaults = {name: default for name, (default, _, _) in zip(names, items, strict=True)}
+    own = {name: value for name, (_, value, mine) in zip(names, items, strict=True) if mine}
+    # When the template packs the values, Expect msgpack's bytes (or its error) for the whole record
+    want = packb(tuple(own.get(name, defaults[name]) for name in names))
+    for impl in ("c", "py"):
+        assert template_pack(_core.load("_record", impl), names, defaults, own) == want
+
+
+@pytest.mark.parametrize("value", EDGES, ids=lambda v: type(v).__name__ + ":" + repr(v)[:20])
+def test_a_template_packs_each_value_as_msgpack_packs_it(record: Any, value: Any) -> None:
+    names = [f"f{i}" for i in range(17)]  # an array of 16+ fields: its 3-byte header
+    defaults = {name: i for i, name in enumerate(names)}
+    assert template_pack(record, names, defaults, {"f3": value}) == packb((0, 1, 2, value, *range(4, 17)))
+    assert template_pack(record, names, defaults, {"f0": value, "f16": "x" * 3000}) == packb(
+        (value, *range(1, 16), "x" * 3000)
+    )
+
+
+def test_a_template_refuses_fields_it_cannot_place(record: Any) -> None:
+    defaults = {"a": 1, "b": 2, "c": 3}
+    template = record.RecordTemplate(["a", "b", "c"], defaults, ["a", "c"])
+    assert template.pack((9, 8)) == msgpack.packb((9, 2, 8))
+    with pytest.raises(ValueError, match="expected 2 values, got 1"):
+        template.pack((9,))
+    for variable in (["c", "a"], ["a", "a"], ["d"]):  # out of field order, twice, not a field
+        with pytest.raises(ValueError, match="in field order"):
+            record.RecordTemplate(["a", "b", "c"], defaults, variable)
+    with pytest.raises(ValueError, match="with defaults"):
+        record.RecordTemplate(["a", "b", "z"], defaults, ["a"])  # a field with no default
+
+
 TIMES = [0.0, -0.0, 5e-324, -5e-324, 1.0, -1.0, 1700000000.25, -1e300, 1e300, math.inf, -math.inf, 3]
 
 

@@ -490,6 +490,25 @@ def test_prepare_takes_a_snapshot(store: JobStore) -> None:
     assert store.query(state=JobState.RUNNING)[0] == []
 
 
+@pytest.mark.parametrize("state", [JobState.PENDING, JobState.RUNNING, JobState.SUCCEEDED])
+def test_a_record_prepared_from_its_encoding_is_written_as_prepare_writes_it(store: JobStore, state: JobState) -> None:
+    # Given a record (no idempotency key: the common-path job table's) in a state, live or ended
+    rec = full_record(8)
+    rec.idempotency_key = ""
+    rec.state = state
+    # When it is prepared from its encoding and the fields its indexes read, and written
+    item = store.prepare_encoded(rec.id, rec.state, rec.agent, rec.command, rec.created, rec.updated, rec.to_bytes())
+    store.write_prepared([item])
+    # Expect the record and every index as when the record itself is prepared and written
+    assert store.get(8) == rec
+    assert [r.id for r in store.query(state=state)[0]] == [8]
+    assert [r.id for r in store.query(agent=rec.agent, command=rec.command, since=rec.created)[0]] == [8]
+    assert [r.id for r in store.unfinished()] == ([] if state.terminal else [8])
+    assert store.terminal_before(rec.updated + 1, 10) == ([8] if state.terminal else [])
+    assert store.terminal_before(rec.updated, 10) == []  # by its updated time, not its created
+    assert store.counts()[state] == 1 and store.max_id() == 8
+
+
 def test_closed_store_refuses(stores: Stores) -> None:
     # Given a store not opened yet, or closed, Expect StorageError; close twice is fine
     s = stores.make()

@@ -68,10 +68,7 @@ class JobLog:
         no store may hold it) is not queued, and ``done`` hears why on the next turn of the loop,
         as it would of a failed write."""
         if self._failed is not None:
-            self.refused += 1
-            if done is not None:
-                error = StorageError(f"job log is down: {self._failed}", code=ErrorCode.STORAGE_ERROR)
-                self._loop.call_soon(done, error)
+            self._refuse(done)
             return
         try:
             snapshot = self.store.prepare(record)
@@ -82,6 +79,20 @@ class JobLog:
                 self._loop.call_soon(done, error)
             return
         self._queue.put((record.id, snapshot, done))
+
+    def append_prepared(self, job_id: int, snapshot: Any, done: Callback | None = None) -> None:
+        """``append`` for a record the store has already prepared (``JobStore.prepare_encoded``:
+        the common-path job table's records). Never raises, as ``append``."""
+        if self._failed is not None:
+            self._refuse(done)
+            return
+        self._queue.put((job_id, snapshot, done))
+
+    def _refuse(self, done: Callback | None) -> None:
+        self.refused += 1
+        if done is not None:
+            error = StorageError(f"job log is down: {self._failed}", code=ErrorCode.STORAGE_ERROR)
+            self._loop.call_soon(done, error)
 
     def barrier(self, done: Callback) -> None:
         """Run ``done`` on the loop once everything queued before it is written

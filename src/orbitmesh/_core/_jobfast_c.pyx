@@ -26,8 +26,10 @@ from orbitmesh._wire import HDR
 from orbitmesh.models import JobState
 from orbitmesh.protocol import F_TRACKED, Kind, Route
 from orbitmesh.storage.base import JobRecord
+from orbitmesh._core._jobfast_py import VARIABLE
+from orbitmesh._core.record import RecordTemplate
 
-public_api = ["DISPATCHED", "FINISHING", "FastJobs", "PENDING", "RUNNING"]
+public_api = ["DISPATCHED", "FINISHING", "FastJobs", "PENDING", "RUNNING", "VARIABLE"]
 
 log = logging.getLogger("orbitmesh.jobs")
 
@@ -89,6 +91,7 @@ cdef class FastJobs:
     cdef dict _names, _routes, _outstanding, _live, _mem, _delivered
     cdef object _log, _to_peer, _send, _listening, _publish, _session_of, _window, _choose, _free, _loop
     cdef bytes _op_inject
+    cdef object _pack_record, _prepare
 
     def __init__(self, manager, dict defaults, bytes jobs_rid, double flush_s):
         m = manager
@@ -106,6 +109,8 @@ cdef class FastJobs:
         self._listening, self._publish = m._listening, m._publish
         self._session_of, self._window, self._choose, self._free = m._agent_session, m._window, m._choose, m._free
         self._loop = m._loop
+        self._pack_record = RecordTemplate(list(defaults), defaults, VARIABLE).pack
+        self._prepare = m.log.store.prepare_encoded
 
     # ------------------------------------------------------------------ submit
 
@@ -150,7 +155,7 @@ cdef class FastJobs:
         self.jobs[job_id] = job
         self.live += 1
         self.taken += 1
-        self._log.append(self._record(job), _partial(self._accepted, job))
+        self._log.append_prepared(job_id, self._prepared(job), _partial(self._accepted, job))
         return True
 
     def _accepted(self, _Job job, err):
@@ -205,7 +210,7 @@ cdef class FastJobs:
         if phase == P_FINISHING:
             if kind != _RUNNING:
                 job.late.append((f"LATE_{Kind(kind).name}", _now(), f"lease {lease}"))
-                self._log.append(self._record(job))
+                self._log.append_prepared(job_id, self._prepared(job))
             return True
         if phase == P_PENDING or lease != 1 or (kind != _RUNNING and kind != _REPLY):
             self.take(job_id)
@@ -232,7 +237,7 @@ cdef class FastJobs:
         job.lease_expires = 0.0
         self.live -= 1
         self._dirty.pop(job_id, None)
-        self._log.append(self._record(job), _partial(self._finished, job))
+        self._log.append_prepared(job_id, self._prepared(job), _partial(self._finished, job))
         if self._listening():
             self._publish("job_finished", {"id": job_id, "state": "SUCCEEDED", "agent": agent})
         return True
@@ -288,9 +293,9 @@ cdef class FastJobs:
         """Queue the records of the jobs dispatched or running since the last flush."""
         cdef _Job job
         dirty, self._dirty = self._dirty, {}
-        append = self._log.append
+        append = self._log.append_prepared
         for job in dirty.values():
-            append(self._record(job))
+            append(job.id, self._prepared(job))
 
     cdef _forget(self, _Job job):
         if self.jobs.pop(job.id, None) is not None and job.phase != P_FINISHING:
@@ -299,42 +304,38 @@ cdef class FastJobs:
 
     # ------------------------------------------------------------------ record
 
-    cdef object _record(self, _Job job):
-        """The job's record, field for field as JobManager's path makes it at the same point."""
-        cdef dict values = self._defaults.copy()
+    cdef tuple _values(self, _Job job):
+        """The ``VARIABLE`` fields of the job's record, as JobManager's path makes them at the same point."""
         cdef double created = job.created, updated
         cdef int phase = job.phase
-        cdef list steps
+        cdef list steps = [("PENDING", created, "")]
+        if phase == P_PENDING:
+            return (job.id, job.command, job.route, job.params, job.flags, _STATES[phase], 0, created, created,
+                    job.agent, 0, 0, 0.0, None, 0, steps)
+        agent = job.agent
+        steps.append(("DISPATCHED", job.dispatched, agent))
+        updated = job.dispatched
+        if job.running:
+            steps.append(("RUNNING", job.running, agent))
+            updated = job.running
+        result, result_flags = None, 0
+        if phase == P_FINISHING:
+            result, result_flags = job.result, job.result_flags
+            steps.append(("SUCCEEDED", job.finished, agent))
+            updated = job.finished
+            steps += job.late
+        return (job.id, job.command, job.route, job.params, job.flags, _STATES[phase], 1, created, updated,
+                agent, job.session, 1, job.lease_expires, result, result_flags, steps)
+
+    cdef object _prepared(self, _Job job):
+        """The job's record as the store prepares it for the log, encoded from the template."""
+        cdef tuple values = self._values(job)
+        return self._prepare(job.id, values[5], job.agent, job.command, job.created, values[8], self._pack_record(values))
+
+    cdef object _record(self, _Job job):
+        """The job's record (a hand-over, a query), field for field as JobManager's path makes it."""
+        cdef dict values = self._defaults.copy()
         rec = _new_record(_JobRecord)
         rec.__dict__ = values
-        values["id"] = job.id
-        values["command"] = job.command
-        values["route"] = job.route
-        values["params"] = job.params
-        values["flags"] = job.flags
-        values["created"] = created
-        values["agent"] = job.agent
-        steps = [("PENDING", created, "")]
-        values["state"] = _STATES[phase]
-        if phase == P_PENDING:
-            values["updated"] = created
-        else:
-            agent = job.agent
-            values["attempts"] = 1
-            values["session"] = job.session
-            values["lease"] = 1
-            values["lease_expires"] = job.lease_expires
-            steps.append(("DISPATCHED", job.dispatched, agent))
-            updated = job.dispatched
-            if job.running:
-                steps.append(("RUNNING", job.running, agent))
-                updated = job.running
-            if phase == P_FINISHING:
-                values["result"] = job.result
-                values["result_flags"] = job.result_flags
-                steps.append(("SUCCEEDED", job.finished, agent))
-                updated = job.finished
-                steps += job.late
-            values["updated"] = updated
-        values["transitions"] = steps
+        values.update(zip(VARIABLE, self._values(job)))
         return rec

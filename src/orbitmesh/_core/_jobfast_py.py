@@ -26,6 +26,7 @@ from .._wire import HDR
 from ..models import JobState
 from ..protocol import F_TRACKED, Kind, Route
 from ..storage.base import JobRecord
+from .record import RecordTemplate
 
 if TYPE_CHECKING:
     from ..jobs import JobManager
@@ -41,6 +42,25 @@ _partial = functools.partial
 # A fast job's phases (its record's state, but for FINISHING: SUCCEEDED, its record being written).
 PENDING, DISPATCHED, RUNNING, FINISHING = 0, 1, 2, 3
 _STATES = (JobState.PENDING, JobState.DISPATCHED, JobState.RUNNING, JobState.SUCCEEDED)
+# The fields a fast job's record has of its own (in field order); the rest are the template's.
+VARIABLE = (
+    "id",
+    "command",
+    "route",
+    "params",
+    "flags",
+    "state",
+    "attempts",
+    "created",
+    "updated",
+    "agent",
+    "session",
+    "lease",
+    "lease_expires",
+    "result",
+    "result_flags",
+    "transitions",
+)
 
 
 class _Job:
@@ -102,6 +122,10 @@ class FastJobs:
         self.taken = 0  # jobs taken on this path, ever
         self.handed_over = 0  # of those, handed to JobManager before they ended
         self._dirty: dict[int, _Job] = {}  # dispatched or running, not yet logged in that state
+        # Its records are encoded from the template and handed to the store's prepare_encoded,
+        # with no JobRecord: the bytes are those of the record _record makes (FieldPacker's).
+        self._template = RecordTemplate(list(defaults), defaults, VARIABLE)
+        self._prepare = manager.log.store.prepare_encoded
 
     # ------------------------------------------------------------------ submit
 
@@ -135,7 +159,7 @@ class FastJobs:
         self.jobs[job_id] = job
         self.live += 1
         self.taken += 1
-        m.log.append(self._record(job), _partial(self._accepted, job))
+        m.log.append_prepared(job_id, self._prepared(job), _partial(self._accepted, job))
         return True
 
     def _accepted(self, job: _Job, err: BaseException | None) -> None:
@@ -187,7 +211,7 @@ class FastJobs:
             # JobManager._late on a finished job: recorded, never applied (RUNNING: ignored)
             if kind != _RUNNING:
                 job.late.append((f"LATE_{Kind(kind).name}", time.time(), f"lease {lease}"))
-                self._m.log.append(self._record(job))
+                self._m.log.append_prepared(job_id, self._prepared(job))
             return True
         if phase == PENDING or lease != 1 or (kind != _RUNNING and kind != _REPLY):
             self.take(job_id)
@@ -214,7 +238,7 @@ class FastJobs:
         job.lease_expires = 0.0
         self.live -= 1
         self._dirty.pop(job_id, None)
-        m.log.append(self._record(job), _partial(self._finished, job))
+        m.log.append_prepared(job_id, self._prepared(job), _partial(self._finished, job))
         if m._listening():
             m._publish("job_finished", {"id": job_id, "state": "SUCCEEDED", "agent": agent})
         return True
@@ -265,9 +289,9 @@ class FastJobs:
     def flush_dirty(self) -> None:
         """Queue the records of the jobs dispatched or running since the last flush."""
         dirty, self._dirty = self._dirty, {}
-        append = self._m.log.append
-        for job in dirty.values():
-            append(self._record(job))
+        append = self._m.log.append_prepared
+        for job_id, job in dirty.items():
+            append(job_id, self._prepared(job))
 
     def _forget(self, job: _Job) -> None:
         if self.jobs.pop(job.id, None) is not None and job.phase != FINISHING:
@@ -276,42 +300,40 @@ class FastJobs:
 
     # ------------------------------------------------------------------ record
 
-    def _record(self, job: _Job) -> JobRecord:
-        """The job's record, field for field as JobManager's path makes it at the same point."""
-        rec = _new_record(JobRecord)
-        rec.__dict__ = values = self._defaults.copy()
+    def _values(self, job: _Job) -> tuple[Any, ...]:
+        """The ``VARIABLE`` fields of the job's record, as JobManager's path makes them at the same point."""
         created = job.created
-        values["id"] = job.id
-        values["command"] = job.command
-        values["route"] = job.route
-        values["params"] = job.params
-        values["flags"] = job.flags
-        values["created"] = created
-        values["agent"] = job.agent
         steps = [("PENDING", created, "")]
         phase = job.phase
-        values["state"] = _STATES[phase]
         if phase == PENDING:
-            values["updated"] = created
-        else:
-            agent = job.agent
-            values["attempts"] = 1
-            values["session"] = job.session
-            values["lease"] = 1
-            values["lease_expires"] = job.lease_expires
-            steps.append(("DISPATCHED", job.dispatched, agent))
-            updated = job.dispatched
-            if job.running:
-                steps.append(("RUNNING", job.running, agent))
-                updated = job.running
-            if phase == FINISHING:
-                values["result"] = job.result
-                values["result_flags"] = job.result_flags
-                steps.append(("SUCCEEDED", job.finished, agent))
-                updated = job.finished
-                steps += job.late
-            values["updated"] = updated
-        values["transitions"] = steps
+            return (job.id, job.command, job.route, job.params, job.flags, _STATES[phase], 0, created, created,
+                    job.agent, 0, 0, 0.0, None, 0, steps)  # fmt: skip
+        agent = job.agent
+        steps.append(("DISPATCHED", job.dispatched, agent))
+        updated = job.dispatched
+        if job.running:
+            steps.append(("RUNNING", job.running, agent))
+            updated = job.running
+        result, result_flags = None, 0
+        if phase == FINISHING:
+            result, result_flags = job.result, job.result_flags
+            steps.append(("SUCCEEDED", job.finished, agent))
+            updated = job.finished
+            steps += job.late
+        return (job.id, job.command, job.route, job.params, job.flags, _STATES[phase], 1, created, updated,
+                agent, job.session, 1, job.lease_expires, result, result_flags, steps)  # fmt: skip
+
+    def _prepared(self, job: _Job) -> Any:
+        """The job's record as the store prepares it for the log, encoded from the template."""
+        values = self._values(job)
+        data = self._template.pack(values)
+        return self._prepare(job.id, values[5], job.agent, job.command, job.created, values[8], data)
+
+    def _record(self, job: _Job) -> JobRecord:
+        """The job's record (a hand-over, a query), field for field as JobManager's path makes it."""
+        rec = _new_record(JobRecord)
+        rec.__dict__ = values = self._defaults.copy()
+        values.update(zip(VARIABLE, self._values(job), strict=True))
         return rec
 
 

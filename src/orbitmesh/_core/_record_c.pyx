@@ -23,7 +23,7 @@ import operator
 
 import msgpack
 
-public_api = ["FieldPacker", "time_key"]
+public_api = ["FieldPacker", "RecordTemplate", "time_key"]
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object o, Py_ssize_t* size)
@@ -245,6 +245,70 @@ cdef class FieldPacker:
         except KeyError:
             return None
         return self._pack((values,) if self._single else values)
+
+
+cdef class RecordTemplate:
+    """A record's encoding with most of its fields fixed (see ``_record_py.RecordTemplate``): the
+    fixed fields are packed once, here, and copied; only the variable ones are packed per call."""
+
+    cdef readonly tuple names, variable
+    cdef tuple _segs  # per field: its packed default (bytes), or None where a value goes
+    cdef list _defaults
+    cdef tuple _slots
+    cdef bytes _head
+    cdef object _pack
+
+    def __init__(self, names, dict defaults, variable):
+        self.names = tuple(names)
+        self.variable = tuple(variable)
+        missing = [name for name in self.names + self.variable if name not in defaults]
+        if (
+            missing
+            or not set(self.variable) <= set(self.names)
+            or list(self.variable) != sorted(set(self.variable), key=self.names.index)
+        ):
+            raise ValueError(f"variable fields must be record fields with defaults, in field order: {self.variable}")
+        self._pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+        self._defaults = [defaults[name] for name in self.names]
+        self._slots = tuple(self.names.index(name) for name in self.variable)
+        self._segs = tuple(None if name in self.variable else self._pack(defaults[name]) for name in self.names)
+        n = len(self.names)
+        self._head = bytes((0x90 | n,)) if n < 16 else (b"\xdc" if n < 0x10000 else b"\xdd") + n.to_bytes(
+            2 if n < 0x10000 else 4, "big"
+        )
+
+    def pack(self, tuple values):
+        """The record's msgpack array, the variable fields' ``values`` in ``variable`` order."""
+        cdef char stack[STACK_BYTES]
+        cdef Buf b
+        cdef tuple segs = self._segs
+        cdef Py_ssize_t i, k = 0, n = len(segs)
+        cdef int left = 0
+        cdef object seg
+        if len(values) != len(self._slots):
+            raise ValueError(f"expected {len(self._slots)} values, got {len(values)}")
+        b.data, b.used, b.size, b.heap = stack, 0, STACK_BYTES, False
+        try:
+            _put(&b, PyBytes_AS_STRING(self._head), PyBytes_GET_SIZE(self._head))
+            for i in range(n):
+                seg = segs[i]
+                if seg is None:
+                    if _pack(&b, values[k], 0):
+                        left = 1
+                        break
+                    k += 1
+                else:
+                    _put(&b, PyBytes_AS_STRING(seg), PyBytes_GET_SIZE(seg))
+            if not left:
+                return PyBytes_FromStringAndSize(b.data, b.used)
+        finally:
+            if b.heap:
+                PyMem_Free(b.data)
+        # A value this packer does not take: msgpack packs the whole record (its bytes, its errors).
+        fields = self._defaults.copy()
+        for k in range(len(values)):
+            fields[<Py_ssize_t>self._slots[k]] = values[k]
+        return self._pack(fields)
 
 
 def time_key(double t):

@@ -3,8 +3,10 @@
 ``FieldPacker(names).pack(fields)`` encodes the values of ``fields`` (a record's instance
 dict) in the order of ``names`` as one msgpack array, exactly as
 ``msgpack.Packer(use_bin_type=True)`` packs the tuple of them; None if a name is missing.
-``time_key(t)`` is the 8-byte key that sorts like the double ``t`` (the job log's time
-indexes).
+``RecordTemplate(names, defaults, variable).pack(values)`` encodes the same array for a record
+whose fields are ``defaults`` but for the ``variable`` ones (named in field order, their values
+given in that order): the common-path job table's records, with no record object.
+``time_key(t)`` is the 8-byte key that sorts like the double ``t`` (the job log's time indexes).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import msgpack
 
-public_api = ["FieldPacker", "time_key"]
+public_api = ["FieldPacker", "RecordTemplate", "time_key"]
 
 _U64 = struct.Struct(">Q")
 _F64 = struct.Struct(">d")
@@ -42,6 +44,34 @@ class FieldPacker:
         except KeyError:
             return None
         return self._pack((values,) if self._single else values)  # type: ignore[no-any-return]
+
+
+class RecordTemplate:
+    """A record's encoding with most of its fields fixed: the bytes ``FieldPacker`` makes of
+    ``defaults`` with the ``variable`` fields replaced by the values ``pack`` is given."""
+
+    def __init__(self, names: Sequence[str], defaults: dict[str, Any], variable: Sequence[str]) -> None:
+        self.names = tuple(names)
+        self.variable = tuple(variable)
+        missing = [name for name in (*self.names, *self.variable) if name not in defaults]
+        if (
+            missing
+            or not set(self.variable) <= set(self.names)
+            or list(self.variable) != sorted(set(self.variable), key=self.names.index)
+        ):
+            raise ValueError(f"variable fields must be record fields with defaults, in field order: {self.variable}")
+        self._defaults = [defaults[name] for name in self.names]
+        self._slots = [self.names.index(name) for name in self.variable]
+        self._pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+    def pack(self, values: tuple[Any, ...]) -> bytes:
+        """The record's msgpack array, the variable fields' ``values`` in ``variable`` order."""
+        if len(values) != len(self._slots):
+            raise ValueError(f"expected {len(self._slots)} values, got {len(values)}")
+        fields = self._defaults.copy()
+        for slot, value in zip(self._slots, values, strict=True):
+            fields[slot] = value
+        return self._pack(fields)  # type: ignore[no-any-return]
 
 
 def time_key(t: float) -> bytes:

@@ -173,6 +173,14 @@ class JobStore(ABC):
         the job log (later changes to the record do not reach it). Default: a copy."""
         return record.copy()
 
+    def prepare_encoded(
+        self, job_id: int, state: JobState, agent: str, command: str, created: float, updated: float, data: bytes
+    ) -> Any:
+        """``prepare`` for a record given as its encoding (``data``: ``JobRecord.to_bytes``'s bytes)
+        and the fields its indexes read, with no idempotency key: how the common-path job table
+        hands its records over, built without a ``JobRecord``. Default: decoded, then ``prepare``."""
+        return self.prepare(JobRecord.from_bytes(data))
+
     def write_prepared(self, items: Sequence[Any], delete: Sequence[int] = ()) -> None:
         """``write`` for ``prepare`` output (the job log's writer calls this)."""
         self.write(items, delete)

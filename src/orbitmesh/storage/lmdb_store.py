@@ -367,6 +367,13 @@ class LmdbStore(JobStore):
         key = record.idempotency_key
         return (job_id, _STATE_CODE[state], record.agent, record.command, record.created, key, done, data)
 
+    def prepare_encoded(
+        self, job_id: int, state: JobState, agent: str, command: str, created: float, updated: float, data: bytes
+    ) -> Prepared:
+        """``prepare`` from the parts (the common-path job table's records): no decode, no encode."""
+        done = _time_key(updated) + _U64.pack(job_id) if state in _TERMINAL else b""
+        return (job_id, _STATE_CODE[state], agent, command, created, "", done, data)
+
     def write_prepared(self, items: Sequence[Prepared], delete: Sequence[int] = ()) -> None:
         """Write ``prepare`` output and delete ``delete`` ids, with every index, in one transaction."""
         deletes = [check_id(i) for i in delete]
