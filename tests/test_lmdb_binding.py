@@ -115,3 +115,78 @@ def test_a_queued_write_that_fails_fails_the_commit_and_writes_nothing(tmp_path:
         assert len(_dump(env, jobs)) == 64
     finally:
         env.close()
+
+
+def _store_dump(path: Path) -> dict[bytes, list[tuple[bytes, bytes]]]:
+    """Every database of a job store's environment, read through py-lmdb."""
+    from orbitmesh.storage import lmdb_store
+
+    b = load("_lmdb", "py")
+    env = b.open(str(path), max_dbs=16, readonly=True, lock=False)
+    try:
+        names = [*lmdb_store._DB_FLAGS]
+        out = {}
+        for name in names:
+            db = env.open_db(name, create=False, **lmdb_store._DB_FLAGS[name])
+            out[name] = _dump(env, db)
+        return out
+    finally:
+        env.close()
+
+
+def test_the_compiled_record_loop_writes_what_the_stores_own_loop_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orbitmesh.models import JobState
+    from orbitmesh.storage import LmdbStore
+    from orbitmesh.storage.base import JobRecord
+    from orbitmesh.storage.lmdb_store import _STATE_CODE
+
+    def rec(job_id: int, state: JobState, **kw: Any) -> JobRecord:
+        base = {"command": "square", "agent": "w1", "created": 1000.0 + job_id, "updated": 2000.0 + job_id}
+        return JobRecord(id=job_id, state=state, **{**base, **kw})
+
+    # Given the same writes through the compiled binding (its loop: queue_records) and py-lmdb
+    # (the store's own), covering what the compiled loop takes and what it hands back
+    batches: list[tuple[list[JobRecord], list[int]]] = [
+        ([rec(i, JobState.PENDING) for i in range(1, 6)], []),  # new
+        ([rec(1, JobState.DISPATCHED), rec(2, JobState.RUNNING, agent="w2"), rec(3, JobState.SUCCEEDED)], []),
+        ([rec(4, JobState.PENDING, command="cube", created=5.5), rec(6, JobState.PENDING, idempotency_key="k6")], []),
+        ([rec(6, JobState.FAILED, idempotency_key="k6"), rec(7, JobState.PENDING), rec(7, JobState.CANCELLED)], []),
+        ([rec(3, JobState.SUCCEEDED, updated=9999.0), rec(2, JobState.SUCCEEDED, agent="w2")], [5]),  # stored, not live
+        ([rec(8, JobState.PENDING, idempotency_key="k8"), rec(1, JobState.LOST, agent="")], [4, 99]),
+    ]
+    handed_back: list[int] = []
+    own_loop = LmdbStore._apply_items
+
+    def spy(self: LmdbStore, txn: Any, writers: Any, cache: Any, items: Any, top: int) -> int:
+        handed_back.extend(item[0] for item in items)
+        return own_loop(self, txn, writers, cache, items, top)
+
+    monkeypatch.setattr(LmdbStore, "_apply_items", spy)
+    dumps = []
+    for impl in ("c", "py"):
+        handed_back.clear()
+        store = LmdbStore(tmp_path / impl, "sync", binding=load("_lmdb", impl))
+        store.open()
+        try:
+            for records, deletes in batches:
+                store.write_prepared([store.prepare(r) for r in records], deletes)
+            # a record prepared from its parts, as the common-path job table hands them over
+            r = rec(9, JobState.PENDING)
+            item = store.prepare_encoded(9, r.state, "w1", "square", r.created, r.updated, r.to_bytes())
+            store.write_prepared([item])
+            with pytest.raises(ValueError):  # a hand-made item with a bad id: refused, nothing written
+                store.write_prepared([(0, _STATE_CODE[JobState.PENDING], "w1", "square", 1.0, "", b"", b"x")])
+            assert store.get(3).updated == 2003.0 + 7996.0 and store.find_key("k6") == 6 and store.get(5) is None
+        finally:
+            store.close()
+        dumps.append(_store_dump(tmp_path / impl))
+        if impl == "c":  # the compiled loop took all but the keyed, the stored-not-live and the bad
+            assert handed_back == [6, 6, 3, 8, 0], handed_back
+    # Expect every database, every index entry, byte for byte the same
+    compiled, python = dumps
+    assert compiled.keys() == python.keys()
+    for name in compiled:
+        assert compiled[name] == python[name], name
+    assert len(compiled[b"jobs"]) == 7 and len(compiled[b"by_done"]) == 5

@@ -405,14 +405,20 @@ cdef class Transaction:
 
     cdef int _later(self, bint delete, MDB_dbi dbi, object key, object value) except -1:
         cdef MDB_val k, v
+        _val(&k, key)
+        _val(&v, value)
+        return self._later_raw(delete, dbi, <const char*>k.mv_data, k.mv_size, <const char*>v.mv_data, v.mv_size)
+
+    cdef int _later_raw(self, bint delete, MDB_dbi dbi, const char* key, size_t klen, const char* value, size_t vlen) except -1:
+        cdef MDB_val k, v
         cdef size_t need, cap
         cdef void* grown
         if self._txn == NULL:
             raise Error("the transaction has ended")
         if not self.write:
             _fail("mdb_put" if not delete else "mdb_del", EACCES)
-        _val(&k, key)
-        _val(&v, value)
+        k.mv_data, k.mv_size = <void*>key, klen
+        v.mv_data, v.mv_size = <void*>value, vlen
         if self._nops == self._capops:
             cap = self._capops * 2 if self._capops else 256
             grown = realloc(self._ops, cap * sizeof(_Op))
@@ -489,6 +495,95 @@ cdef class Transaction:
         (<_Later>w).txn = self
         (<_Later>w).dbi = self._db(db)
         return w
+
+    def queue_records(self, list items, dict live, dict cache, tuple dbs, top, str_key, time_key, rest):
+        """The job store's records queued with their index entries (``LmdbStore._apply``'s loop,
+        compiled for its common case): ``items`` are ``LmdbStore.prepare`` tuples, ``dbs`` the
+        handles of by_state, by_agent, by_command, by_time, by_done and jobs. A record that is new
+        (its id above ``top``) or whose indexed fields ``live`` / ``cache`` hold, with no
+        idempotency key then or now, is done here; any other goes, in its turn, to
+        ``rest([item], top)``, the store's own loop. ``cache`` gets what each record's indexes
+        now hold (None once it is terminal). Returns the highest id written (or ``top``)."""
+        cdef MDB_dbi d_state = (<_Database?>dbs[0]).dbi, d_agent = (<_Database?>dbs[1]).dbi
+        cdef MDB_dbi d_command = (<_Database?>dbs[2]).dbi, d_time = (<_Database?>dbs[3]).dbi
+        cdef MDB_dbi d_done = (<_Database?>dbs[4]).dbi, d_jobs = (<_Database?>dbs[5]).dbi
+        cdef unsigned long long high = top, job_id
+        cdef unsigned char rid[8]
+        cdef char tkey[16]
+        cdef tuple t, known
+        cdef object entry
+        cdef bytes state, done, data, k
+        cdef int i
+        for item in items:
+            if type(item) is not tuple or len(<tuple>item) != 8:
+                high = rest([item], high)
+                continue
+            t = <tuple>item
+            if (
+                type(t[0]) is not int or type(t[1]) is not bytes or type(t[2]) is not str
+                or type(t[3]) is not str or type(t[4]) is not float or t[5] != ""
+                or type(t[6]) is not bytes or type(t[7]) is not bytes
+                or not 0 < t[0] <= 0x7FFFFFFFFFFFFFFF  # the stores' MAX_ID
+            ):
+                high = rest([item], high)  # a key, or a hand-made item: the store's loop checks it
+                continue
+            job_id = t[0]
+            entry = cache[t[0]] if t[0] in cache else live.get(t[0])
+            if entry is None and job_id <= high:  # not indexed here: stored before, or never
+                high = rest([item], high)
+                continue
+            if entry is not None:
+                known = <tuple>entry
+                if known[4] != "":
+                    high = rest([item], high)
+                    continue
+            else:
+                known = None
+            state, done, data = t[1], t[6], t[7]
+            for i in range(8):
+                rid[7 - i] = <unsigned char>(job_id >> (8 * i))
+            memcpy(tkey + 8, rid, 8)
+            if known is None:
+                self._later_raw(False, d_state, PyBytes_AS_STRING(state), PyBytes_GET_SIZE(state), <char*>rid, 8)
+                k = str_key(t[2])
+                self._later_raw(False, d_agent, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), <char*>rid, 8)
+                k = str_key(t[3])
+                self._later_raw(False, d_command, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), <char*>rid, 8)
+                k = time_key(t[4])
+                memcpy(tkey, PyBytes_AS_STRING(k), 8)
+                self._later_raw(False, d_time, tkey, 16, b"", 0)
+            else:
+                if known[0] != state:
+                    k = known[0]
+                    self._later_raw(True, d_state, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), <char*>rid, 8)
+                    self._later_raw(False, d_state, PyBytes_AS_STRING(state), PyBytes_GET_SIZE(state), <char*>rid, 8)
+                if known[1] != t[2]:
+                    k = str_key(known[1])
+                    self._later_raw(True, d_agent, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), <char*>rid, 8)
+                    k = str_key(t[2])
+                    self._later_raw(False, d_agent, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), <char*>rid, 8)
+                if known[2] != t[3]:
+                    k = str_key(known[2])
+                    self._later_raw(True, d_command, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), <char*>rid, 8)
+                    k = str_key(t[3])
+                    self._later_raw(False, d_command, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), <char*>rid, 8)
+                if known[3] != t[4]:
+                    k = time_key(known[3])
+                    memcpy(tkey, PyBytes_AS_STRING(k), 8)
+                    self._later_raw(True, d_time, tkey, 16, b"", 0)
+                    k = time_key(t[4])
+                    memcpy(tkey, PyBytes_AS_STRING(k), 8)
+                    self._later_raw(False, d_time, tkey, 16, b"", 0)
+                if known[5] and known[5] != done:
+                    k = known[5]
+                    self._later_raw(True, d_done, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), b"", 0)
+            if done and (known is None or known[5] != done):
+                self._later_raw(False, d_done, PyBytes_AS_STRING(done), PyBytes_GET_SIZE(done), b"", 0)
+            cache[t[0]] = None if done else t[1:7]
+            self._later_raw(False, d_jobs, <char*>rid, 8, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+            if job_id > high:
+                high = job_id
+        return high
 
     @property
     def queued(self):
