@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,7 +21,7 @@ from orbitmesh import ErrorCode
 from orbitmesh._wire import header
 from orbitmesh.middleware import Call
 from orbitmesh.protocol import Kind
-from orbitmesh.runtime import new_event_loop
+from orbitmesh.runtime import new_event_loop, tune_gil_for_server
 
 from .conftest import endpoint_for
 from .mesh import FAST, mesh
@@ -805,3 +806,20 @@ def test_stream_items_and_raw_calls_have_timeouts(arun, ctx, core_impl):
             assert loop.time() - t < 3
 
     arun(main())
+
+
+def test_the_gil_tuning_sets_the_switch_interval_and_refuses_what_is_not_one() -> None:
+    before = sys.getswitchinterval()
+    try:
+        # Given a broker process's tuning, Expect the interval the CLI's broker runs with
+        tune_gil_for_server()
+        assert sys.getswitchinterval() == pytest.approx(0.0001)
+        tune_gil_for_server(0.002)
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+        # ... and a clear error, the interval unchanged, for one that is not in (0, 1] seconds
+        for bad in (0.0, -1.0, 2.0, float("nan")):
+            with pytest.raises(ValueError, match="switch interval must be in"):
+                tune_gil_for_server(bad)
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        sys.setswitchinterval(before)

@@ -64,7 +64,7 @@ from .agent import Agent
 from .broker import Broker
 from .client import MeshClient
 from .protocol import Kind, Role, Route, Strategy
-from .runtime import run, tune_gc_for_server
+from .runtime import run, tune_gc_for_server, tune_gil_for_server
 
 if TYPE_CHECKING:
     from .bench_workloads import Section
@@ -545,6 +545,7 @@ async def _broker_main(parent: _Parent, core: str, store: str | None = None, dur
     broker = Broker(LOCALHOST, core=core, store=store, durability=durability)
     await broker.start()
     tune_gc_for_server()  # as `orbitmesh broker` does
+    tune_gil_for_server()
     try:
         parent.send(ready={"endpoint": broker.endpoints[0], "core": broker.core})
         await _serve_parent(parent)

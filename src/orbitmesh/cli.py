@@ -23,7 +23,7 @@ from .broker import Broker
 from .client import MeshClient
 from .errors import OrbitMeshError
 from .models import JobInfo, JobState
-from .runtime import run, tune_gc_for_server
+from .runtime import run, tune_gc_for_server, tune_gil_for_server
 from .security import DEFAULT_POLICY, Keypair, KeyStore, PeerKeys, key_id
 
 
@@ -257,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             async def start_broker() -> None:
                 await broker.start()
                 tune_gc_for_server()
+                tune_gil_for_server()
                 print(f"orbitmesh broker {broker.id} ({broker.core} core) on {', '.join(broker.endpoints)}", flush=True)
 
             run(_serve(start_broker, broker.stop))

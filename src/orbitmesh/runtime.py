@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -38,6 +39,23 @@ def tune_gc_for_server(gen0: int = 50_000) -> None:
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(gen0, gen1, gen2)
+
+
+def tune_gil_for_server(interval: float = 0.0001) -> None:
+    """For a process that is a broker and little else: the GIL's switch interval at ``interval``
+    seconds instead of CPython's 5 ms.
+
+    A broker with a job log runs two Python threads: the control plane, busy under load, and
+    the log's writer, which gives up the GIL for each commit and needs it back to answer the
+    batch. CPython hands a waiting thread the GIL only when the holder is asked to drop it, after
+    the switch interval: the writer waited ~2 ms per batch, and every durable job waits for about
+    four of its batches. At 0.1 ms: +2 % to +12 % sync jobs/s (five alternating pairs of the
+    bench's jobs workload). Process-wide, so only the CLI's own processes call it; embedding
+    programs decide for themselves.
+    """
+    if not 0 < interval <= 1:
+        raise ValueError(f"the switch interval must be in (0, 1] seconds, not {interval!r}")
+    sys.setswitchinterval(interval)
 
 
 def run(main: Coroutine[Any, Any, T], *, loop: str = "auto") -> T:
