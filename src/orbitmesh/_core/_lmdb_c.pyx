@@ -512,7 +512,7 @@ cdef class Transaction:
         cdef char tkey[16]
         cdef tuple t, known
         cdef object entry
-        cdef bytes state, done, data, k
+        cdef bytes state, done, data
         cdef int i
         for item in items:
             if type(item) is not tuple or len(<tuple>item) != 8:
@@ -544,46 +544,45 @@ cdef class Transaction:
                 rid[7 - i] = <unsigned char>(job_id >> (8 * i))
             memcpy(tkey + 8, rid, 8)
             if known is None:
-                self._later_raw(False, d_state, PyBytes_AS_STRING(state), PyBytes_GET_SIZE(state), <char*>rid, 8)
-                k = str_key(t[2])
-                self._later_raw(False, d_agent, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), <char*>rid, 8)
-                k = str_key(t[3])
-                self._later_raw(False, d_command, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), <char*>rid, 8)
-                k = time_key(t[4])
-                memcpy(tkey, PyBytes_AS_STRING(k), 8)
-                self._later_raw(False, d_time, tkey, 16, b"", 0)
+                self._index(False, d_state, state, <char*>rid, 8)
+                self._index(False, d_agent, str_key(t[2]), <char*>rid, 8)
+                self._index(False, d_command, str_key(t[3]), <char*>rid, 8)
+                self._timed(False, d_time, time_key(t[4]), tkey)
             else:
                 if known[0] != state:
-                    k = known[0]
-                    self._later_raw(True, d_state, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), <char*>rid, 8)
-                    self._later_raw(False, d_state, PyBytes_AS_STRING(state), PyBytes_GET_SIZE(state), <char*>rid, 8)
+                    self._index(True, d_state, known[0], <char*>rid, 8)
+                    self._index(False, d_state, state, <char*>rid, 8)
                 if known[1] != t[2]:
-                    k = str_key(known[1])
-                    self._later_raw(True, d_agent, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), <char*>rid, 8)
-                    k = str_key(t[2])
-                    self._later_raw(False, d_agent, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), <char*>rid, 8)
+                    self._index(True, d_agent, str_key(known[1]), <char*>rid, 8)
+                    self._index(False, d_agent, str_key(t[2]), <char*>rid, 8)
                 if known[2] != t[3]:
-                    k = str_key(known[2])
-                    self._later_raw(True, d_command, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), <char*>rid, 8)
-                    k = str_key(t[3])
-                    self._later_raw(False, d_command, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), <char*>rid, 8)
+                    self._index(True, d_command, str_key(known[2]), <char*>rid, 8)
+                    self._index(False, d_command, str_key(t[3]), <char*>rid, 8)
                 if known[3] != t[4]:
-                    k = time_key(known[3])
-                    memcpy(tkey, PyBytes_AS_STRING(k), 8)
-                    self._later_raw(True, d_time, tkey, 16, b"", 0)
-                    k = time_key(t[4])
-                    memcpy(tkey, PyBytes_AS_STRING(k), 8)
-                    self._later_raw(False, d_time, tkey, 16, b"", 0)
+                    self._timed(True, d_time, time_key(known[3]), tkey)
+                    self._timed(False, d_time, time_key(t[4]), tkey)
                 if known[5] and known[5] != done:
-                    k = known[5]
-                    self._later_raw(True, d_done, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), b"", 0)
+                    self._index(True, d_done, known[5], b"", 0)
             if done and (known is None or known[5] != done):
-                self._later_raw(False, d_done, PyBytes_AS_STRING(done), PyBytes_GET_SIZE(done), b"", 0)
+                self._index(False, d_done, done, b"", 0)
             cache[t[0]] = None if done else t[1:7]
             self._later_raw(False, d_jobs, <char*>rid, 8, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
             if job_id > high:
                 high = job_id
         return high
+
+    cdef inline int _index(self, bint delete, MDB_dbi dbi, bytes key, const char* value, size_t vlen) except -1:
+        """An index entry queued: ``key``, and the record's 8-byte id (or nothing) as its value."""
+        if key is None:
+            raise TypeError("an index key is bytes, not None")
+        return self._later_raw(delete, dbi, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), value, vlen)
+
+    cdef inline int _timed(self, bint delete, MDB_dbi dbi, bytes time, char* tkey) except -1:
+        """A time index entry queued: ``time`` (8 bytes) then the id already in ``tkey[8:16]``."""
+        if time is None or PyBytes_GET_SIZE(time) != 8:
+            raise ValueError(f"a time key is 8 bytes, not {time!r}")
+        memcpy(tkey, PyBytes_AS_STRING(time), 8)
+        return self._later_raw(delete, dbi, tkey, 16, b"", 0)
 
     @property
     def queued(self):

@@ -459,8 +459,8 @@ class LmdbStore(JobStore):
         if queue_records is None:
             top = self._apply_items(txn, writers, cache, items, max_id)
         else:
-            # The compiled binding's loop: the common records queued in C (the writer holds the
-            # GIL ~0.4 us per record, not ~1.9), any other handed back to _apply_items in its turn.
+            # The compiled binding's loop: the common records queued in C (the GIL held 0.20 us
+            # per record, against 0.54 in _apply_items), any other handed back to it in its turn.
             top = queue_records(
                 items if items.__class__ is list else list(items),
                 self._live_index,
