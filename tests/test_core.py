@@ -285,6 +285,26 @@ def test_io_twins_pack_messages_into_one_frame_and_back() -> None:
     assert c.pack_runs([], 10) == [] and c.pack_runs(mixed, 1 << 20) == [c.pack_messages(mixed)]
 
 
+@pytest.mark.parametrize("impl", ["c", "py"])
+def test_outbox_queues_a_turns_messages_and_asks_for_one_flush(impl: str) -> None:
+    """The broker's ``Outbox``: nothing kept while closed; the first message of a turn asks for
+    the flush (once), ``send`` wraps a peer's message in the op, ``take`` empties it in order."""
+    flushes: list[int] = []
+    box = _core.load("_io", impl).Outbox(b"\x01", lambda: flushes.append(1))
+    box.ctl([b"\x04", b"dropped"])
+    box.send(b"rid", [b"dropped"])
+    assert box.take() == [] and flushes == []
+    box.closed = False
+    box.ctl([b"\x04", b"op"])
+    box.send(b"rid", [b"hdr", b"", b"body"])
+    box.send(b"rid2", (b"hdr2",))  # any sequence of frames
+    assert flushes == [1]
+    assert box.take() == [[b"\x04", b"op"], [b"\x01", b"rid", b"hdr", b"", b"body"], [b"\x01", b"rid2", b"hdr2"]]
+    assert box.take() == []
+    box.send(b"rid", [b"next turn"])
+    assert flushes == [1, 1] and box.take() == [[b"\x01", b"rid", b"next turn"]]
+
+
 def test_async_socket_sends_what_a_batch_answers_at_the_end_of_that_batch() -> None:
     """What the handlers of a received batch send leaves when the batch ends, not a loop turn
     later; and a handler that raises still leaves a drain scheduled for what was queued."""

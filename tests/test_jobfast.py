@@ -68,6 +68,7 @@ class _Harness:
         self.capacity = capacity
         self.ops: list[list[Any]] = []
         self.answers: list[tuple[bytes, list[Any]]] = []
+        self.other: list[list[bytes]] = []  # events the table's dispatch left to the broker
         self.jobs = JobManager(
             self.store,
             self.loop,
@@ -99,13 +100,24 @@ class _Harness:
         self.loop.run_until_complete(asyncio.wait_for(done, 10))
         self.loop.run_until_complete(asyncio.sleep(0.001))  # what those callbacks scheduled
 
+    def _up(self, event: list[bytes]) -> None:
+        """An event from the data plane, as the broker hands it on: to the table's dispatch when
+        there is one (the fast path), else to JobManager as the broker's own dispatch would."""
+        dispatch = self.jobs.dispatch_events
+        if dispatch is not None:
+            dispatch([event], {}, self.other.append)
+        elif event[0] == b"\x01":
+            self.jobs.submit(event[1], HDR.unpack(event[2]), event[2:])
+        else:
+            self.jobs.on_event(event[1], event[2:])
+
     def submit(self, corr: int, agent: str = "w1") -> None:
         hdr = HDR.pack(b"OM", 1, int(Kind.REQUEST), F_TRACKED | 0x100, 0, 0, 0, corr, 0, 0)
-        self.jobs.submit(CLIENT, HDR.unpack(hdr), [hdr, _route(agent), b"square", b"\x91\x07"])
+        self._up([b"\x01", CLIENT, hdr, _route(agent), b"square", b"\x91\x07"])
 
     def answer(self, job: int, kind: Kind, lease: int = 1, code: int = 0, frames: tuple[bytes, ...] = ()) -> None:
         hdr = HDR.pack(b"OM", 1, int(kind), F_TRACKED | 0x100, code, lease, 0, job, job, 0)
-        self.jobs.on_event(b"agent-rid", [hdr, b"", *frames])
+        self._up([b"\x03", b"agent-rid", hdr, b"", *frames])
 
     def close(self) -> None:
         self.jobs.stop()
@@ -186,6 +198,7 @@ def _scenario(h: _Harness) -> list[tuple[str, Any]]:
     seen.append(("ops to the data plane", h.ops))
     seen.append(("answers to clients", h.answers))
     seen.append(("the log", [_record(r) for r in h.store.query(limit=1000)[0]]))
+    seen.append(("events left to the broker", h.other))
     return seen
 
 
@@ -208,17 +221,63 @@ def test_fast_path_writes_and_sends_what_the_general_path_does(
         else:
             assert stats["jobs_fast_path"] == 0
     general, fast_run = runs
+    assert fast_run[-1] == ("events left to the broker", [])
     assert [step for step, *_ in general] == [step for step, *_ in fast_run]
     for a, b in zip(general, fast_run, strict=True):
         assert a == b, a[0]
     # The scenario meant what it says: every ending, and the late answer, are in the log
-    final = {r["id"]: r for r in general[-1][1]}
+    final = {r["id"]: r for r in general[-2][1]}
     assert final[1]["state"].value == "SUCCEEDED" and final[1]["result"] == b"\x31"
     assert final[2]["state"].value == "FAILED" and final[3]["state"].value == "CANCELLED"
     assert final[6]["state"].value == "LOST" and final[7]["state"].value == "SUCCEEDED"
     assert any(t[0] == "LATE_REPLY" for t in final[5]["transitions"])
     assert any(t[0] == "LATE_REPLY" for t in final[7]["transitions"])
     assert final[74]["state"].value == "PENDING"
+
+
+@pytest.mark.parametrize("impl", ["c", "py"])
+def test_dispatch_takes_a_jobs_messages_and_leaves_the_rest_to_the_broker(
+    tmp_path: Path, impl: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``FastJobs.dispatch``: a tracked REQUEST from an unsecured client and a job's answer go to
+    JobManager (the table first, then its general path); everything else, in order, to the
+    broker's own dispatch; an event that raises there is logged and the others go on."""
+    monkeypatch.setattr(jobs_module, "FastJobs", load("_jobfast", impl).FastJobs)
+    h = _Harness(tmp_path, fast=True)
+    try:
+        tracked = HDR.pack(b"OM", 1, int(Kind.REQUEST), F_TRACKED, 0, 0, 0, 21, 0, 0)
+        plain = HDR.pack(b"OM", 1, int(Kind.REQUEST), 0, 0, 0, 0, 22, 0, 0)
+        options = msgpack.packb({"max_attempts": 2})
+        left = [
+            [b"\x01", CLIENT, plain, _route("w1"), b"square", b""],  # not a job: an invoke
+            [b"\x01", b"secured", tracked, _route("w1"), b"square", b""],  # a secured session's
+            [b"\x01", CLIENT, tracked[:-1], _route("w1"), b"square", b""],  # a short header
+            [b"\x02", b"agent-rid"],  # an agent lost
+        ]
+        taken = [
+            [b"\x01", CLIENT, tracked, _route("w1"), b"square", b"\x91\x07"],  # job 1: the table's
+            [b"\x01", CLIENT, tracked, _route("w1"), b"square", b"", options],  # job 2: options
+        ]
+        unknown = HDR.pack(b"OM", 1, int(Kind.REPLY), F_TRACKED, 0, 1, 0, 99, 99, 0)
+        events = [left[0], taken[0], left[1], left[2], taken[1], left[3], [b"\x03", b"agent-rid", unknown, b""]]
+        other: list[list[bytes]] = []
+        h.jobs.dispatch_events(events, {b"secured": object()}, other.append)
+        assert other == left
+        assert 1 in h.jobs._fast.jobs and 2 in h.jobs._live and 2 not in h.jobs._fast.jobs
+        assert 99 not in h.jobs._live and h.answers == []  # the unknown job's answer: dropped as late
+        h.settle()
+        assert [a[1][0][2] for a in h.answers] == [Kind.ACCEPTED, Kind.ACCEPTED]
+
+        def broken(event: list[bytes]) -> None:
+            raise RuntimeError("a bug in the broker")
+
+        answer = HDR.pack(b"OM", 1, int(Kind.REPLY), F_TRACKED, 0, 1, 0, 1, 1, 0)
+        with caplog.at_level("ERROR", logger="orbitmesh.jobs"):
+            h.jobs.dispatch_events([left[3], [b"\x03", b"agent-rid", answer, b"", b"\x31"]], {}, broken)
+        assert "control plane failed on event 2" in caplog.text
+        assert h.jobs._fast.jobs[1].phase == load("_jobfast", impl).FINISHING  # the answer went on
+    finally:
+        h.close()
 
 
 def _on_both_paths(

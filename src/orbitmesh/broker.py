@@ -277,7 +277,11 @@ class Broker:
         self._timers: set[asyncio.TimerHandle] = set()
         self._labels_rr = -1  # round-robin cursor for label selection
         self._swept: object = None  # the key-store snapshot the last session sweep applied
-        self._ctl_out: list[list[bytes]] = []  # control messages queued in this turn of the loop
+        # Control messages queued in this turn of the loop (compiled: a C call each). Closed
+        # while no data plane runs.
+        self._outbox = io.Outbox(self._op_send, self._schedule_flush)
+        self._ctl: Callable[[list[Any]], None] = self._outbox.ctl
+        self._send: Callable[[bytes, list[Any]], None] = self._outbox.send
         # With security: each live session's policy, HELLO role and data-plane registration.
         self._sessions: dict[bytes, _Session] = {}
         self._forbidden = 0  # requests and queries the control plane refused (FORBIDDEN)
@@ -341,6 +345,7 @@ class Broker:
         )
         self._stopped = loop.create_future()
         self._ctrl = AsyncSocket(cp, self._on_event, loop)
+        self._outbox.closed = False
         try:
             if isinstance(self._store_spec, str):
                 store = open_store(self._store_spec, durability=self._durability)
@@ -350,6 +355,7 @@ class Broker:
         except BaseException:
             self._ctrl.close()
             self._ctrl = None
+            self._outbox.closed = True
             self._close_sockets()
             raise
         self.jobs = JobManager(
@@ -375,6 +381,7 @@ class Broker:
         except BaseException:
             self._ctrl.close()
             self._ctrl = None
+            self._outbox.closed = True
             self._close_sockets()
             raise
         self._thread = threading.Thread(target=plane.run, name=f"orbitmesh-dataplane-{self.id}", daemon=True)
@@ -400,6 +407,7 @@ class Broker:
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
         self._ctrl.close()
         self._ctrl = None
+        self._outbox.closed = True
         if self.jobs is not None:
             self.jobs.stop()
             await asyncio.get_running_loop().run_in_executor(None, self.jobs.close)
@@ -448,19 +456,17 @@ class Broker:
 
     # ------------------------------------------------------------ sending
 
-    def _ctl(self, frames: list[bytes]) -> None:
-        """Queue a control message for the data plane. What is queued in one turn of the loop
-        goes down as one OP_PACKED: one wake-up of the data-plane thread instead of one per
-        message (a durable job makes three: ACCEPTED, its dispatch, its answer)."""
-        if self._ctrl is None:
-            return
-        self._ctl_out.append(frames)
-        if len(self._ctl_out) == 1:
-            assert self._loop is not None
-            self._loop.call_soon(self._flush_ctl)
+    # ``_ctl(frames)`` queues an op for the data plane, ``_send(rid, frames)`` a message to a peer
+    # (``self._outbox``). What is queued in one turn of the loop goes down as one OP_PACKED: one
+    # wake-up of the data-plane thread instead of one per message (a durable job makes three:
+    # ACCEPTED, its dispatch, its answer).
+
+    def _schedule_flush(self) -> None:
+        assert self._loop is not None
+        self._loop.call_soon(self._flush_ctl)
 
     def _flush_ctl(self) -> None:
-        out, self._ctl_out = self._ctl_out, []
+        out = self._outbox.take()
         ctrl = self._ctrl
         if not out or ctrl is None:
             return
@@ -472,10 +478,6 @@ class Broker:
             for run in self._pack_runs(out, _DIRECT):
                 ctrl.send([self._op_packed, run] if run.__class__ is bytes else run)
         ctrl.flush()  # no reason to wait a turn more
-
-    def _send(self, rid: bytes, frames: list[bytes]) -> None:
-        if self._ctrl is not None:
-            self._ctl([self._op_send, rid, *frames])
 
     def _reply(self, rid: bytes, corr: int, body: Any) -> None:
         self._send(rid, [header(Kind.REPLY, corr=corr), b"", msgpack.packb(body, use_bin_type=True)])
@@ -501,7 +503,12 @@ class Broker:
     def _on_event(self, frames: list[bytes]) -> None:
         ev = frames[0][0]
         if ev == 9:  # EV_PACKED: a turn's events
-            for event in self._unpack(frames[1]):
+            events = self._unpack(frames[1])
+            dispatch = self.jobs.dispatch_events if self.jobs is not None else None
+            if dispatch is not None:  # the common job path's events handled there, the rest here
+                dispatch(events, self._sessions, self._on_event)
+                return
+            for event in events:
                 self._on_event(event)
             return
         try:

@@ -265,6 +265,9 @@ class JobManager:
         self.recovered = 0
         # The common path's jobs (_core/jobfast): same semantics, a fraction of the objects per job.
         self._fast = FastJobs(self, _RECORD_DEFAULTS, JOBS_RID, DIRTY_FLUSH_S) if fast_path else None
+        # The broker hands it a turn's events (``FastJobs.dispatch``): a job's two messages up
+        # from the data plane reach the table with no Python call of the broker's between.
+        self.dispatch_events = self._fast.dispatch if self._fast is not None else None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -316,6 +319,11 @@ class JobManager:
         fast = self._fast
         if fast is not None and fast.submit(rid, fields, frames):
             return
+        self._submit(rid, fields, frames)
+
+    def _submit(self, rid: bytes, fields: tuple[Any, ...], frames: list[bytes]) -> None:
+        """``submit``'s general path: a request the common-path table did not take."""
+        fast = self._fast
         flags, corr = fields[3], fields[7]
         try:
             if fields[2] != _REQUEST or len(frames) < 3:
@@ -702,10 +710,14 @@ class JobManager:
     def on_event(self, agent_rid: bytes, frames: list[bytes]) -> None:
         """A tracked job's RUNNING / REPLY / ERROR (from its agent, or from the data plane)."""
         fields = _unpack_header(frames[0])
-        kind, lease, job_id = fields[2], fields[5], fields[8]
         fast = self._fast
-        if fast is not None and job_id in fast.jobs and fast.on_event(fields, frames):
+        if fast is not None and fields[8] in fast.jobs and fast.on_event(fields, frames):
             return
+        self._on_answer(fields, frames)
+
+    def _on_answer(self, fields: tuple[Any, ...], frames: list[bytes]) -> None:
+        """``on_event``'s general path: an answer about a job the common-path table does not hold."""
+        kind, lease, job_id = fields[2], fields[5], fields[8]
         rec = self._live.get(job_id)
         now = time.time()
         if rec is None or rec.lease != lease:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -15,11 +15,55 @@ import zmq
 from ..errors import ProtocolError
 from ._frame_py import pack_parts, unpack_parts
 
-public_api = ["BATCH_BYTES", "pack_messages", "pack_runs", "recv_batch", "send_parts", "send_queue", "unpack_messages"]
+public_api = [
+    "BATCH_BYTES",
+    "Outbox",
+    "pack_messages",
+    "pack_runs",
+    "recv_batch",
+    "send_parts",
+    "send_queue",
+    "unpack_messages",
+]
 
 BATCH_BYTES = 1 << 20  # a receive batch ends once it holds this many bytes
 _LEN = struct.Struct("<I")
 _COUNT = struct.Struct("<H")
+
+
+class Outbox:
+    """The control plane's messages for its data plane, queued in one turn of the loop (the
+    broker sends them down as one ``OP_PACKED`` at the turn's end, ``take``).
+
+    ``schedule`` is called when the turn's first message is queued (the broker's: its flush, on
+    the next turn of the loop). While ``closed`` (no data plane), messages are dropped."""
+
+    __slots__ = ("_op_send", "_out", "_schedule", "closed")
+
+    def __init__(self, op_send: bytes, schedule: Callable[[], object]) -> None:
+        self._op_send = op_send
+        self._schedule = schedule
+        self._out: list[list[Any]] = []
+        self.closed = True
+
+    def ctl(self, frames: list[Any]) -> None:
+        """Queue an op for the data plane: ``[op, ...]``."""
+        if self.closed:
+            return
+        out = self._out
+        out.append(frames)
+        if len(out) == 1:
+            self._schedule()
+
+    def send(self, rid: bytes, frames: list[Any]) -> None:
+        """Queue a message to the peer ``rid`` (an ``OP_SEND``)."""
+        self.ctl([self._op_send, rid, *frames])
+
+    def take(self) -> list[list[Any]]:
+        """What was queued since the last take, in order; the outbox is empty after."""
+        out = self._out
+        self._out = []
+        return out
 
 
 def pack_messages(messages: Sequence[Sequence[Any]]) -> bytes:

@@ -36,7 +36,11 @@ log = logging.getLogger("orbitmesh.jobs")
 cdef int _REQUEST = Kind.REQUEST, _ACCEPTED = Kind.ACCEPTED, _RUNNING = Kind.RUNNING, _REPLY = Kind.REPLY
 cdef int _F_TRACKED = F_TRACKED
 cdef bytes _NAME_ROUTE = bytes((Route.NAME,))
-cdef object _pack_header = HDR.pack
+cdef object _pack_header = HDR.pack, _unpack_header = HDR.unpack
+cdef Py_ssize_t _HEADER_SIZE = HDR.size
+cdef enum:
+    _EV_MSG = 1
+    _EV_JOB = 3
 cdef object _new_record = object.__new__
 cdef object _partial = functools.partial
 cdef object _JobRecord = JobRecord
@@ -114,7 +118,7 @@ cdef class FastJobs:
 
     # ------------------------------------------------------------------ submit
 
-    def submit(self, bytes rid, tuple fields, list frames):
+    cpdef submit(self, bytes rid, tuple fields, list frames):
         """Take a client's tracked REQUEST if it needs only the common path; False (and nothing
         done) leaves it to ``JobManager.submit``."""
         cdef Py_ssize_t n = len(frames)
@@ -199,7 +203,7 @@ cdef class FastJobs:
 
     # ----------------------------------------------------------------- answers
 
-    def on_event(self, tuple fields, list frames):
+    cpdef on_event(self, tuple fields, list frames):
         """A RUNNING / REPLY / ERROR about a job in this table: True if handled here; else the job
         is ``JobManager``'s now (or was never live here) and ``JobManager.on_event`` goes on."""
         cdef int kind = fields[2]
@@ -250,6 +254,38 @@ cdef class FastJobs:
             log.error("job %d finished as SUCCEEDED but could not be logged: %s", job.id, err)
         hdr = _pack_header(b"OM", 1, _REPLY, job.result_flags, 0, 0, 0, job.corr, job.id, 0)
         self._to_peer(job.rid, [hdr, b"", job.result or b""])
+
+    # --------------------------------------------------------------- the events
+
+    def dispatch(self, list events, sessions, other):
+        """A turn's events from the data plane, in order: a tracked REQUEST from a client with
+        no secured session and a job's answer go to ``JobManager`` from here, every other event to
+        ``other`` (see ``_jobfast_py.FastJobs.dispatch``)."""
+        cdef list event, frames
+        cdef int ev
+        cdef tuple fields
+        m = self._m
+        for event in events:
+            ev = (<bytes>event[0])[0]
+            try:
+                if len(event) > 2 and len(<bytes>event[2]) == _HEADER_SIZE:
+                    if ev == _EV_MSG:
+                        fields = _unpack_header(event[2])
+                        rid = event[1]
+                        if fields[2] == _REQUEST and fields[3] & _F_TRACKED and rid not in sessions:
+                            frames = event[2:]
+                            if not self.submit(rid, fields, frames):
+                                m._submit(rid, fields, frames)
+                            continue
+                    elif ev == _EV_JOB:
+                        fields = _unpack_header(event[2])
+                        frames = event[2:]
+                        if not (fields[8] in self.jobs and self.on_event(fields, frames)):
+                            m._on_answer(fields, frames)
+                        continue
+                other(event)
+            except Exception:
+                log.exception("control plane failed on event %d", ev)
 
     # --------------------------------------------------------------- hand-over
 

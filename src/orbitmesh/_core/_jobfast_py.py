@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING, Any
 
 from .._wire import HDR
@@ -35,7 +36,9 @@ log = logging.getLogger("orbitmesh.jobs")
 
 _REQUEST, _ACCEPTED, _RUNNING, _REPLY = int(Kind.REQUEST), int(Kind.ACCEPTED), int(Kind.RUNNING), int(Kind.REPLY)
 _NAME_ROUTE = bytes((Route.NAME,))
-_pack_header = HDR.pack
+_pack_header, _unpack_header, _HEADER_SIZE = HDR.pack, HDR.unpack, HDR.size
+# The data plane's events the table takes (see dispatch): a peer's message, a tracked job's answer.
+_EV_MSG, _EV_JOB = 1, 3
 _new_record = object.__new__
 _partial = functools.partial
 
@@ -251,6 +254,42 @@ class FastJobs:
             log.error("job %d finished as SUCCEEDED but could not be logged: %s", job.id, err)
         hdr = _pack_header(b"OM", 1, _REPLY, job.result_flags, 0, 0, 0, job.corr, job.id, 0)
         self._m._to_peer(job.rid, [hdr, b"", job.result or b""])
+
+    # --------------------------------------------------------------- the events
+
+    def dispatch(
+        self, events: list[list[bytes]], sessions: Container[bytes], other: Callable[[list[bytes]], None]
+    ) -> None:
+        """A turn's events from the data plane (``[event, rid, header, ...]`` each), in order.
+
+        A tracked REQUEST from a client with no secured session (not in ``sessions``) goes to
+        ``JobManager.submit``, and a job's answer (``EV_JOB``) to ``JobManager.on_event``, both
+        from here: this table first, as they would, then their general paths. Every other
+        event goes to ``other`` (the broker's own dispatch). What the broker's three Python
+        calls per message did, for the two messages a durable job brings up. An exception
+        handling one event is logged, and the others go on (the broker's rule)."""
+        m = self._m
+        for event in events:
+            ev = event[0][0]
+            try:
+                if len(event) > 2 and len(event[2]) == _HEADER_SIZE:
+                    if ev == _EV_MSG:
+                        fields = _unpack_header(event[2])
+                        rid = event[1]
+                        if fields[2] == _REQUEST and fields[3] & F_TRACKED and rid not in sessions:
+                            frames = event[2:]
+                            if not self.submit(rid, fields, frames):
+                                m._submit(rid, fields, frames)
+                            continue
+                    elif ev == _EV_JOB:
+                        fields = _unpack_header(event[2])
+                        frames = event[2:]
+                        if not (fields[8] in self.jobs and self.on_event(fields, frames)):
+                            m._on_answer(fields, frames)
+                        continue
+                other(event)
+            except Exception:
+                log.exception("control plane failed on event %d", ev)
 
     # --------------------------------------------------------------- hand-over
 
