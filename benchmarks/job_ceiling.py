@@ -95,6 +95,13 @@ def patch_broker(variant: str) -> None:
         else:
             done(None)
 
+    init = jobs.JobManager.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.dispatch_events = None  # the broker's events to submit / on_event below, not the table
+
+    jobs.JobManager.__init__ = __init__  # type: ignore[method-assign]
     jobs.JobManager.submit = submit  # type: ignore[method-assign]
     jobs.JobManager.on_event = on_event  # type: ignore[method-assign]
 
