@@ -103,26 +103,40 @@ def test_the_same_agent_on_a_fresh_connection_replaces_its_old_session(arun, ctx
             loop = asyncio.get_running_loop()
             socks = []
 
-            def hello(instance: str) -> tuple[zmq.Socket[Any], int, int]:
-                sock = ctx.socket(zmq.DEALER)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.RCVTIMEO, 3000)
-                sock.connect(broker.endpoints[0])
-                socks.append(sock)
-                body = {"role": "agent", "name": "twin", "commands": ["x"], "instance": instance}
+            def hello(instance: str, sock: zmq.Socket[Any] | None = None, name: str = "twin") -> tuple[Any, int, int]:
+                if sock is None:
+                    sock = ctx.socket(zmq.DEALER)
+                    sock.setsockopt(zmq.LINGER, 0)
+                    sock.setsockopt(zmq.RCVTIMEO, 3000)
+                    sock.connect(broker.endpoints[0])
+                    socks.append(sock)
+                body = {"role": "agent", "name": name, "commands": ["x"], "instance": instance}
                 sock.send_multipart([header(Kind.HELLO, aux=Role.AGENT, corr=1), b"", msgpack.packb(body)])
                 fields = HDR.unpack(sock.recv_multipart()[0])
                 return sock, fields[2], fields[4]
+
+            def sessions() -> dict[str, int]:
+                """The session by name the job path reads: always what the registry says."""
+                held = {name: agent.info.session for name, agent in broker._by_name.items()}
+                assert broker._session_of == held
+                return held
 
             try:
                 _, kind, _ = await loop.run_in_executor(None, hello, "instance-a")
                 assert kind == Kind.WELCOME
                 first_session = (await client.agents())[0].session
+                assert sessions() == {"twin": first_session}
                 # When the same instance says HELLO on a new connection, Expect it in at once
-                _, kind, _ = await loop.run_in_executor(None, hello, "instance-a")
+                sock, kind, _ = await loop.run_in_executor(None, hello, "instance-a")
                 assert kind == Kind.WELCOME
                 [agent] = await client.agents()
                 assert agent.session > first_session
+                assert sessions() == {"twin": agent.session}
+                # The same connection registering under a new name gives up the old one
+                _, kind, _ = await loop.run_in_executor(None, hello, "instance-a", sock, "renamed")
+                assert kind == Kind.WELCOME
+                assert sessions() == {"renamed": agent.session + 1}
+                await loop.run_in_executor(None, hello, "instance-a", sock, "twin")
                 ev = await next_event(events, {"agent_left"}, 2.0)
                 assert ev.data["reason"] == "replaced by a new connection"
                 # Another agent (another instance, or none) still gets NAME_TAKEN

@@ -252,6 +252,9 @@ class Broker:
         self._pack_runs, self._unpack = io.pack_runs, io.unpack_messages  # OP_PACKED, EV_PACKED
         self._agents: dict[bytes, _Agent] = {}
         self._by_name: dict[str, _Agent] = {}
+        # Each registered name's session epoch (what _by_name's agent's info says): its ``get`` is
+        # what the job path calls for an agent's session, a C call instead of a method's two hops.
+        self._session_of: dict[str, int] = {}
         self._clients: set[bytes] = set()
         self._subscribers: dict[bytes, set[str]] = {}
         check_durability(durability)
@@ -366,9 +369,9 @@ class Broker:
             to_peer=self._send,
             publish=self._publish,
             choose=self._choose_agent,
-            agent_session=self._agent_session,
+            agent_session=self._session_of.get,
             agent_capacity=self._agent_capacity,
-            listening=self._has_subscribers,
+            listening=self._subscribers.__len__,
             lease_s=self._job_lease,
             dispatch_window_s=self._dispatch_window,
             recovery_wait_s=self._job_recovery_wait,
@@ -484,9 +487,6 @@ class Broker:
 
     def _error(self, rid: bytes, code: int, corr: int, message: str, job: int = 0) -> None:
         self._send(rid, error_message(code, corr, message, job=job))
-
-    def _has_subscribers(self) -> bool:
-        return bool(self._subscribers)
 
     def _publish(self, topic: str, data: dict[str, Any]) -> None:
         if not self._subscribers:
@@ -604,8 +604,8 @@ class Broker:
         self._clients.discard(rid)
         self._subscribers.pop(rid, None)
         agent = self._agents.pop(rid, None)
-        if agent is not None and self._by_name.get(agent.info.name) is agent:
-            del self._by_name[agent.info.name]
+        if agent is not None:
+            self._unname(agent)
         return agent
 
     def _on_lost(self, rid: bytes) -> None:
@@ -707,8 +707,8 @@ class Broker:
         commands = _strings(body.get("commands"), "commands")
         labels = _labels(body.get("labels"))
         prior = self._agents.get(rid)
-        if prior is not None and prior.info.name != name and self._by_name.get(prior.info.name) is prior:
-            del self._by_name[prior.info.name]  # the same session, registering under a new name
+        if prior is not None and prior.info.name != name:
+            self._unname(prior)  # the same session, registering under a new name
         sess = self._sessions.get(rid)
         if self.security is not None and sess is not None:
             bound = self.security.store.bind_name(name, sess.key)
@@ -735,6 +735,7 @@ class Broker:
         agent = _Agent(rid, info, instance=instance)
         self._agents[rid] = agent
         self._by_name[name] = agent
+        self._session_of[name] = info.session
         self._send_reg(rid, _META.pack(Role.AGENT, capacity, flags, protocol), name.encode(), caps, groups, commands)
         self._welcome(rid, corr, protocol)
         if self.jobs is not None:
@@ -785,8 +786,7 @@ class Broker:
             self._publish("agent_state", agent.public())
             return
         del self._agents[rid]
-        if self._by_name.get(agent.info.name) is agent:
-            del self._by_name[agent.info.name]
+        self._unname(agent)
         log.info("agent %s left", agent.info.name)
         self._publish("agent_left", agent.public())
 
@@ -883,9 +883,12 @@ class Broker:
             return matches[self._labels_rr % len(matches)]
         return min(matches, key=lambda a: a.inflight / max(1, a.info.capacity))
 
-    def _agent_session(self, name: str) -> int | None:
-        agent = self._by_name.get(name)
-        return agent.info.session if agent is not None else None
+    def _unname(self, agent: _Agent) -> None:
+        """``agent`` no longer answers to its name (if it still held it)."""
+        name = agent.info.name
+        if self._by_name.get(name) is agent:
+            del self._by_name[name]
+            del self._session_of[name]
 
     def _agent_capacity(self, name: str) -> int:
         agent = self._by_name.get(name)

@@ -208,7 +208,7 @@ class JobManager:
         publish: Callable[[str, dict[str, Any]], None],
         choose: Callable[[bytes, str, Callable[[str], int]], str | OrbitMeshError],
         agent_session: Callable[[str], int | None],
-        listening: Callable[[], bool] | None = None,
+        listening: Callable[[], object] | None = None,
         agent_capacity: Callable[[str], int] | None = None,
         lease_s: float = 5.0,
         dispatch_window_s: float = 60.0,
@@ -225,7 +225,7 @@ class JobManager:
         self._to_peer = to_peer
         self._publish = publish
         # Whether anyone subscribed to events: when not, no event is even built.
-        self._listening: Callable[[], bool] = listening or (lambda: True)
+        self._listening: Callable[[], object] = listening or (lambda: True)
         self._op_inject = op["INJECT"]
         self._routes: dict[str, bytes] = {}  # agent name -> its NAME route frame
         self._names: dict[bytes, str] = {}  # a client's NAME route frame -> the agent name

@@ -19,7 +19,6 @@ cdef extern from "<time.h>" nogil:
     enum:
         CLOCK_REALTIME
 
-import functools
 import logging
 
 from orbitmesh._wire import HDR
@@ -42,7 +41,6 @@ cdef enum:
     _EV_MSG = 1
     _EV_JOB = 3
 cdef object _new_record = object.__new__
-cdef object _partial = functools.partial
 cdef object _JobRecord = JobRecord
 
 cdef enum:
@@ -60,6 +58,9 @@ cdef inline double _now() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_REALTIME, &ts)
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef class FastJobs
 
 
 cdef class _Job:
@@ -80,6 +81,14 @@ cdef class _Job:
     cdef public int result_flags
     cdef public list late
     cdef public object rec
+    cdef FastJobs table
+
+    def __call__(self, err):
+        """The log's callback for the job's records that have one (see ``_jobfast_py._Job``)."""
+        if self.phase == P_FINISHING:
+            self.table._finished(self, err)
+        else:
+            self.table._accepted(self, err)
 
 
 cdef class FastJobs:
@@ -145,6 +154,7 @@ cdef class FastJobs:
         job_id = m._next_id
         m._next_id = job_id + 1
         job = _Job.__new__(_Job)
+        job.table = self
         job.id = job_id
         job.rid = rid
         job.corr = fields[7]
@@ -159,10 +169,10 @@ cdef class FastJobs:
         self.jobs[job_id] = job
         self.live += 1
         self.taken += 1
-        self._log.append_prepared(job_id, self._prepared(job), _partial(self._accepted, job))
+        self._log.append_prepared(job_id, self._prepared(job), job)  # job(err): _accepted
         return True
 
-    def _accepted(self, _Job job, err):
+    cpdef _accepted(self, _Job job, err):
         """Its new record is written: ACCEPTED, then the dispatch (JobManager._accepted)."""
         cdef uint64_t job_id = job.id
         cdef long out
@@ -241,12 +251,12 @@ cdef class FastJobs:
         job.lease_expires = 0.0
         self.live -= 1
         self._dirty.pop(job_id, None)
-        self._log.append_prepared(job_id, self._prepared(job), _partial(self._finished, job))
+        self._log.append_prepared(job_id, self._prepared(job), job)  # job(err): _finished
         if self._listening():
             self._publish("job_finished", {"id": job_id, "state": "SUCCEEDED", "agent": agent})
         return True
 
-    def _finished(self, _Job job, err):
+    cpdef _finished(self, _Job job, err):
         """Its final record is written: the result to the client (JobManager._finished)."""
         if self.jobs.get(job.id) is job:
             del self.jobs[job.id]

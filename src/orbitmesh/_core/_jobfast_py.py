@@ -17,7 +17,6 @@ objects and calls per job of the general path were most of the control plane's s
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable, Container
@@ -40,7 +39,6 @@ _pack_header, _unpack_header, _HEADER_SIZE = HDR.pack, HDR.unpack, HDR.size
 # The data plane's events the table takes (see dispatch): a peer's message, a tracked job's answer.
 _EV_MSG, _EV_JOB = 1, 3
 _new_record = object.__new__
-_partial = functools.partial
 
 # A fast job's phases (its record's state, but for FINISHING: SUCCEEDED, its record being written).
 PENDING, DISPATCHED, RUNNING, FINISHING = 0, 1, 2, 3
@@ -89,11 +87,13 @@ class _Job:
         "route",
         "running",
         "session",
+        "table",
     )
 
     def __init__(
-        self, job_id: int, rid: bytes, corr: int, route: bytes, command: str, params: bytes, flags: int
+        self, table: FastJobs, job_id: int, rid: bytes, corr: int, route: bytes, command: str, params: bytes, flags: int
     ) -> None:
+        self.table = table
         self.id = job_id
         self.rid = rid
         self.corr = corr
@@ -110,6 +110,14 @@ class _Job:
         self.result_flags = 0
         self.late: list[tuple[str, float, str]] = []  # LATE_* transitions after it finished
         self.rec: JobRecord | None = None  # once handed to JobManager: the record it holds
+
+    def __call__(self, err: BaseException | None) -> None:
+        """The log's callback for the job's records that have one: its new record written (its
+        ACCEPTED and dispatch follow), or its final one (its result follows)."""
+        if self.phase == FINISHING:
+            self.table._finished(self, err)
+        else:
+            self.table._accepted(self, err)
 
 
 class FastJobs:
@@ -156,13 +164,13 @@ class FastJobs:
                 m._names[route] = name
         job_id = m._next_id
         m._next_id = job_id + 1
-        job = _Job(job_id, rid, fields[7], route, command, frames[3] if n > 3 else b"", fields[3] & 0x0F00)
+        job = _Job(self, job_id, rid, fields[7], route, command, frames[3] if n > 3 else b"", fields[3] & 0x0F00)
         job.agent = name
         job.created = time.time()
         self.jobs[job_id] = job
         self.live += 1
         self.taken += 1
-        m.log.append_prepared(job_id, self._prepared(job), _partial(self._accepted, job))
+        m.log.append_prepared(job_id, self._prepared(job), job)  # job(err): _accepted
         return True
 
     def _accepted(self, job: _Job, err: BaseException | None) -> None:
@@ -241,7 +249,7 @@ class FastJobs:
         job.lease_expires = 0.0
         self.live -= 1
         self._dirty.pop(job_id, None)
-        m.log.append_prepared(job_id, self._prepared(job), _partial(self._finished, job))
+        m.log.append_prepared(job_id, self._prepared(job), job)  # job(err): _finished
         if m._listening():
             m._publish("job_finished", {"id": job_id, "state": "SUCCEEDED", "agent": agent})
         return True
