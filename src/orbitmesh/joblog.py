@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from ._core.handoff import RecordQueue, split_batch
 from .errors import ErrorCode, StorageError
 from .storage.base import JobRecord, JobStore
 
@@ -47,11 +47,15 @@ class JobLog:
         self._loop = loop
         self._max_batch = max_batch
         self._flush_s = flush_ms / 1000
-        # A SimpleQueue, not a list under a lock: put() is one C call that never blocks, so the
-        # control plane never waits on a lock the writer holds while the writer waits for the GIL.
-        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        # Not a list under a lock: put() is one C call that never blocks, so the control plane
+        # never waits on a lock the writer holds while the writer waits for the GIL; and the
+        # writer takes a batch in one call (_core/handoff).
+        self._queue = RecordQueue()
         self._stopping = False
-        self._failed: BaseException | None = None
+        self._down: BaseException | None = None
+        # ``append_prepared`` as one C call, for the common-path job table: False when the log is
+        # down (nothing queued; the caller then hands ``done`` to ``refuse``).
+        self.offer: Callable[[_Item], bool] = self._queue.offer
         self._thread = threading.Thread(target=self._run, name="orbitmesh-joblog", daemon=True)
         self.batches = 0
         self.records = 0
@@ -60,6 +64,16 @@ class JobLog:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def _failed(self) -> BaseException | None:
+        """Why the log is down (a flush failed: no later write can be trusted), or None."""
+        return self._down
+
+    @_failed.setter
+    def _failed(self, exc: BaseException | None) -> None:
+        self._down = exc
+        self._queue.down = exc is not None
+
     def append(self, record: JobRecord, done: Callback | None = None) -> None:
         """Queue ``record`` (a snapshot is taken now); ``done(error)`` runs on the loop once it is
         written (durably, in ``sync`` mode), with the StorageError if the write failed.
@@ -67,8 +81,8 @@ class JobLog:
         Never raises: a record that cannot be written (the log is down since a flush failed, or
         no store may hold it) is not queued, and ``done`` hears why on the next turn of the loop,
         as it would of a failed write."""
-        if self._failed is not None:
-            self._refuse(done)
+        if self._down is not None:
+            self.refuse(done)
             return
         try:
             snapshot = self.store.prepare(record)
@@ -78,20 +92,20 @@ class JobLog:
             if done is not None:
                 self._loop.call_soon(done, error)
             return
-        self._queue.put((record.id, snapshot, done))
+        if not self._queue.offer((record.id, snapshot, done)):
+            self.refuse(done)
 
     def append_prepared(self, job_id: int, snapshot: Any, done: Callback | None = None) -> None:
         """``append`` for a record the store has already prepared (``JobStore.prepare_encoded``:
         the common-path job table's records). Never raises, as ``append``."""
-        if self._failed is not None:
-            self._refuse(done)
-            return
-        self._queue.put((job_id, snapshot, done))
+        if not self._queue.offer((job_id, snapshot, done)):
+            self.refuse(done)
 
-    def _refuse(self, done: Callback | None) -> None:
+    def refuse(self, done: Callback | None) -> None:
+        """A record not queued because the log is down: ``done`` hears why on the next turn."""
         self.refused += 1
         if done is not None:
-            error = StorageError(f"job log is down: {self._failed}", code=ErrorCode.STORAGE_ERROR)
+            error = StorageError(f"job log is down: {self._down}", code=ErrorCode.STORAGE_ERROR)
             self._loop.call_soon(done, error)
 
     def barrier(self, done: Callback) -> None:
@@ -116,28 +130,21 @@ class JobLog:
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     def _run(self) -> None:
         batch_mode = self.store.durability == "batch"
         next_flush = time.monotonic() + self._flush_s
         dirty = False
-        get, get_now, empty, most = self._queue.get, self._queue.get_nowait, queue.Empty, self._max_batch
+        take, most = self._queue.take, self._max_batch
         while True:
-            batch: list[_Item] = []
-            if not self._stopping:
+            if self._stopping:
+                timeout: float | None = 0.0
+            else:
                 timeout = max(0.0, next_flush - time.monotonic()) if batch_mode and dirty else None
-                try:
-                    batch.append(get(timeout=timeout))  # waits without the GIL
-                except empty:
-                    pass  # time to flush
-            while len(batch) < most:  # and whatever else is queued, up to a batch
-                try:
-                    batch.append(get_now())
-                except empty:
-                    break
+            batch = take(most, timeout)  # what is queued, up to a batch; waits without the GIL
             batch = [item for item in batch if item is not _WAKE] if self._stopping else batch
-            stop = self._stopping and self._queue.empty()
+            stop = self._stopping and not len(self._queue)
             if batch:
                 self._write(batch)
                 dirty = True
@@ -149,24 +156,16 @@ class JobLog:
                 return
 
     def _write(self, batch: list[_Item]) -> None:
-        latest: dict[int, Any] = {}
-        deletes: list[int] = []
-        for job_id, item, _ in batch:
-            if item is not None:
-                latest[job_id] = item  # a later snapshot of the same job supersedes
-            elif job_id:
-                latest.pop(job_id, None)
-                deletes.append(job_id)
-            # else: a barrier
+        # Each job's latest snapshot (a later one supersedes), the deletes, every callback.
+        items, deletes, callbacks = split_batch(batch)
         error: BaseException | None = None
         try:
-            self.store.write_prepared(list(latest.values()), deletes)
+            self.store.write_prepared(items, deletes)
             self.batches += 1
-            self.records += len(latest)
+            self.records += len(items)
         except BaseException as exc:  # reported to every waiter, never swallowed
-            log.error("job log write of %d records failed: %s", len(latest), exc)
+            log.error("job log write of %d records failed: %s", len(items), exc)
             error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
-        callbacks = [cb for _, _, cb in batch if cb is not None]
         if callbacks:
             try:
                 self._loop.call_soon_threadsafe(_run_callbacks, callbacks, error)
@@ -177,7 +176,7 @@ class JobLog:
         try:
             self.store.flush()
         except BaseException as exc:
-            self._failed = exc
+            self._failed = exc  # down: appends refused from now on
             log.error("job log flush failed: %s", exc)
 
 

@@ -13,7 +13,7 @@ import os
 import platform
 from types import ModuleType
 
-MODULES = ("_frame", "_dataplane", "_io", "_calls", "_serve", "_record", "_jobfast")
+MODULES = ("_frame", "_dataplane", "_io", "_calls", "_serve", "_record", "_jobfast", "_handoff")
 
 
 def _wants_pure() -> bool:

@@ -102,7 +102,7 @@ cdef class FastJobs:
     cdef public long live, taken, handed_over
     cdef dict _dirty
     cdef dict _names, _routes, _outstanding, _live, _mem, _delivered
-    cdef object _log, _to_peer, _send, _listening, _publish, _session_of, _window, _choose, _free, _loop
+    cdef object _log, _offer, _to_peer, _send, _listening, _publish, _session_of, _window, _choose, _free, _loop
     cdef bytes _op_inject
     cdef object _pack_record, _prepare
 
@@ -118,6 +118,7 @@ cdef class FastJobs:
         self._names, self._routes, self._outstanding = m._names, m._routes, m._outstanding
         self._live, self._mem, self._delivered = m._live, m._mem, m._delivered
         self._log = m.log
+        self._offer = m.log.offer
         self._to_peer, self._send, self._op_inject = m._to_peer, m._send, m._op_inject
         self._listening, self._publish = m._listening, m._publish
         self._session_of, self._window, self._choose, self._free = m._agent_session, m._window, m._choose, m._free
@@ -169,7 +170,7 @@ cdef class FastJobs:
         self.jobs[job_id] = job
         self.live += 1
         self.taken += 1
-        self._log.append_prepared(job_id, self._prepared(job), job)  # job(err): _accepted
+        self._append(job_id, self._prepared(job), job)  # job(err): _accepted
         return True
 
     cpdef _accepted(self, _Job job, err):
@@ -224,7 +225,7 @@ cdef class FastJobs:
         if phase == P_FINISHING:
             if kind != _RUNNING:
                 job.late.append((f"LATE_{Kind(kind).name}", _now(), f"lease {lease}"))
-                self._log.append_prepared(job_id, self._prepared(job))
+                self._append(job_id, self._prepared(job), None)
             return True
         if phase == P_PENDING or lease != 1 or (kind != _RUNNING and kind != _REPLY):
             self.take(job_id)
@@ -251,7 +252,7 @@ cdef class FastJobs:
         job.lease_expires = 0.0
         self.live -= 1
         self._dirty.pop(job_id, None)
-        self._log.append_prepared(job_id, self._prepared(job), job)  # job(err): _finished
+        self._append(job_id, self._prepared(job), job)  # job(err): _finished
         if self._listening():
             self._publish("job_finished", {"id": job_id, "state": "SUCCEEDED", "agent": agent})
         return True
@@ -339,9 +340,13 @@ cdef class FastJobs:
         """Queue the records of the jobs dispatched or running since the last flush."""
         cdef _Job job
         dirty, self._dirty = self._dirty, {}
-        append = self._log.append_prepared
         for job in dirty.values():
-            append(job.id, self._prepared(job))
+            self._append(job.id, self._prepared(job), None)
+
+    cdef _append(self, uint64_t job_id, snapshot, done):
+        """``JobLog.append_prepared``, as a C call to the log's queue (``JobLog.offer``)."""
+        if not self._offer((job_id, snapshot, done)):
+            self._log.refuse(done)
 
     cdef _forget(self, _Job job):
         if self.jobs.pop(job.id, None) is not None and job.phase != P_FINISHING:

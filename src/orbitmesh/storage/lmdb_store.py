@@ -31,6 +31,7 @@ from types import ModuleType
 from typing import Any, NoReturn
 
 from .._core import lmdbapi
+from .._core.handoff import merge
 from .._core.record import time_key
 from ..errors import ErrorCode, StorageError
 from ..models import JobState
@@ -395,12 +396,7 @@ class LmdbStore(JobStore):
                 try:
                     cache = self._apply(txn, items, deletes)
                     txn.commit()
-                    live = self._live_index
-                    for job_id, entry in cache.items():
-                        if entry is None:
-                            live.pop(job_id, None)
-                        else:
-                            live[job_id] = entry
+                    merge(self._live_index, cache)  # a terminal record's entry (None) removed
                     return
                 except self._lmdb.MapFullError:
                     self._abort(txn, grow=True)
