@@ -352,6 +352,12 @@ ctypedef struct _Op:
     size_t vlen
 
 
+cdef inline object _name_key(str_key, dict str_keys, name):
+    """``str_key(name)``, from ``str_keys`` when it holds it."""
+    key = str_keys.get(name)
+    return str_key(name) if key is None else key
+
+
 cdef class Transaction:
     """A transaction (``Environment.begin``); a context manager that commits, or aborts on an
     exception.
@@ -496,14 +502,16 @@ cdef class Transaction:
         (<_Later>w).dbi = self._db(db)
         return w
 
-    def queue_records(self, list items, dict live, dict cache, tuple dbs, top, str_key, time_key, rest):
+    def queue_records(self, list items, dict live, dict cache, tuple dbs, top, str_key, dict str_keys, time_key, rest):
         """The job store's records queued with their index entries (``LmdbStore._apply``'s loop,
         compiled for its common case): ``items`` are ``LmdbStore.prepare`` tuples, ``dbs`` the
         handles of by_state, by_agent, by_command, by_time, by_done and jobs. A record that is new
         (its id above ``top``) or whose indexed fields ``live`` / ``cache`` hold, with no
         idempotency key then or now, is done here; any other goes, in its turn, to
         ``rest([item], top)``, the store's own loop. ``cache`` gets what each record's indexes
-        now hold (None once it is terminal). Returns the highest id written (or ``top``)."""
+        now hold (None once it is terminal). ``str_key(s)`` is a name's index key, which
+        ``str_keys`` holds for the names seen lately (looked up first: the call is Python).
+        Returns the highest id written (or ``top``)."""
         cdef MDB_dbi d_state = (<_Database?>dbs[0]).dbi, d_agent = (<_Database?>dbs[1]).dbi
         cdef MDB_dbi d_command = (<_Database?>dbs[2]).dbi, d_time = (<_Database?>dbs[3]).dbi
         cdef MDB_dbi d_done = (<_Database?>dbs[4]).dbi, d_jobs = (<_Database?>dbs[5]).dbi
@@ -545,8 +553,8 @@ cdef class Transaction:
             memcpy(tkey + 8, rid, 8)
             if known is None:
                 self._index(False, d_state, state, <char*>rid, 8)
-                self._index(False, d_agent, str_key(t[2]), <char*>rid, 8)
-                self._index(False, d_command, str_key(t[3]), <char*>rid, 8)
+                self._index(False, d_agent, _name_key(str_key, str_keys, t[2]), <char*>rid, 8)
+                self._index(False, d_command, _name_key(str_key, str_keys, t[3]), <char*>rid, 8)
                 self._timed(False, d_time, time_key(t[4]), tkey)
             else:
                 if known[0] != state:

@@ -464,6 +464,7 @@ class LmdbStore(JobStore):
                 tuple(dbs[name] for name in _WRITTEN),
                 max_id,
                 _str_key,
+                _STR_KEYS,
                 _time_key,
                 lambda batch, top: self._apply_items(txn, writers, cache, batch, top),
             )
