@@ -119,6 +119,7 @@ def test_the_same_agent_on_a_fresh_connection_replaces_its_old_session(arun, ctx
                 """The session by name the job path reads: always what the registry says."""
                 held = {name: agent.info.session for name, agent in broker._by_name.items()}
                 assert broker._session_of == held
+                assert broker._capacity_of == {name: agent.info.capacity for name, agent in broker._by_name.items()}
                 return held
 
             try:

@@ -192,3 +192,32 @@ def test_time_key_twins_agree_and_keep_order(a: float, b: float) -> None:
     assert c.time_key(a) == py.time_key(a)
     assert (c.time_key(a) < c.time_key(b)) == (a < b)
     assert struct.unpack(">Q", c.time_key(a))[0] >> 63 == (0 if a < 0 else 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 2**64 - 1),
+    st.sampled_from(list(JobState)),
+    st.floats(allow_nan=False),
+    st.floats(allow_nan=False),
+)
+def test_prepared_rows_twins_build_the_lmdb_row_from_a_records_parts(
+    job_id: int, state: JobState, created: float, updated: float
+) -> None:
+    """``PreparedRows`` (``LmdbStore.prepare_encoded``): the state's code, and a terminal state's
+    ``by_done`` key, its update time's key then the id (8 bytes, big-endian); none otherwise."""
+    codes = {s: bytes([i]) for i, s in enumerate(JobState)}
+    terminal = {s for s in JobState if s.terminal}
+    rows = [_core.load("_record", impl).PreparedRows(codes, terminal) for impl in ("c", "py")]
+    done = _core.load("_record", "py").time_key(updated) + struct.pack(">Q", job_id) if state.terminal else b""
+    expect = (job_id, codes[state], "agent", "cmd", created, "", done, b"data")
+    assert [row(job_id, state, "agent", "cmd", created, updated, b"data") for row in rows] == [expect, expect]
+
+
+@pytest.mark.parametrize("impl", ["c", "py"])
+def test_prepared_rows_refuse_an_unknown_state_and_an_id_past_64_bits(impl: str) -> None:
+    rows = _core.load("_record", impl).PreparedRows({JobState.SUCCEEDED: b"\x05"}, {JobState.SUCCEEDED})
+    with pytest.raises(KeyError):
+        rows(1, JobState.PENDING, "a", "c", 1.0, 2.0, b"")
+    with pytest.raises((OverflowError, struct.error)):
+        rows(2**64, JobState.SUCCEEDED, "a", "c", 1.0, 2.0, b"")

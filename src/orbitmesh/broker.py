@@ -59,6 +59,13 @@ class _Session:
     reg: list[bytes] = field(default_factory=list)  # its OP_REG frames, re-sent when the policy changes
 
 
+class _Zeros(dict[str, int]):
+    """A dict whose missing keys read as 0 (its ``__getitem__`` stays a C call for the others)."""
+
+    def __missing__(self, key: str) -> int:
+        return 0
+
+
 @dataclass
 class _Agent:
     rid: bytes
@@ -255,6 +262,7 @@ class Broker:
         # Each registered name's session epoch (what _by_name's agent's info says): its ``get`` is
         # what the job path calls for an agent's session, a C call instead of a method's two hops.
         self._session_of: dict[str, int] = {}
+        self._capacity_of: _Zeros = _Zeros()  # and its capacity (0 for a name nobody holds)
         self._clients: set[bytes] = set()
         self._subscribers: dict[bytes, set[str]] = {}
         check_durability(durability)
@@ -370,7 +378,7 @@ class Broker:
             publish=self._publish,
             choose=self._choose_agent,
             agent_session=self._session_of.get,
-            agent_capacity=self._agent_capacity,
+            agent_capacity=self._capacity_of.__getitem__,
             listening=self._subscribers.__len__,
             lease_s=self._job_lease,
             dispatch_window_s=self._dispatch_window,
@@ -736,6 +744,7 @@ class Broker:
         self._agents[rid] = agent
         self._by_name[name] = agent
         self._session_of[name] = info.session
+        self._capacity_of[name] = capacity
         self._send_reg(rid, _META.pack(Role.AGENT, capacity, flags, protocol), name.encode(), caps, groups, commands)
         self._welcome(rid, corr, protocol)
         if self.jobs is not None:
@@ -889,10 +898,7 @@ class Broker:
         if self._by_name.get(name) is agent:
             del self._by_name[name]
             del self._session_of[name]
-
-    def _agent_capacity(self, name: str) -> int:
-        agent = self._by_name.get(name)
-        return agent.info.capacity if agent is not None else 0
+            del self._capacity_of[name]
 
     def _resolve_labels(self, route: bytes, command: str) -> bytes | OrbitMeshError:
         """A LABELS route becomes a NAME route to the agent chosen here; others pass as they are."""

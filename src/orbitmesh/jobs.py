@@ -672,7 +672,12 @@ class JobManager:
             self._outstanding[agent] = out
         else:
             self._outstanding.pop(agent, None)
-        if agent in self._backlog and agent not in self._feeding:
+        if agent in self._backlog:
+            self._feed_soon(agent)
+
+    def _feed_soon(self, agent: str) -> None:
+        """Feed ``agent``'s backlog on the next turn (once, however many slots free meanwhile)."""
+        if agent not in self._feeding:
             self._feeding.add(agent)
             self._loop.call_soon(self._feed, agent)
 

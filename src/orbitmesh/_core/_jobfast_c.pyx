@@ -102,7 +102,8 @@ cdef class FastJobs:
     cdef public long live, taken, handed_over
     cdef dict _dirty
     cdef dict _names, _routes, _outstanding, _live, _mem, _delivered
-    cdef object _log, _offer, _to_peer, _send, _listening, _publish, _session_of, _window, _choose, _free, _loop
+    cdef dict _backlog
+    cdef object _log, _offer, _to_peer, _send, _listening, _publish, _session_of, _capacity, _choose, _free, _loop
     cdef bytes _op_inject
     cdef object _pack_record, _prepare
 
@@ -121,7 +122,8 @@ cdef class FastJobs:
         self._offer = m.log.offer
         self._to_peer, self._send, self._op_inject = m._to_peer, m._send, m._op_inject
         self._listening, self._publish = m._listening, m._publish
-        self._session_of, self._window, self._choose, self._free = m._agent_session, m._window, m._choose, m._free
+        self._session_of, self._capacity, self._choose, self._free = m._agent_session, m._agent_capacity, m._choose, m._free
+        self._backlog = m._backlog
         self._loop = m._loop
         self._pack_record = RecordTemplate(list(defaults), defaults, VARIABLE).pack
         self._prepare = m.log.store.prepare_encoded
@@ -192,7 +194,7 @@ cdef class FastJobs:
         agent = job.agent
         session = self._session_of(agent)
         out = self._outstanding.get(agent, 0)
-        if session is None or out >= self._window(agent):
+        if session is None or out >= self._window(agent):  # JobManager._window, inlined
             m._dispatch(self.take(job_id).id)
             return
         self._outstanding[agent] = out + 1
@@ -246,7 +248,14 @@ cdef class FastJobs:
         job.result = frames[2] if len(frames) > 2 else b""
         job.result_flags = fields[3] & 0x0F00
         agent = job.agent
-        m._release_slot(agent)  # JobManager._release
+        # JobManager._release_slot, inlined: one slot of the agent's free, its backlog fed
+        out = self._outstanding.get(agent, 0) - 1
+        if out > 0:
+            self._outstanding[agent] = out
+        else:
+            self._outstanding.pop(agent, None)
+        if agent in self._backlog:
+            m._feed_soon(agent)
         job.phase = P_FINISHING
         job.finished = now
         job.lease_expires = 0.0
@@ -347,6 +356,11 @@ cdef class FastJobs:
         """``JobLog.append_prepared``, as a C call to the log's queue (``JobLog.offer``)."""
         if not self._offer((job_id, snapshot, done)):
             self._log.refuse(done)
+
+    cdef long _window(self, agent) except -1:
+        """``JobManager._window``: jobs one agent may have out at once."""
+        cdef long capacity = self._capacity(agent)
+        return capacity + min(capacity, 256) if capacity > 0 else 64
 
     cdef _forget(self, _Job job):
         if self.jobs.pop(job.id, None) is not None and job.phase != P_FINISHING:

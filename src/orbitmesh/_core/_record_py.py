@@ -7,18 +7,20 @@ dict) in the order of ``names`` as one msgpack array, exactly as
 whose fields are ``defaults`` but for the ``variable`` ones (named in field order, their values
 given in that order): the common-path job table's records, with no record object.
 ``time_key(t)`` is the 8-byte key that sorts like the double ``t`` (the job log's time indexes).
+``PreparedRows(codes, terminal)`` builds the LMDB store's row for the writer from a record's
+parts (``LmdbStore.prepare_encoded``).
 """
 
 from __future__ import annotations
 
 import operator
 import struct
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import msgpack
 
-public_api = ["FieldPacker", "RecordTemplate", "time_key"]
+public_api = ["FieldPacker", "PreparedRows", "RecordTemplate", "time_key"]
 
 _U64 = struct.Struct(">Q")
 _F64 = struct.Struct(">d")
@@ -78,3 +80,23 @@ def time_key(t: float) -> bytes:
     """8 bytes that sort like the doubles they encode (``t + 0.0`` folds -0.0 into 0.0)."""
     (u,) = _U64.unpack(_F64.pack(t + 0.0))
     return _U64.pack(u ^ 0xFFFF_FFFF_FFFF_FFFF if u >> 63 else u | 1 << 63)
+
+
+class PreparedRows:
+    """``LmdbStore.prepare_encoded``: a record's row for the job-log writer, from its parts.
+
+    The row is ``(id, state code, agent, command, created, "", done, data)``: ``codes`` maps a
+    state to its code in the store's state index, and a state in ``terminal`` gets its ``by_done``
+    key (``time_key(updated)`` then the id, 8 bytes big-endian); any other, none."""
+
+    __slots__ = ("_codes", "_terminal")
+
+    def __init__(self, codes: Mapping[Any, bytes], terminal: Collection[Any]) -> None:
+        self._codes = dict(codes)
+        self._terminal = frozenset(terminal)
+
+    def __call__(
+        self, job_id: int, state: Any, agent: str, command: str, created: float, updated: float, data: bytes
+    ) -> tuple[int, bytes, str, str, float, str, bytes, bytes]:
+        done = time_key(updated) + _U64.pack(job_id) if state in self._terminal else b""
+        return (job_id, self._codes[state], agent, command, created, "", done, data)

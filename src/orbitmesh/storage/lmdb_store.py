@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 
 from .._core import lmdbapi
 from .._core.handoff import merge
-from .._core.record import time_key
+from .._core.record import PreparedRows, time_key
 from ..errors import ErrorCode, StorageError
 from ..models import JobState
 from .base import FORMAT_VERSION, JobRecord, JobStore, check_durability
@@ -370,12 +370,10 @@ class LmdbStore(JobStore):
         key = record.idempotency_key
         return (job_id, _STATE_CODE[state], record.agent, record.command, record.created, key, done, data)
 
-    def prepare_encoded(
-        self, job_id: int, state: JobState, agent: str, command: str, created: float, updated: float, data: bytes
-    ) -> Prepared:
-        """``prepare`` from the parts (the common-path job table's records): no decode, no encode."""
-        done = _time_key(updated) + _U64.pack(job_id) if state in _TERMINAL else b""
-        return (job_id, _STATE_CODE[state], agent, command, created, "", done, data)
+    # ``prepare`` from the parts (the common-path job table's records): no decode, no encode; a
+    # compiled call (the twins: _core/record), as the control plane makes two per job: a
+    # callable object (no self) with the signature of the method it replaces.
+    prepare_encoded = PreparedRows(_STATE_CODE, _TERMINAL)
 
     def write_prepared(self, items: Sequence[Prepared], delete: Sequence[int] = ()) -> None:
         """Write ``prepare`` output and delete ``delete`` ids, with every index, in one transaction."""
