@@ -119,6 +119,7 @@ async def _drive(variant: str, endpoint: str, broker: Any, agent: Any, duration:
         b0, a0, c0 = broker.cpu(), agent.cpu_ns(), time.process_time()
         count, elapsed = await bench._Pipeline(call, 1000, duration, 10**9, variant).run()
         b1, a1, c1 = broker.cpu(), agent.cpu_ns(), time.process_time()
+        taken = (await client.stats()).get("jobs_fast_path", 0)  # by the broker's common-path table
     finally:
         await client.close()
     per = 1 / (1000.0 * count)  # ns in all -> us per call
@@ -127,6 +128,7 @@ async def _drive(variant: str, endpoint: str, broker: Any, agent: Any, duration:
         "broker": (b1[0] - b0[0]) * per,
         "agent": (a1 - a0) * per,
         "client": (c1 - c0) * 1e6 / count,
+        "table": float(taken),
     }
     for role, ns in b1[1].items():
         out["broker." + role] = (ns - b0[1].get(role, 0)) * per
@@ -163,16 +165,18 @@ def main() -> int:
             for variant in VARIANTS:
                 results[variant].append(run(variant, args.durability, args.duration))
     print(f"durability {args.durability}, {args.rounds} rounds of {args.duration:g} s; ratio to the round's invoke")
-    print("CPU in us per call (a job, or an invoke round trip)")
-    columns = ("calls/s", "vs invoke", "broker", "control", "joblog", "dataplane", "agent", "client")
-    widths = (9, 9, 7, 8, 7, 9, 6, 6)
+    print("CPU in us per call (a job, or an invoke round trip); table: whether the broker's common-path")
+    print("job table took the jobs (the lean variants replace it)")
+    columns = ("calls/s", "vs invoke", "broker", "control", "joblog", "dataplane", "agent", "client", "table")
+    widths = (9, 9, 7, 8, 7, 9, 6, 6, 5)
     print(f"{'variant':10} " + " ".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True)))
     for variant in VARIANTS:
         for r, base in zip(results[variant], results["invoke"], strict=True):
             print(
                 f"{variant:10} {r['rate']:9,.0f} {r['rate'] / base['rate']:9.2f} {r['broker']:7.1f} "
                 f"{r.get('broker.control', 0):8.1f} {r.get('broker.joblog', 0):7.1f} "
-                f"{r.get('broker.dataplane', 0):9.1f} {r['agent']:6.1f} {r['client']:6.1f}"
+                f"{r.get('broker.dataplane', 0):9.1f} {r['agent']:6.1f} {r['client']:6.1f} "
+                f"{'yes' if r['table'] else 'no':>5}"
             )
     return 0
 
