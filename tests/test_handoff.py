@@ -144,3 +144,21 @@ def test_merge_sets_values_and_removes_keys_whose_update_is_none(impl: str) -> N
     live = {1: "a", 2: "b", 3: "c"}
     load("_handoff", impl).merge(live, {2: None, 4: "d", 1: "A", 9: None})
     assert live == {1: "A", 3: "c", 4: "d"}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_run_callbacks_calls_each_in_order_and_logs_one_that_raises(
+    impl: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    heard: list[Any] = []
+    error = OSError("disk gone")
+
+    def broken(err: BaseException | None) -> None:
+        heard.append(("broken", err))
+        raise RuntimeError("a bug in a callback")
+
+    callbacks = [lambda err: heard.append(("first", err)), broken, lambda err: heard.append(("last", err))]
+    with caplog.at_level("ERROR", logger="orbitmesh.joblog"):
+        load("_handoff", impl).run_callbacks(callbacks, error)
+    assert heard == [("first", error), ("broken", error), ("last", error)]
+    assert "job log callback failed" in caplog.text and "a bug in a callback" in caplog.text

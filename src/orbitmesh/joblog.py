@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._core.handoff import RecordQueue, split_batch
+from ._core.handoff import RecordQueue, run_callbacks, split_batch
 from .errors import ErrorCode, StorageError
 from .storage.base import JobRecord, JobStore
 
@@ -168,7 +168,7 @@ class JobLog:
             error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
         if callbacks:
             try:
-                self._loop.call_soon_threadsafe(_run_callbacks, callbacks, error)
+                self._loop.call_soon_threadsafe(run_callbacks, callbacks, error)
             except RuntimeError:
                 pass  # the loop is closed: nobody is waiting any more
 
@@ -178,14 +178,6 @@ class JobLog:
         except BaseException as exc:
             self._failed = exc  # down: appends refused from now on
             log.error("job log flush failed: %s", exc)
-
-
-def _run_callbacks(callbacks: list[Callback], error: BaseException | None) -> None:
-    for cb in callbacks:
-        try:
-            cb(error)
-        except Exception:
-            log.exception("job log callback failed")
 
 
 __all__ = ["JobLog"]

@@ -16,7 +16,11 @@ from cpython.pythread cimport (
 )
 from cpython.ref cimport PyObject
 
-public_api = ["RecordQueue", "merge", "split_batch"]
+import logging
+
+public_api = ["RecordQueue", "merge", "run_callbacks", "split_batch"]
+
+log = logging.getLogger("orbitmesh.joblog")
 
 cdef extern from "pythread.h":
     PyLockStatus PyThread_acquire_lock_timed(PyThread_type_lock lock, long long microseconds, int intr_flag) nogil
@@ -121,3 +125,13 @@ def merge(dict target, dict updates):
             target.pop(<object>key, None)
         else:
             target[<object>key] = <object>value
+
+
+def run_callbacks(list callbacks, error):
+    """Call each of ``callbacks`` with ``error`` (None: written), in order; one that raises is
+    logged, and the others still run."""
+    for done in callbacks:
+        try:
+            done(error)
+        except Exception:
+            log.exception("job log callback failed")

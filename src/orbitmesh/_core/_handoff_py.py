@@ -9,16 +9,20 @@ twin's loops run per record).
 * ``split_batch``: what one batch writes (the latest snapshot of each job, in the order the jobs
   first appear), which jobs it deletes, and the callbacks to run once it is written.
 * ``merge``: a dict brought up to date, a None value removing its key.
+* ``run_callbacks``: a written batch's callbacks, on the control plane's loop.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-public_api = ["RecordQueue", "merge", "split_batch"]
+public_api = ["RecordQueue", "merge", "run_callbacks", "split_batch"]
+
+log = logging.getLogger("orbitmesh.joblog")
 
 # A queued item: (job id, snapshot, callback). A snapshot of None deletes the job (id 0: a barrier).
 Item = tuple[int, Any, "Callable[[BaseException | None], None] | None"]
@@ -85,3 +89,13 @@ def merge(target: dict[Any, Any], updates: dict[Any, Any]) -> None:
             target.pop(key, None)
         else:
             target[key] = value
+
+
+def run_callbacks(callbacks: list[Callable[[BaseException | None], None]], error: BaseException | None) -> None:
+    """Call each of ``callbacks`` with ``error`` (None: written), in order; one that raises is
+    logged, and the others still run."""
+    for done in callbacks:
+        try:
+            done(error)
+        except Exception:
+            log.exception("job log callback failed")

@@ -8,7 +8,10 @@ C calls, and the dictionaries of ``JobManager`` it uses are held directly. Those
 ``_flusher``, ``_dirty``, ``lease_s``, ``max_live``) is read from it each time.
 """
 
-from libc.stdint cimport int64_t, uint64_t
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from orbitmesh._core._frame_c cimport OM_HEADER_SIZE, om_write_header
 
 cdef extern from "<time.h>" nogil:
     ctypedef long time_t
@@ -35,7 +38,7 @@ log = logging.getLogger("orbitmesh.jobs")
 cdef int _REQUEST = Kind.REQUEST, _ACCEPTED = Kind.ACCEPTED, _RUNNING = Kind.RUNNING, _REPLY = Kind.REPLY
 cdef int _F_TRACKED = F_TRACKED
 cdef bytes _NAME_ROUTE = bytes((Route.NAME,))
-cdef object _pack_header = HDR.pack, _unpack_header = HDR.unpack
+cdef object _unpack_header = HDR.unpack
 cdef Py_ssize_t _HEADER_SIZE = HDR.size
 cdef enum:
     _EV_MSG = 1
@@ -51,6 +54,13 @@ cdef enum:
 
 PENDING, DISPATCHED, RUNNING, FINISHING = P_PENDING, P_DISPATCHED, P_RUNNING, P_FINISHING
 cdef tuple _STATES = (JobState.PENDING, JobState.DISPATCHED, JobState.RUNNING, JobState.SUCCEEDED)
+
+
+cdef inline bytes _header(uint8_t kind, uint16_t flags, uint32_t aux, uint64_t corr, uint64_t job):
+    """``HDR.pack(b"OM", 1, kind, flags, 0, aux, 0, corr, job, 0)``, written in C."""
+    cdef bytes hdr = PyBytes_FromStringAndSize(NULL, OM_HEADER_SIZE)
+    om_write_header(<unsigned char*>PyBytes_AS_STRING(hdr), kind, flags, 0, aux, corr, job, 0)
+    return hdr
 
 
 cdef inline double _now() noexcept nogil:
@@ -188,7 +198,7 @@ cdef class FastJobs:
             self._forget(job)
             m._not_recorded(job.rid, job.corr, job_id, err)
             return
-        self._to_peer(job.rid, [_pack_header(b"OM", 1, _ACCEPTED, 0, 0, 0, 0, job.corr, job_id, 0), b""])
+        self._to_peer(job.rid, [_header(_ACCEPTED, 0, 0, job.corr, job_id), b""])
         if self._listening():
             self._publish("job_accepted", {"id": job_id, "command": job.command})
         agent = job.agent
@@ -198,7 +208,7 @@ cdef class FastJobs:
             m._dispatch(self.take(job_id).id)
             return
         self._outstanding[agent] = out + 1
-        hdr = _pack_header(b"OM", 1, _REQUEST, job.flags | _F_TRACKED, 0, 1, 0, job_id, job_id, 0)
+        hdr = _header(_REQUEST, job.flags | _F_TRACKED, 1, job_id, job_id)
         route = self._routes.get(agent)
         if route is None:
             route = _NAME_ROUTE + b"\x00" + agent.encode()
@@ -272,7 +282,7 @@ cdef class FastJobs:
             del self.jobs[job.id]
         if err is not None:
             log.error("job %d finished as SUCCEEDED but could not be logged: %s", job.id, err)
-        hdr = _pack_header(b"OM", 1, _REPLY, job.result_flags, 0, 0, 0, job.corr, job.id, 0)
+        hdr = _header(_REPLY, job.result_flags, 0, job.corr, job.id)
         self._to_peer(job.rid, [hdr, b"", job.result or b""])
 
     # --------------------------------------------------------------- the events
