@@ -253,14 +253,18 @@ def test_dispatch_takes_a_jobs_messages_and_leaves_the_rest_to_the_broker(
             [b"\x01", b"secured", tracked, _route("w1"), b"square", b""],  # a secured session's
             [b"\x01", CLIENT, tracked[:-1], _route("w1"), b"square", b""],  # a short header
             [b"\x02", b"agent-rid"],  # an agent lost
+            [],  # nothing the data plane sends: the broker's own dispatch says what is wrong
+            [b"", CLIENT, tracked],
+            (b"\x01", CLIENT, tracked, _route("w1"), b"square", b""),
         ]
         taken = [
             [b"\x01", CLIENT, tracked, _route("w1"), b"square", b"\x91\x07"],  # job 1: the table's
             [b"\x01", CLIENT, tracked, _route("w1"), b"square", b"", options],  # job 2: options
         ]
         unknown = HDR.pack(b"OM", 1, int(Kind.REPLY), F_TRACKED, 0, 1, 0, 99, 99, 0)
-        events = [left[0], taken[0], left[1], left[2], taken[1], left[3], [b"\x03", b"agent-rid", unknown, b""]]
-        other: list[list[bytes]] = []
+        late = [b"\x03", b"agent-rid", unknown, b""]
+        events = [left[0], taken[0], left[1], left[2], taken[1], left[3], *left[4:], late]
+        other: list[Any] = []
         h.jobs.dispatch_events(events, {b"secured": object()}, other.append)
         assert other == left
         assert 1 in h.jobs._fast.jobs and 2 in h.jobs._live and 2 not in h.jobs._fast.jobs

@@ -295,10 +295,16 @@ cdef class FastJobs:
         cdef int ev
         cdef tuple fields
         m = self._m
-        for event in events:
-            ev = (<bytes>event[0])[0]
+        for item in events:
+            ev = -1
             try:
-                if len(event) > 2 and len(<bytes>event[2]) == _HEADER_SIZE:
+                if type(item) is not list:
+                    other(item)
+                    continue
+                event = <list>item
+                if len(event) and type(event[0]) is bytes and len(<bytes>event[0]) == 1:
+                    ev = (<bytes>event[0])[0]
+                if (ev == _EV_MSG or ev == _EV_JOB) and len(event) > 2 and len(event[2]) == _HEADER_SIZE:
                     if ev == _EV_MSG:
                         fields = _unpack_header(event[2])
                         rid = event[1]
@@ -313,7 +319,7 @@ cdef class FastJobs:
                         if not (fields[8] in self.jobs and self.on_event(fields, frames)):
                             m._on_answer(fields, frames)
                         continue
-                other(event)
+                other(item)
             except Exception:
                 log.exception("control plane failed on event %d", ev)
 

@@ -278,9 +278,14 @@ class FastJobs:
         handling one event is logged, and the others go on (the broker's rule)."""
         m = self._m
         for event in events:
-            ev = event[0][0]
+            ev = -1
             try:
-                if len(event) > 2 and len(event[2]) == _HEADER_SIZE:
+                if type(event) is not list:
+                    other(event)
+                    continue
+                if event and type(event[0]) is bytes and len(event[0]) == 1:
+                    ev = event[0][0]
+                if (ev == _EV_MSG or ev == _EV_JOB) and len(event) > 2 and len(event[2]) == _HEADER_SIZE:
                     if ev == _EV_MSG:
                         fields = _unpack_header(event[2])
                         rid = event[1]
