@@ -50,21 +50,23 @@ cdef class RecordQueue:
         if self._wake != NULL:
             PyThread_free_lock(self._wake)
 
-    def put(self, item):
-        """Queue ``item``, down or not (a barrier, a delete, a wake-up)."""
+    cdef int _push(self, item) except -1:
+        """Queue ``item``, and wake the writer if it waits."""
         self._items.append(item)
         if self._waiting:
             self._waiting = False
             PyThread_release_lock(self._wake)
+        return 0
+
+    def put(self, item):
+        """Queue ``item``, down or not (a barrier, a delete, a wake-up)."""
+        self._push(item)
 
     def offer(self, item):
         """Queue ``item`` unless the queue is ``down``: True if queued, else False."""
         if self.down:
             return False
-        self._items.append(item)
-        if self._waiting:
-            self._waiting = False
-            PyThread_release_lock(self._wake)
+        self._push(item)
         return True
 
     def take(self, Py_ssize_t most, timeout=None):

@@ -102,7 +102,7 @@ cdef class Outbox:
         self._out = []
         self.closed = True
 
-    def ctl(self, frames):
+    cpdef ctl(self, frames):
         """Queue an op for the data plane: ``[op, ...]``."""
         if self.closed:
             return
@@ -112,11 +112,8 @@ cdef class Outbox:
 
     def send(self, rid, frames):
         """Queue a message to the peer ``rid`` (an ``OP_SEND``)."""
-        if self.closed:
-            return
-        self._out.append([self._op_send, rid, *frames])
-        if len(self._out) == 1:
-            self._schedule()
+        if not self.closed:
+            self.ctl([self._op_send, rid, *frames])
 
     def take(self):
         """What was queued since the last take, in order; the outbox is empty after."""
